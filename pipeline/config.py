@@ -1,0 +1,233 @@
+"""params.yaml -> one validated, typed `Params` object.
+
+Every section rejects unknown keys, every number is range-checked, and cross-field rules (list
+lengths against the number of exits, the dataset's shape against the model) are checked here, so
+the rest of the library can trust what it is given. Failures raise `ConfigError` with a single
+line: ``<file>: <key>: <problem>``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.datasets import DATASETS, DatasetSpec
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message is one line naming the file and key."""
+
+
+def _scalar_to_list(value: Any) -> Any:
+    return [value] if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+NonNegative = Annotated[float, Field(strict=True, ge=0)]
+Positive = Annotated[float, Field(strict=True, gt=0)]
+Count = Annotated[int, Field(strict=True, ge=1)]
+# A number or a list of numbers; stored as a list so errors point at one element.
+NonNegativeList = Annotated[
+    list[NonNegative], BeforeValidator(_scalar_to_list), Field(min_length=1)
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagenet"] = "fashion-mnist"
+    root: str | None = None  # None: the dataset's usual locations (see the prepare stage)
+    val_size: Count = 5000  # images held out of the training split for selection and calibration
+    train_subset: Count | None = None  # quick runs: train on this many images only
+    test_subset: Count | None = None
+
+    @property
+    def spec(self) -> DatasetSpec:
+        return DATASETS[self.dataset]
+
+
+class ModelConfig(_Section):
+    """MSDNet hyper-parameters, named after Huang et al. (2018) in snake_case."""
+
+    arch: Literal["msdnet"] = "msdnet"
+    n_blocks: Count
+    base: Count
+    step: Count
+    step_mode: Literal["even", "lin_grow"] = "even"
+    n_channels: Count
+    growth_rate: Count
+    gr_factor: list[Count] = Field(min_length=1)
+    bn_factor: list[Count] = Field(min_length=1)
+    bottleneck: bool = True
+    prune: Literal["max", "min"] = "max"
+    reduction: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.5
+    in_channels: Count | None = None  # None: from the dataset
+    num_classes: Count | None = None  # None: from the dataset
+
+    @property
+    def n_exits(self) -> int:
+        return self.n_blocks
+
+    @property
+    def n_scales(self) -> int:
+        return len(self.gr_factor)
+
+
+class BoostConfig(_Section):
+    """BoostNet (Yu et al., AAAI 2023): enabled=false trains the conventional joint-loss baseline."""
+
+    enabled: bool = True
+    temperature: NonNegativeList = [0.5]  # one value, a [first, last] pair, or one per exit
+    loss_weights: NonNegativeList = [1.0]  # one value or one per exit
+    grad_rescale: bool = True  # IMTA gradient equilibrium on the coarsest-scale feature
+
+    def temperatures(self, n_exits: int) -> list[float]:
+        """Per-exit t_n. A pair is spaced linearly from the first exit to the last."""
+        t = self.temperature
+        if len(t) == 1:
+            return t * n_exits
+        if len(t) == 2 and n_exits != 2:
+            return [t[0] + (t[1] - t[0]) * i / (n_exits - 1) for i in range(n_exits)]
+        return list(t)
+
+    def weights(self, n_exits: int) -> list[float]:
+        w = self.loss_weights
+        return w * n_exits if len(w) == 1 else list(w)
+
+
+class ScalingConfig(_Section):
+    """How many Ray Train workers, and on what (`auto`: GPU when the cluster has one)."""
+
+    workers: Count = 1
+    use_gpu: Literal["auto"] | bool = "auto"
+    cpus_per_worker: Positive = 2
+    sync_bn: bool = False
+
+
+class TrainConfig(_Section):
+    epochs: Count
+    batch_size: Count = 64  # per worker
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: Positive = 0.1
+    momentum: NonNegative = 0.9
+    weight_decay: NonNegative = 1e-4
+    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    milestones: list[Count] = []  # epochs at which multistep multiplies the lr by gamma
+    gamma: Positive = 0.1
+    augment: Literal["none", "crop-flip", "random-resized-crop"] = "crop-flip"
+    scaling: ScalingConfig = ScalingConfig()
+
+
+class Params(_Section):
+    seed: Annotated[int, Field(strict=True, ge=0)] = 0
+    data: DataConfig = DataConfig()
+    model: ModelConfig
+    boost: BoostConfig = BoostConfig()
+    train: TrainConfig
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> Params:
+        n = self.model.n_exits
+        spec = self.data.spec
+        if len(self.boost.temperature) not in (1, 2, n):
+            raise _KeyError(
+                "boost.temperature",
+                f"has {len(self.boost.temperature)} values; give 1, a [first, last] pair, "
+                f"or one per exit ({n})",
+            )
+        if len(self.boost.loss_weights) not in (1, n):
+            raise _KeyError(
+                "boost.loss_weights",
+                f"has {len(self.boost.loss_weights)} values; give 1 or one per exit ({n})",
+            )
+        if len(self.model.bn_factor) != self.model.n_scales:
+            raise _KeyError(
+                "model.bn_factor",
+                f"has {len(self.model.bn_factor)} values but gr_factor has "
+                f"{self.model.n_scales} (one per scale)",
+            )
+        for key, given, expected in (
+            ("model.in_channels", self.model.in_channels, spec.channels),
+            ("model.num_classes", self.model.num_classes, spec.num_classes),
+        ):
+            if given is not None and given != expected:
+                raise _KeyError(key, f"is {given} but {self.data.dataset} has {expected}")
+        coarsest = _coarsest_resolution(spec, self.model.n_scales)
+        if coarsest < 5:
+            raise _KeyError(
+                "model.gr_factor",
+                f"{self.model.n_scales} scales shrink {spec.image_size}x{spec.image_size} inputs "
+                f"to {coarsest}x{coarsest}; the exit heads need at least 5x5",
+            )
+        if self.train.schedule == "multistep" and sorted(self.train.milestones) != list(
+            self.train.milestones
+        ):
+            raise _KeyError("train.milestones", "must be in increasing order")
+        return self
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.in_channels or self.data.spec.channels
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes or self.data.spec.num_classes
+
+
+class _KeyError(ValueError):
+    """Raised inside validators to report a problem with one dotted key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+
+
+def _coarsest_resolution(spec: DatasetSpec, n_scales: int) -> int:
+    size = spec.image_size
+    if spec.stem == "imagenet":  # 7x7 stride-2 conv, then 3x3 stride-2 max-pool
+        size = math.ceil(math.ceil(size / 2) / 2)
+    for _ in range(n_scales - 1):
+        size = math.ceil(size / 2)
+    return size
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    key = ""
+    for part in error["loc"]:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key"
+    if error["type"] == "missing":
+        return f"{key}: required key is missing"
+    ctx_error = error.get("ctx", {}).get("error")
+    if isinstance(ctx_error, _KeyError):
+        return str(ctx_error)
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {error['input']!r})" if key else message
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    """Validate an already-loaded mapping (for tests and `-S`-style overrides)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_error(exc.errors()[0])}") from None
+
+
+def load_params(path: str | Path) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read params file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}") from None
+    return parse_params(raw, str(path))
