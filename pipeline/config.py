@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 def _scalar_to_list(value: Any) -> Any:
-    return [value] if isinstance(value, int | float) and not isinstance(value, bool) else value
+    return value if isinstance(value, list) else [value]
 
 
 NonNegative = Annotated[float, Field(strict=True, ge=0)]
@@ -79,7 +79,7 @@ class ModelConfig(_Section):
 
 
 class BoostConfig(_Section):
-    """BoostNet (Yu et al., AAAI 2023): enabled=false trains the conventional joint-loss baseline."""
+    """BoostNet (Yu et al., AAAI 2023); enabled=false trains the joint-loss baseline."""
 
     enabled: bool = True
     temperature: NonNegativeList = [0.5]  # one value, a [first, last] pair, or one per exit

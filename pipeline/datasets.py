@@ -14,20 +14,16 @@ class DatasetSpec:
     image_size: int  # side of the (square) network input
     channels: int
     num_classes: int
-    stem: str  # "small" (3x3 conv, 128-wide heads) or "imagenet" (7x7/2 conv + max-pool, wide heads)
+    stem: str  # "small": 3x3 conv, 128-wide heads; "imagenet": 7x7/2 conv + max-pool, wide heads
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "fashion-mnist": DatasetSpec(28, 1, 10, "small", (0.2860,), (0.3530,)),
-    "cifar10": DatasetSpec(
-        32, 3, 10, "small", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-    ),
+    "cifar10": DatasetSpec(32, 3, 10, "small", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": DatasetSpec(
         32, 3, 100, "small", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
     ),
-    "imagenet": DatasetSpec(
-        224, 3, 1000, "imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    ),
+    "imagenet": DatasetSpec(224, 3, 1000, "imagenet", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }

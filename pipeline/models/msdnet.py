@@ -124,7 +124,12 @@ class ScaleUnit(nn.Module):
     """One scale's output of a layer: [input at this scale, new from finer, new from same]."""
 
     def __init__(
-        self, c_same: int, c_finer: int | None, c_new: int, bn_same: int | None, bn_finer: int | None
+        self,
+        c_same: int,
+        c_finer: int | None,
+        c_new: int,
+        bn_same: int | None,
+        bn_finer: int | None,
     ) -> None:
         super().__init__()
         if c_finer is None:

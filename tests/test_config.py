@@ -1,0 +1,103 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import ROOT, compose, raw_params
+
+from pipeline.config import ConfigError, load_params
+
+
+def test_every_shipped_params_file_validates(params_file):
+    params = load_params(params_file)
+    n = params.model.n_exits
+    assert len(params.boost.temperatures(n)) == n
+    assert len(params.boost.weights(n)) == n
+
+
+def test_temperature_pair_is_spaced_linearly_from_first_to_last_exit():
+    params = compose(**{"model.n_blocks": 5, "boost.temperature": [0.2, 1.0]})
+    assert params.boost.temperatures(5) == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+
+
+def test_scalar_and_per_exit_lists_are_accepted():
+    params = compose(**{"boost.temperature": [0.1, 0.2, 0.3, 0.4], "boost.loss_weights": 2})
+    assert params.boost.temperatures(4) == [0.1, 0.2, 0.3, 0.4]
+    assert params.boost.weights(4) == [2.0] * 4
+
+
+BAD_PARAMS = {
+    "unknown key": ({"boost.shrinkage": 1.0}, "boost.shrinkage: unknown key"),
+    "unknown section": ({"optimiser": {"lr": 1}}, "optimiser: unknown key"),
+    "wrong type": ({"model.n_blocks": "four"}, "model.n_blocks:"),
+    "bool for number": ({"boost.temperature": True}, "boost.temperature[0]:"),
+    "negative temperature": ({"boost.temperature": -0.5}, "boost.temperature[0]:"),
+    "negative weight in list": ({"boost.loss_weights": [1, 1, -1, 1]}, "boost.loss_weights[2]:"),
+    "temperature length": ({"boost.temperature": [0.5, 0.5, 0.5]}, "boost.temperature: has 3"),
+    "loss weight length": ({"boost.loss_weights": [1, 1]}, "boost.loss_weights: has 2"),
+    "unknown dataset": ({"data.dataset": "mnist"}, "data.dataset:"),
+    "unknown arch": ({"model.arch": "resnet"}, "model.arch:"),
+    "missing key": ({"model.n_blocks": None}, "model.n_blocks:"),
+    "class count": ({"model.num_classes": 100}, "model.num_classes: is 100"),
+    "bn_factor length": ({"model.bn_factor": [1, 2]}, "model.bn_factor:"),
+    "too many scales": (
+        {"model.gr_factor": [1, 2, 4, 4], "model.bn_factor": [1, 2, 4, 4]},
+        "model.gr_factor:",
+    ),
+}
+
+
+@pytest.mark.parametrize("overrides, expected", BAD_PARAMS.values(), ids=BAD_PARAMS.keys())
+def test_bad_params_fail_on_the_offending_key(tmp_path, overrides, expected):
+    raw = raw_params()
+    for dotted, value in overrides.items():
+        section, *rest = dotted.split(".")
+        if not rest:
+            raw[section] = value
+        elif value is None:
+            del raw[section][rest[0]]
+        else:
+            raw[section][rest[0]] = value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    with pytest.raises(ConfigError) as error:
+        load_params(path)
+    assert str(error.value).startswith(f"{path}: {expected}")
+    assert "\n" not in str(error.value)
+
+
+def test_cli_reports_bad_params_in_one_line_with_exit_code_2(tmp_path):
+    raw = raw_params()
+    raw["boost"]["temperature"] = -1
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "flops", "--params", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "boost.temperature[0]" in lines[0] and str(path) in lines[0]
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (None, "cannot read params file"),
+        ("model: [unclosed", "invalid YAML at line"),
+        ("- just\n- a list\n", "expected a mapping"),
+    ],
+)
+def test_unreadable_params_files_name_the_file(tmp_path, content, expected):
+    path = tmp_path / "params.yaml"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ConfigError, match=expected) as error:
+        load_params(path)
+    assert str(path) in str(error.value)

@@ -1,0 +1,75 @@
+import pytest
+import torch
+from conftest import ROOT, compose
+
+from pipeline.boosting import BoostNet
+from pipeline.config import load_params
+from pipeline.models import msdnet_spec
+from pipeline.models.msdnet import block_lengths, plan_blocks
+
+
+def test_every_preset_gives_one_logit_tensor_per_exit(params_file):
+    params = load_params(params_file)
+    spec = params.data.spec
+    torch.manual_seed(0)
+    net = BoostNet.from_params(params).eval()
+    x = torch.randn(2, params.in_channels, spec.image_size, spec.image_size)
+    with torch.no_grad():
+        logits = net(x)
+    assert len(logits) == params.model.n_blocks
+    for z in logits:
+        assert z.shape == (2, params.num_classes)
+        assert torch.isfinite(z).all()
+
+
+def test_block_lengths_follow_step_mode():
+    even = compose(**{"model.n_blocks": 4, "model.base": 3, "model.step": 2})
+    grow = compose(
+        **{"model.n_blocks": 4, "model.base": 3, "model.step": 2, "model.step_mode": "lin_grow"}
+    )
+    assert block_lengths(msdnet_spec(even)) == [3, 2, 2, 2]
+    assert block_lengths(msdnet_spec(grow)) == [3, 3, 5, 7]
+
+
+@pytest.mark.parametrize("prune", ["max", "min"])
+def test_pruning_only_ever_drops_scales_one_at_a_time(prune):
+    anytime = ROOT / "configs" / "cifar100-msdnet-anytime.yaml"
+    spec = msdnet_spec(compose(anytime, **{"model.prune": prune}))
+    layers = [plan for block in plan_blocks(spec) for plan in block]
+    assert layers[0].in_scales == spec.n_scales
+    previous_out = spec.n_scales
+    for plan in layers:
+        assert plan.in_scales == previous_out
+        assert plan.out_scales in (plan.in_scales, plan.in_scales - 1)
+        previous_out = plan.out_scales
+    assert layers[-1].out_scales == 1  # both modes end on the coarsest scale alone
+
+
+def _trunk_kernel_sizes(**overrides):
+    net = BoostNet.from_params(compose(**overrides))
+    return {m.kernel_size for m in net.backbone.blocks.modules() if isinstance(m, torch.nn.Conv2d)}
+
+
+def test_1x1_convs_come_only_from_bottlenecks_and_transitions():
+    assert (1, 1) not in _trunk_kernel_sizes(**{"model.bottleneck": False, "model.reduction": 0.0})
+    assert (1, 1) in _trunk_kernel_sizes(**{"model.bottleneck": True, "model.reduction": 0.0})
+    assert (1, 1) in _trunk_kernel_sizes(**{"model.bottleneck": False, "model.reduction": 0.5})
+
+
+def test_incremental_runner_on_a_shrinking_batch_matches_the_full_forward():
+    torch.manual_seed(0)
+    net = BoostNet.from_params(compose()).eval()
+    x = torch.randn(6, 1, 28, 28)
+    with torch.no_grad():
+        full = net(x)
+        runner = net.start(x)
+        keep = torch.ones(6, dtype=torch.bool)
+        for index in range(net.n_exits):
+            logits = runner.step()
+            assert torch.allclose(logits, full[index][keep], atol=1e-5)
+            leaving = torch.zeros(int(keep.sum()), dtype=torch.bool)
+            leaving[0] = True  # one sample exits after every block
+            runner.keep(~leaving)
+            keep[keep.nonzero()[0]] = False
+        with pytest.raises(IndexError):
+            runner.step()
