@@ -1,0 +1,96 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+from torch import nn
+
+from pipeline.flops import count_exit_costs, module_flops
+from pipeline.models import MSDNet, MSDNetSpec
+
+
+def flops_of(module, x):
+    output = module(x)
+    return module_flops(module, (x,), output)
+
+
+def test_layer_rules_of_spec_section_4():
+    x = torch.zeros(1, 4, 8, 8)
+    assert flops_of(nn.Conv2d(4, 6, 3, padding=1, bias=True), x) == 4 * 6 * 9 * 8 * 8
+    assert flops_of(nn.Conv2d(4, 6, 3, stride=2, padding=1), x) == 4 * 6 * 9 * 4 * 4
+    assert flops_of(nn.Conv2d(4, 8, 3, padding=1, groups=2), x) == 4 * 8 * 9 * 8 * 8 // 2
+    assert flops_of(nn.ReLU(), x) == 4 * 8 * 8
+    assert flops_of(nn.AvgPool2d(2), x) == 4 * 4 * 4 * 4
+    assert flops_of(nn.MaxPool2d(3, 2, padding=1), x) == 4 * 4 * 4 * 9
+    assert flops_of(nn.AdaptiveAvgPool2d(1), x) == 4 * 8 * 8
+    assert flops_of(nn.Linear(10, 3), torch.zeros(1, 10)) == 10 * 3 + 3
+    assert flops_of(nn.BatchNorm2d(4).eval(), x) == 0
+    with pytest.raises(TypeError, match="GELU"):
+        flops_of(nn.GELU(), x)
+
+
+def tiny_msdnet(n_blocks):
+    return MSDNet(
+        MSDNetSpec(
+            n_blocks=n_blocks,
+            base=1,
+            step=1,
+            step_mode="even",
+            n_channels=2,
+            growth_rate=2,
+            gr_factor=(1,),
+            bn_factor=(1,),
+            bottleneck=False,
+            prune="max",
+            reduction=0.5,
+            in_channels=1,
+            num_classes=3,
+            stem="small",
+        )
+    )
+
+
+def test_costs_are_cumulative_over_blocks_and_every_earlier_head():
+    # Counted by hand for one 8x8 grey image, one scale, width 2, growth 2, no bottleneck.
+    stem = 1 * 2 * 9 * 64 + 2 * 64  # 3x3 conv 1->2, ReLU
+    layer1 = 2 * 2 * 9 * 64 + 2 * 64  # 3x3 conv 2->2, ReLU; the map is now 4 wide
+    layer2 = 4 * 2 * 9 * 64 + 2 * 64  # 3x3 conv 4->2, ReLU; now 6 wide
+
+    def head(width):  # conv/2 to 128 on 4x4, conv/2 on 2x2, 2x2 avg-pool, linear 128->3
+        return (width * 128 * 9 * 16 + 128 * 16) + (128 * 128 * 9 * 4 + 128 * 4) + 128 * 4 + 387
+
+    costs = count_exit_costs(tiny_msdnet(2), (1, 8, 8))
+    assert costs.flops == [stem + layer1 + head(4), stem + layer1 + head(4) + layer2 + head(6)]
+
+    net = tiny_msdnet(2)
+    block_and_head = [
+        sum(p.numel() for p in (*net.blocks[i].parameters(), *net.heads[i].parameters()))
+        for i in range(2)
+    ]
+    assert costs.params == [block_and_head[0], sum(block_and_head)]
+
+
+def test_counting_leaves_the_model_as_it_was():
+    net = tiny_msdnet(2).train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    count_exit_costs(net, (1, 8, 8))
+    assert net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert not any(m._forward_hooks for m in net.modules())
+
+
+def test_cli_json_is_one_object_of_raw_counts():
+    result = subprocess.run(
+        [sys.executable, "-m", "pipeline", "flops", "--params", "params.yaml", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    report = json.loads(result.stdout)
+    assert set(report) == {"exits", "flops", "params"}
+    assert len(report["flops"]) == len(report["params"]) == report["exits"]
+    assert all(isinstance(v, int) for v in report["flops"] + report["params"])
+    assert report["flops"] == sorted(report["flops"]) and report["flops"][0] > 0
