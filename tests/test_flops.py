@@ -94,3 +94,20 @@ def test_cli_json_is_one_object_of_raw_counts():
     assert len(report["flops"]) == len(report["params"]) == report["exits"]
     assert all(isinstance(v, int) for v in report["flops"] + report["params"])
     assert report["flops"] == sorted(report["flops"]) and report["flops"][0] > 0
+
+
+REFERENCE = json.loads((ROOT / "tests" / "data" / "reference_costs.json").read_text())["configs"]
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_paper_configs_agree_with_the_reference_counter(name):
+    """Within 0.5% per exit of the reference implementation's own counter (SPEC section 4)."""
+    from pipeline.boosting import BoostNet
+    from pipeline.config import load_params
+
+    params = load_params(ROOT / "configs" / f"{name}.yaml")
+    size = params.data.spec.image_size
+    costs = count_exit_costs(BoostNet.from_params(params).backbone, (3, size, size))
+    expected = REFERENCE[name]
+    assert costs.flops == pytest.approx(expected["flops"], rel=0.005)
+    assert costs.params == pytest.approx(expected["params"], rel=0.005)
