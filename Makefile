@@ -25,7 +25,7 @@ data:
 setup: $(VENV)/.installed data
 
 run: setup
-	$(BIN)/boostpipe flops --params params.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" dvc repro
 
 lint: setup
 	$(BIN)/ruff check .

@@ -124,3 +124,11 @@ class ExitRunner:
         self.state = self.net.backbone.select(self.state, mask)
         if self.ensemble is not None:
             self.ensemble = self.ensemble[mask]
+
+
+def effective_samples(exit_losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's Fig. 3 diagnostic for one batch: v = 10th percentile of exit 1's per-sample
+    losses; per exit, the fraction of samples whose loss exceeds v, and the batch-mean loss."""
+    threshold = torch.quantile(exit_losses[0].detach().float(), 0.1)
+    losses = exit_losses.detach()
+    return (losses > threshold).float().mean(dim=1), losses.mean(dim=1)

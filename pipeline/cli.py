@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline.config import ConfigError, Params, load_params
+from pipeline.data import DatasetNotFound
 
 PARAMS_OPTION = click.option(
     "--params",
@@ -26,7 +27,8 @@ PARAMS_OPTION = click.option(
 
 
 def exits_on_config_error(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Bad params end the command with one line on stderr and exit code 2, no traceback."""
+    """Bad params end the command with one line on stderr and exit code 2, no traceback;
+    a missing dataset likewise with exit code 1."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -35,8 +37,14 @@ def exits_on_config_error(command: Callable[..., Any]) -> Callable[..., Any]:
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except DatasetNotFound as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
 
     return wrapper
+
+
+stage_main = exits_on_config_error  # DVC stage entry points report errors the same way
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,3 +87,50 @@ def _cost_table(params: Params, flops: list[int], n_params: list[int]) -> Table:
         )
         previous = cost
     return table
+
+
+def _experiment_metrics(ref: str) -> dict[str, Any]:
+    """metrics.json from a file, or from a git revision / DVC experiment via DVC's API."""
+    path = Path(ref)
+    if path.is_file():
+        return json.loads(path.read_text())
+    import dvc.api
+
+    from pipeline.paths import METRICS
+
+    try:
+        return dvc.api.metrics_show(str(METRICS), rev=None if ref == "workspace" else ref)
+    except Exception as exc:  # DVC raises many types for an unknown revision
+        raise click.ClickException(f"{ref}: no metrics file or experiment ({exc})") from None
+
+
+@main.command()
+@click.argument("first")
+@click.argument("second")
+def compare(first: str, second: str) -> None:
+    """Per-exit and per-budget test top-1 of two experiments side by side.
+
+    FIRST and SECOND are metrics.json files, git revisions or DVC experiment names
+    (see `dvc exp show`), e.g. `boostpipe compare workspace exp-boost-off`.
+    """
+    a, b = _experiment_metrics(first), _experiment_metrics(second)
+    table = Table(title="test top-1 (%)")
+    for column in ("", first, second, "difference"):
+        table.add_column(column, justify="right")
+
+    def row(label: str, x: float | None, y: float | None) -> None:
+        cells = [f"{v:.2f}" if v is not None else "-" for v in (x, y)]
+        diff = f"{y - x:+.2f}" if x is not None and y is not None else "-"
+        table.add_row(label, *cells, diff)
+
+    exits_a, exits_b = a["anytime"]["top1"], b["anytime"]["top1"]
+    for name in sorted({*exits_a, *exits_b}, key=lambda k: int(k.split("_")[1])):
+        row(name.replace("_", " "), exits_a.get(name), exits_b.get(name))
+    budgets_a, budgets_b = a.get("budgets", {}), b.get("budgets", {})
+    for name in sorted({*budgets_a, *budgets_b}, key=float):
+        row(
+            f"budget {name} FLOPs",
+            budgets_a.get(name, {}).get("top1"),
+            budgets_b.get(name, {}).get("top1"),
+        )
+    Console().print(table)

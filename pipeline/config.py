@@ -68,6 +68,7 @@ class ModelConfig(_Section):
     reduction: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.5
     in_channels: Count | None = None  # None: from the dataset
     num_classes: Count | None = None  # None: from the dataset
+    head_channels: Count | None = None  # None: 128, or the input width with the ImageNet stem
 
     @property
     def n_exits(self) -> int:
@@ -120,7 +121,19 @@ class TrainConfig(_Section):
     milestones: list[Count] = []  # epochs at which multistep multiplies the lr by gamma
     gamma: Positive = 0.1
     augment: Literal["none", "crop-flip", "random-resized-crop"] = "crop-flip"
+    amp: bool = True  # bfloat16 autocast when training on CUDA; ignored on CPU
+    eval_batch_size: Count = 512  # scoring the held-out split after every epoch
     scaling: ScalingConfig = ScalingConfig()
+
+
+class CalibrateConfig(_Section):
+    # Target average FLOPs per test image; calibrate finds thresholds meeting each on validation.
+    budgets: list[Positive] = []
+
+
+class EvaluateConfig(_Section):
+    batch_size: Count = 512
+    timing_repeats: Count = 3  # early-exit wall times are the median of this many runs
 
 
 class Params(_Section):
@@ -129,6 +142,8 @@ class Params(_Section):
     model: ModelConfig
     boost: BoostConfig = BoostConfig()
     train: TrainConfig
+    calibrate: CalibrateConfig = CalibrateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Params:
@@ -158,11 +173,11 @@ class Params(_Section):
             if given is not None and given != expected:
                 raise _KeyError(key, f"is {given} but {self.data.dataset} has {expected}")
         coarsest = _coarsest_resolution(spec, self.model.n_scales)
-        if coarsest < 5:
+        if not 5 <= coarsest <= 12:  # two stride-2 convs and a 2x2 pool must leave 1x1
             raise _KeyError(
                 "model.gr_factor",
-                f"{self.model.n_scales} scales shrink {spec.image_size}x{spec.image_size} inputs "
-                f"to {coarsest}x{coarsest}; the exit heads need at least 5x5",
+                f"{self.model.n_scales} scales take {spec.image_size}x{spec.image_size} inputs "
+                f"to {coarsest}x{coarsest}; the exit heads need 5x5 to 12x12",
             )
         if self.train.schedule == "multistep" and sorted(self.train.milestones) != list(
             self.train.milestones

@@ -40,6 +40,7 @@ BAD_PARAMS = {
     "missing key": ({"model.n_blocks": None}, "model.n_blocks:"),
     "class count": ({"model.num_classes": 100}, "model.num_classes: is 100"),
     "bn_factor length": ({"model.bn_factor": [1, 2]}, "model.bn_factor:"),
+    "too few scales": ({"model.gr_factor": [1, 2], "model.bn_factor": [1, 2]}, "model.gr_factor:"),
     "too many scales": (
         {"model.gr_factor": [1, 2, 4, 4], "model.bn_factor": [1, 2, 4, 4]},
         "model.gr_factor:",

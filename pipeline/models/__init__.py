@@ -24,6 +24,7 @@ def msdnet_spec(params: Params) -> MSDNetSpec:
         in_channels=params.in_channels,
         num_classes=params.num_classes,
         stem=params.data.spec.stem,
+        head_channels=m.head_channels,
     )
 
 

@@ -36,6 +36,7 @@ class MSDNetSpec:
     in_channels: int
     num_classes: int
     stem: str  # "small" | "imagenet"
+    head_channels: int | None = None  # None: 128 (small stem) or the head's input width (ImageNet)
 
     @property
     def n_scales(self) -> int:
@@ -189,8 +190,8 @@ class Transition(nn.Module):
 
 
 def build_head(spec: MSDNetSpec, c_in: int) -> nn.Sequential:
-    """Two stride-2 3x3 convs, 2x2 average pooling, linear (128 wide, or c_in for ImageNet)."""
-    width = c_in if spec.stem == "imagenet" else 128
+    """Two stride-2 3x3 convs, 2x2 average pooling, linear."""
+    width = spec.head_channels or (c_in if spec.stem == "imagenet" else 128)
     return nn.Sequential(
         conv_bn_relu(c_in, width, 3, 2),
         conv_bn_relu(width, width, 3, 2),

@@ -1,0 +1,23 @@
+"""Where each stage reads and writes, relative to the project root (DVC runs stages there)."""
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+PREPARED = Path("data/prepared.pt")
+DATASET_INFO = Path("data/dataset.json")
+DOWNLOADS = Path("data/downloads")
+
+TRAIN_DIR = Path("outputs/train")
+MODEL = TRAIN_DIR / "model.pt"
+HISTORY = TRAIN_DIR / "history.json"
+RAY_STORAGE = Path(".boostpipe/ray")  # Ray Train checkpoints of unfinished runs (not DVC-tracked)
+
+CALIBRATE_DIR = Path("outputs/calibrate")
+THRESHOLDS = CALIBRATE_DIR / "thresholds.json"
+
+EVALUATE_DIR = Path("outputs/evaluate")
+METRICS = EVALUATE_DIR / "metrics.json"
+ANYTIME = EVALUATE_DIR / "anytime.json"
+BUDGET_CURVE = EVALUATE_DIR / "budget_curve.json"
+ACCURACY_PLOT = EVALUATE_DIR / "accuracy_vs_flops.png"
+EFFECTIVE_SAMPLES_PLOT = EVALUATE_DIR / "effective_samples.png"

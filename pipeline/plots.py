@@ -1,0 +1,60 @@
+"""PNG figures of the evaluate stage (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from pipeline.io import atomic_path
+
+
+def _save(figure: plt.Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+def accuracy_vs_flops(
+    path: Path,
+    exit_mflops: Sequence[float],
+    exit_top1: Sequence[float],
+    budget_mflops: Sequence[float],
+    budget_top1: Sequence[float],
+    budget_flat: Sequence[float],
+    title: str,
+) -> None:
+    """Anytime (one point per exit) and budgeted-batch (raw and flat envelope) accuracy."""
+    figure, (anytime, budgeted) = plt.subplots(1, 2, figsize=(11, 4))
+    anytime.plot(exit_mflops, exit_top1, "o-")
+    for index, (x, y) in enumerate(zip(exit_mflops, exit_top1, strict=True), start=1):
+        anytime.annotate(str(index), (x, y), textcoords="offset points", xytext=(4, -10))
+    anytime.set(title="anytime prediction", xlabel="MFLOPs", ylabel="test top-1 (%)")
+    order = sorted(range(len(budget_mflops)), key=budget_mflops.__getitem__)
+    xs = [budget_mflops[i] for i in order]
+    budgeted.plot(xs, [budget_top1[i] for i in order], ".", alpha=0.6, label="raw")
+    budgeted.plot(xs, [budget_flat[i] for i in order], "-", label="flat envelope")
+    budgeted.set(title="budgeted batch", xlabel="average MFLOPs", ylabel="test top-1 (%)")
+    budgeted.legend()
+    for axes in (anytime, budgeted):
+        axes.grid(alpha=0.3)
+    figure.suptitle(title)
+    _save(figure, path)
+
+
+def effective_samples(path: Path, history: Sequence[dict]) -> None:
+    """Fraction of each batch whose loss exceeds exit 1's 10th percentile, per exit and epoch."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    epochs = [record["epoch"] for record in history]
+    n_exits = len(history[0]["effective_samples"])
+    for index in range(n_exits):
+        fractions = [record["effective_samples"][index] for record in history]
+        axes.plot(epochs, fractions, "o-", label=f"exit {index + 1}")
+    axes.set(xlabel="epoch", ylabel="effective sample fraction", title="effective training samples")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    _save(figure, path)

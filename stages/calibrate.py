@@ -1,0 +1,40 @@
+"""DVC stage `calibrate`: exit thresholds fitted on the held-out split (no augmentation).
+
+Writes, for every p of the 39-point grid and every target budget in params, the thresholds and
+what they do on validation; evaluate applies them to the test split.
+"""
+
+import torch
+
+from pipeline import paths
+from pipeline.calibration import sweep, thresholds_for_budget
+from pipeline.cli import stage_main
+from pipeline.config import load_params
+from pipeline.data import Split
+from pipeline.evaluation import collect_logits, exit_costs, load_model
+from pipeline.io import load_tensors, write_json
+
+
+@stage_main
+def main() -> None:
+    params = load_params(paths.PARAMS)
+    device = torch.device("cpu")
+    net = load_model(params, paths.MODEL, device)
+    val = Split(**load_tensors(paths.PREPARED)["val"])
+    logits = collect_logits(net, val, params.data.spec, params.evaluate.batch_size, device)
+    flops = exit_costs(net, params)
+    grid = [{"p": p, **vars(point)} for p, point in sweep(logits, val.targets, flops)]
+    budgets = []
+    for budget in params.calibrate.budgets:
+        p, point = thresholds_for_budget(logits, val.targets, flops, budget)
+        budgets.append({"budget": budget, "p": p, **vars(point)})
+    write_json(paths.THRESHOLDS, {"exit_flops": flops, "grid": grid, "budgets": budgets})
+    for row in budgets:
+        print(
+            f"budget {row['budget']:.3g} FLOPs: validation {row['expected_flops']:.3g} FLOPs, "
+            f"top-1 {row['top1']:.2f}%"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""DVC stage `evaluate`: anytime and budgeted accuracy against FLOPs on the test split, and real
+early-exit inference timed against running every exit."""
+
+import statistics
+
+import torch
+
+from pipeline import paths, plots
+from pipeline.calibration import flat_envelope, operate
+from pipeline.cli import stage_main
+from pipeline.config import load_params
+from pipeline.data import Split
+from pipeline.evaluation import (
+    collect_logits,
+    early_exit,
+    exit_costs,
+    load_model,
+    time_all_exits,
+    topk_accuracy,
+)
+from pipeline.io import load_tensors, read_json, write_json
+
+
+@stage_main
+def main() -> None:
+    params = load_params(paths.PARAMS)
+    spec, batch_size, repeats = (
+        params.data.spec,
+        params.evaluate.batch_size,
+        params.evaluate.timing_repeats,
+    )
+    device = torch.device("cpu")
+    net = load_model(params, paths.MODEL, device)
+    test = Split(**load_tensors(paths.PREPARED)["test"])
+    calibration = read_json(paths.THRESHOLDS)
+    flops = exit_costs(net, params)
+
+    logits = collect_logits(net, test, spec, batch_size, device)
+    top1, top5 = topk_accuracy(logits, test.targets, 1), topk_accuracy(logits, test.targets, 5)
+    anytime = [
+        {"exit": k + 1, "mflops": flops[k] / 1e6, "top1": top1[k], "top5": top5[k]}
+        for k in range(len(flops))
+    ]
+
+    curve = [
+        (
+            row,
+            operate(
+                logits, test.targets, torch.tensor(row["thresholds"], dtype=torch.float64), flops
+            ),
+        )
+        for row in calibration["grid"]
+    ]
+    flat = flat_envelope(
+        [point.expected_flops for _, point in curve],
+        [row["top1"] for row, _ in curve],
+        [point.top1 for _, point in curve],
+    )
+    budget_curve = [
+        {
+            "p": row["p"],
+            "mflops": point.expected_flops / 1e6,
+            "top1": point.top1,
+            "top1_flat": level,
+            "val_top1": row["top1"],
+        }
+        for (row, point), level in zip(curve, flat, strict=True)
+    ]
+
+    all_exits_seconds = statistics.median(
+        time_all_exits(net, test, spec, batch_size, device) for _ in range(repeats)
+    )
+    budgets = {}
+    for row in calibration["budgets"]:
+        thresholds = torch.tensor(row["thresholds"], dtype=torch.float64)
+        expected = operate(logits, test.targets, thresholds, flops)
+        runs = [
+            early_exit(net, test, row["thresholds"], spec, batch_size, device)
+            for _ in range(repeats)
+        ]
+        seconds = statistics.median(run.seconds for run in runs)
+        measured, predicted = all_exits_seconds / seconds, flops[-1] / expected.expected_flops
+        budgets[f"{row['budget']:.4g}"] = {
+            "target_mflops": row["budget"] / 1e6,
+            "expected_mflops": expected.expected_flops / 1e6,
+            "top1": expected.top1,
+            "early_exit_top1": 100.0 * float((runs[0].predictions == test.targets).double().mean()),
+            "seconds": seconds,
+            "images_per_second": len(test) / seconds,
+            "speedup_measured": measured,
+            "speedup_predicted": predicted,
+            "speedup_ratio": measured / predicted,
+        }
+
+    metrics = {
+        "anytime": {
+            "top1": {f"exit_{k + 1}": v for k, v in enumerate(top1)},
+            "top5": {f"exit_{k + 1}": v for k, v in enumerate(top5)},
+        },
+        "final_top1": top1[-1],
+        "mean_top1": sum(top1) / len(top1),
+        "all_exits": {
+            "seconds": all_exits_seconds,
+            "images_per_second": len(test) / all_exits_seconds,
+        },
+        "budgets": budgets,
+    }
+    write_json(paths.ANYTIME, anytime)
+    write_json(paths.BUDGET_CURVE, budget_curve)
+    plots.accuracy_vs_flops(
+        paths.ACCURACY_PLOT,
+        [r["mflops"] for r in anytime],
+        top1,
+        [r["mflops"] for r in budget_curve],
+        [r["top1"] for r in budget_curve],
+        flat,
+        title=f"{'BoostNet' if params.boost.enabled else 'baseline'} on {params.data.dataset}",
+    )
+    plots.effective_samples(paths.EFFECTIVE_SAMPLES_PLOT, read_json(paths.HISTORY)["epochs"])
+    write_json(paths.METRICS, metrics)
+    print("test top-1 per exit: " + " ".join(f"{v:.2f}" for v in top1))
+    for name, row in budgets.items():
+        print(
+            f"budget {name}: top-1 {row['top1']:.2f}%, {row['images_per_second']:.0f} img/s, "
+            f"speedup {row['speedup_measured']:.2f}x measured, "
+            f"{row['speedup_predicted']:.2f}x predicted"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""DVC stage `prepare`: load the dataset, hold out a seeded validation split, fingerprint it."""
+
+from pipeline import paths
+from pipeline.cli import stage_main
+from pipeline.config import load_params
+from pipeline.data import fingerprint, load_dataset, split_holdout
+from pipeline.io import save_tensors, write_json
+
+
+@stage_main
+def main() -> None:
+    params = load_params(paths.PARAMS)
+    train, test, source = load_dataset(params.data, paths.DOWNLOADS)
+    digest = fingerprint(train, test)
+    train, val, test = split_holdout(train, test, params.data, params.seed)
+    save_tensors(
+        paths.PREPARED,
+        {
+            "train": train.as_dict(),
+            "val": val.as_dict(),
+            "test": test.as_dict(),
+            "fingerprint": digest,
+        },
+    )
+    write_json(
+        paths.DATASET_INFO,
+        {
+            "dataset": params.data.dataset,
+            "source": source,
+            "fingerprint": digest,
+            "train": len(train),
+            "val": len(val),
+            "test": len(test),
+        },
+    )
+    print(
+        f"prepared {params.data.dataset}: {len(train)} train / {len(val)} val / "
+        f"{len(test)} test images, fingerprint {digest}"
+    )
+
+
+if __name__ == "__main__":
+    main()

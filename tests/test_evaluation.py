@@ -1,0 +1,46 @@
+"""Real early exit on a real (untrained, seeded) BoostNet agrees with the simulated assignment."""
+
+import torch
+from conftest import compose
+
+from pipeline.boosting import BoostNet
+from pipeline.calibration import assign_exits, confidences, exit_distribution, fit_thresholds
+from pipeline.data import Split
+from pipeline.evaluation import collect_logits, early_exit, topk_accuracy
+
+DEVICE = torch.device("cpu")
+
+
+def _problem():
+    params = compose()
+    torch.manual_seed(0)
+    net = BoostNet.from_params(params).eval()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    split = Split(images, torch.randint(0, 10, (300,), generator=generator))
+    return params, net, split
+
+
+def test_early_exit_predicts_and_exits_as_the_thresholds_say():
+    params, net, split = _problem()
+    spec = params.data.spec
+    logits = collect_logits(net, split, spec, batch_size=64, device=DEVICE)
+    assert logits.shape == (params.model.n_exits, 300, 10)
+    thresholds = fit_thresholds(confidences(logits), exit_distribution(0.7, params.model.n_exits))
+    expected_exits = assign_exits(confidences(logits), thresholds)
+    assert len(expected_exits.unique()) > 1  # the thresholds really split the batch
+
+    run = early_exit(net, split, thresholds.tolist(), spec, batch_size=64, device=DEVICE)
+    agree = (run.exits == expected_exits).float().mean()
+    assert agree > 0.98  # subsets may round differently right at a threshold
+    same = run.exits == expected_exits
+    expected_predictions = logits.argmax(-1)[expected_exits, torch.arange(300)]
+    assert torch.equal(run.predictions[same], expected_predictions[same])
+    assert run.seconds > 0
+
+
+def test_topk_accuracy_counts_hits_per_exit():
+    logits = torch.tensor([[[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]], [[1.0, 3.0, 2.0], [3.0, 2.0, 1.0]]])
+    targets = torch.tensor([1, 2])
+    assert topk_accuracy(logits, targets, 1) == [50.0, 50.0]
+    assert topk_accuracy(logits, targets, 2) == [100.0, 50.0]

@@ -1,0 +1,151 @@
+"""The real pipeline end to end: real DVC, real Ray, real Fashion-MNIST, shrunk params.
+
+Runs `dvc repro` in a temporary copy of the repository, checks every output's content, that a
+second `dvc repro` re-runs nothing, and that bad params fail on the key without touching results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+
+from pipeline.boosting import BoostNet
+from pipeline.config import load_params
+from pipeline.data import DEBIAN_FASHION_MNIST
+from pipeline.io import read_json
+
+pytestmark = pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
+)
+
+
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A git + DVC copy of this repository with params shrunk to a few hundred images."""
+    repo = tmp_path_factory.mktemp("project")
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"].update(train_subset=400, val_size=200, test_subset=300)
+    params["train"]["epochs"] = 1
+    params["evaluate"]["timing_repeats"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "t"],
+    ):
+        subprocess.run(command, cwd=repo, check=True)
+    result = _run(["dvc", "repro"], repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return repo
+
+
+def test_prepare_holds_out_a_seeded_validation_split(project):
+    info = read_json(project / "data/dataset.json")
+    assert (info["train"], info["val"], info["test"]) == (400, 200, 300)
+    assert info["source"] == str(DEBIAN_FASHION_MNIST) and len(info["fingerprint"]) == 16
+    data = torch.load(project / "data/prepared.pt", weights_only=True)
+    assert data["train"]["images"].shape == (400, 1, 28, 28)
+    assert data["train"]["images"].dtype == torch.uint8
+    assert set(data["val"]["targets"].tolist()) <= set(range(10))
+
+
+def test_train_writes_selected_weights_and_history(project):
+    params = load_params(project / "params.yaml")
+    net = BoostNet.from_params(params)
+    saved = torch.load(project / "outputs/train/model.pt", weights_only=True)
+    net.load_state_dict(saved["model"])
+    history = read_json(project / "outputs/train/history.json")
+    assert history["best_epoch"] == saved["epoch"] == 1 and history["device"] == "cpu"
+    (epoch,) = history["epochs"]
+    assert len(epoch["val_top1"]) == len(epoch["train_loss"]) == params.model.n_exits
+    assert all(0 < f <= 1 for f in epoch["effective_samples"])
+    assert epoch["images_per_second"] > 0
+    assert not any((project / ".boostpipe/ray").glob("train-*"))  # finished runs are cleaned
+
+
+def test_calibrate_fits_the_grid_and_the_budgets_on_validation(project):
+    calibration = read_json(project / "outputs/calibrate/thresholds.json")
+    assert len(calibration["grid"]) == 39
+    flops = calibration["exit_flops"]
+    assert flops == sorted(flops)
+    for row in calibration["grid"]:
+        assert len(row["thresholds"]) == len(flops) and row["thresholds"][-1] == -math.inf
+    budgets = load_params(project / "params.yaml").calibrate.budgets
+    assert [row["budget"] for row in calibration["budgets"]] == budgets
+    for row in calibration["budgets"]:
+        assert row["expected_flops"] <= row["budget"]
+
+
+def test_evaluate_reports_anytime_budgets_and_real_early_exit(project):
+    metrics = read_json(project / "outputs/evaluate/metrics.json")
+    top1 = list(metrics["anytime"]["top1"].values())
+    assert len(top1) == 4 and all(15 < v <= 100 for v in top1)  # chance is 10%
+    assert all(a <= b for a, b in zip(top1, metrics["anytime"]["top5"].values(), strict=True))
+    assert metrics["final_top1"] == top1[-1]
+    for row in metrics["budgets"].values():
+        assert row["expected_mflops"] <= row["target_mflops"] * 1.2
+        assert row["speedup_predicted"] >= 1 and row["speedup_measured"] > 0
+        assert abs(row["early_exit_top1"] - row["top1"]) < 2
+    anytime = read_json(project / "outputs/evaluate/anytime.json")
+    assert [row["exit"] for row in anytime] == [1, 2, 3, 4]
+    curve = read_json(project / "outputs/evaluate/budget_curve.json")
+    assert len(curve) == 39
+    for name in ("accuracy_vs_flops.png", "effective_samples.png"):
+        assert (project / "outputs/evaluate" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_second_repro_runs_nothing(project):
+    before = _sha(project / "outputs/train/model.pt")
+    result = _run(["dvc", "repro"], project)
+    assert result.returncode == 0
+    assert "Running stage" not in result.stdout, result.stdout
+    assert _sha(project / "outputs/train/model.pt") == before
+
+
+def test_bad_params_fail_on_the_key_and_keep_every_result(project):
+    outputs = sorted(p for p in (project / "outputs").rglob("*") if p.is_file())
+    before = {p: _sha(p) for p in outputs}
+    params_path = project / "params.yaml"
+    good = params_path.read_text()
+    params = yaml.safe_load(good)
+    params["boost"]["temperature"] = -0.5
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = _run(["dvc", "repro"], project)
+    finally:
+        params_path.write_text(good)
+    assert result.returncode != 0
+    assert "boost.temperature[0]" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+    assert {p: _sha(p) for p in outputs} == before
