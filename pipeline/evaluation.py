@@ -20,10 +20,15 @@ from pipeline.datasets import DatasetSpec
 from pipeline.flops import count_exit_costs
 
 
+# Inference runs channels-last: on CPU it makes MSDNet's small convolutions ~1.5x faster (in
+# training the batch-norm backward pass loses that gain again).
+CHANNELS_LAST = torch.channels_last
+
+
 def _batches(split: Split, batch_size: int, spec: DatasetSpec, device: torch.device):
     for start in range(0, len(split), batch_size):
         images = split.images[start : start + batch_size].to(device)
-        yield start, normalise(images, spec.mean, spec.std)
+        yield start, normalise(images, spec.mean, spec.std).contiguous(memory_format=CHANNELS_LAST)
 
 
 @torch.no_grad()
@@ -109,7 +114,7 @@ def load_model(params: Params, path: Path, device: torch.device) -> BoostNet:
     """The train stage's selected weights in a fresh BoostNet (tensors only, never pickles)."""
     net = BoostNet.from_params(params)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
-    return net.to(device).eval()
+    return net.to(device, memory_format=CHANNELS_LAST).eval()
 
 
 def exit_costs(net: BoostNet, params: Params) -> list[int]:

@@ -318,7 +318,8 @@ def ray_init_kwargs() -> dict[str, Any]:
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     return {
         "num_cpus": os.cpu_count(),
-        "include_dashboard": False,
-        "_node_ip_address": "127.0.0.1",
+        # Train's placement-group cleaner asks the dashboard's state API about the controller;
+        # without it every check logs a failure. It listens on 127.0.0.1 only.
+        "include_dashboard": True,
         "configure_logging": False,
     }
