@@ -19,7 +19,6 @@ from pipeline.data import Split
 from pipeline.datasets import DatasetSpec
 from pipeline.flops import count_exit_costs
 
-
 # Inference runs channels-last: on CPU it makes MSDNet's small convolutions ~1.5x faster (in
 # training the batch-norm backward pass loses that gain again).
 CHANNELS_LAST = torch.channels_last

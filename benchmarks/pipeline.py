@@ -1,0 +1,93 @@
+"""Pipeline figures on this machine: `dvc repro` wall time, the no-op re-run, test accuracy, real
+early-exit speedups, and BoostNet against the joint-training baseline over several seeds.
+
+Run from the project root with the venv's bin on PATH:
+    python benchmarks/pipeline.py repro            # forced full run, then a no-op run
+    python benchmarks/pipeline.py seeds 0 1 2      # dvc exp run per seed, BoostNet and baseline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+METRICS = Path("outputs/evaluate/metrics.json")
+
+
+def timed(command: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}")
+    return time.perf_counter() - start, result.stdout
+
+
+def report_metrics(metrics: dict) -> None:
+    top1 = list(metrics["anytime"]["top1"].values())
+    print("test top-1 per exit: " + " ".join(f"{v:.2f}" for v in top1))
+    print(f"final exit >= 90%: {top1[-1] >= 90}; every exit > 80%: {min(top1) > 80}")
+    for name, row in metrics["budgets"].items():
+        print(
+            f"budget {name} FLOPs: top-1 {row['top1']:.2f}%, {row['images_per_second']:.0f} img/s, "
+            f"speedup {row['speedup_measured']:.2f}x measured vs {row['speedup_predicted']:.2f}x "
+            f"predicted (ratio {row['speedup_ratio']:.2f}, target >= 0.8)"
+        )
+
+
+def repro() -> None:
+    seconds, _ = timed(["dvc", "repro", "--force"])
+    print(f"dvc repro --force: {seconds:.1f} s (target <= 300 s)")
+    report_metrics(json.loads(METRICS.read_text()))
+    seconds, output = timed(["dvc", "repro"])
+    reran = [line for line in output.splitlines() if line.startswith("Running stage")]
+    print(f"second dvc repro: {seconds:.1f} s, stages re-run: {reran or 'none'}")
+
+
+def seeds(values: list[int]) -> None:
+    results: dict[str, list[list[float]]] = {"boostnet": [], "baseline": []}
+    for seed in values:
+        for variant, enabled in (("boostnet", "true"), ("baseline", "false")):
+            name = f"{variant}-seed{seed}"
+            command = [
+                "dvc",
+                "exp",
+                "run",
+                "--name",
+                name,
+                "-S",
+                f"seed={seed}",
+                "-S",
+                f"boost.enabled={enabled}",
+            ]
+            seconds, _ = timed(command)
+            top1 = list(json.loads(METRICS.read_text())["anytime"]["top1"].values())
+            results[variant].append(top1)
+            print(f"{name}: {seconds:.0f} s, top-1 per exit " + " ".join(f"{v:.2f}" for v in top1))
+    print(f"\nper-exit test top-1 over seeds {values} (mean +- std):")
+    for variant, runs in results.items():
+        cells = []
+        for exit_values in zip(*runs, strict=True):
+            spread = statistics.stdev(exit_values) if len(exit_values) > 1 else 0.0
+            cells.append(f"{statistics.mean(exit_values):.2f}+-{spread:.2f}")
+        print(f"{variant:9s} " + "  ".join(cells))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    sub.add_parser("repro")
+    seeds_parser = sub.add_parser("seeds")
+    seeds_parser.add_argument("values", nargs="+", type=int)
+    args = parser.parse_args()
+    if args.what == "repro":
+        repro()
+    else:
+        seeds(args.values)
+
+
+if __name__ == "__main__":
+    main()
