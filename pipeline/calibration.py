@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.config import ConfigError
+
 P_GRID: tuple[float, ...] = tuple(i / 20 for i in range(1, 40))
 
 
@@ -121,7 +123,7 @@ def thresholds_for_budget(
     validation cost is within `budget` and highest; ties go to the better validation accuracy.
     A budget below exit 1's cost is impossible; one above the last exit's sends all there."""
     if budget < exit_flops[0]:
-        raise ValueError(
+        raise ConfigError(
             f"calibrate.budgets: {budget:.4g} FLOPs is below the first exit's cost "
             f"({exit_flops[0]:.4g})"
         )

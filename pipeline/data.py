@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import DataConfig
+from pipeline.config import ConfigError, DataConfig
+from pipeline.io import load_arrays, save_arrays
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = (
@@ -42,8 +43,20 @@ class Split:
     def subset(self, index: torch.Tensor) -> Split:
         return Split(self.images[index], self.targets[index])
 
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        return {"images": self.images, "targets": self.targets}
+
+def save_splits(path: Path, splits: dict[str, Split]) -> None:
+    arrays = {}
+    for name, split in splits.items():
+        arrays[f"{name}_images"] = split.images.numpy()
+        arrays[f"{name}_targets"] = split.targets.numpy()
+    save_arrays(path, arrays)
+
+
+def load_split(path: Path, name: str) -> Split:
+    arrays = load_arrays(path)
+    return Split(
+        torch.from_numpy(arrays[f"{name}_images"]), torch.from_numpy(arrays[f"{name}_targets"])
+    )
 
 
 def _fashion_mnist_dir(candidate: Path) -> Path | None:
@@ -141,7 +154,7 @@ def split_holdout(
     """(train, validation, test): a seeded permutation of the training set; its last
     `val_size` images are never trained on (SPEC section 5). Subsets shrink train and test."""
     if config.val_size >= len(train):
-        raise ValueError(
+        raise ConfigError(
             f"data.val_size: {config.val_size} leaves no training images out of {len(train)}"
         )
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -40,11 +42,21 @@ def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-def save_tensors(path: str | Path, data: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(data, tmp)
+def save_arrays(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
+    """An .npz whose bytes depend only on the arrays (fixed zip timestamps), so DVC sees an
+    unchanged output when a stage re-runs on the same data; torch.save embeds a random id."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w") as archive:
+        for name, array in arrays.items():
+            entry = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(entry, "w", force_zip64=True) as out:
+                np.lib.format.write_array(out, np.ascontiguousarray(array), allow_pickle=False)
 
 
-def load_tensors(path: str | Path) -> dict[str, Any]:
+def load_arrays(path: str | Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Only tensors and plain containers: never unpickle arbitrary objects."""
     return torch.load(path, map_location="cpu", weights_only=True)

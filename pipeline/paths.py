@@ -3,7 +3,7 @@
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
-PREPARED = Path("data/prepared.pt")
+PREPARED = Path("data/prepared.npz")
 DATASET_INFO = Path("data/dataset.json")
 DOWNLOADS = Path("data/downloads")
 

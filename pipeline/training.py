@@ -33,8 +33,8 @@ from rich.console import Console
 from pipeline.augment import normalise, random_crop_flip
 from pipeline.boosting import BoostNet, effective_samples
 from pipeline.config import Params, TrainConfig
-from pipeline.data import Split
-from pipeline.io import load_tensors
+from pipeline.data import Split, load_split
+from pipeline.io import load_checkpoint
 
 SELECTION_METRIC = "val_mean_top1"
 
@@ -141,8 +141,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(params.seed)
     device = ray.train.torch.get_device()
 
-    data = load_tensors(config["prepared"])
-    train_split, val_split = Split(**data["train"]), Split(**data["val"])
+    train_split = load_split(Path(config["prepared"]), "train")
+    val_split = load_split(Path(config["prepared"]), "val")
     val_shard = val_split.subset(torch.arange(rank, len(val_split), world))
 
     net = BoostNet.from_params(params)
@@ -161,8 +161,8 @@ def _worker_loop(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = load_tensors(Path(folder) / "state.pt")
-            best_saved = load_tensors(Path(folder) / "best.pt")
+            state = load_checkpoint(Path(folder) / "state.pt")
+            best_saved = load_checkpoint(Path(folder) / "best.pt")
         _unwrap(net).load_state_dict(state["model"])
         optimiser.load_state_dict(state["optimiser"])
         scheduler.load_state_dict(state["scheduler"])
@@ -302,8 +302,8 @@ def train(params: Params, prepared: Path, storage: Path, name: str) -> TrainOutc
     )
     result = trainer.fit()
     with result.checkpoint.as_directory() as folder:
-        state = load_tensors(Path(folder) / "state.pt")
-        best = load_tensors(Path(folder) / "best.pt")
+        state = load_checkpoint(Path(folder) / "state.pt")
+        best = load_checkpoint(Path(folder) / "best.pt")
     shutil.rmtree(storage / name, ignore_errors=True)  # stage outputs now hold what matters
     device = "cuda" if use_gpu else "cpu"
     return TrainOutcome(best["model"], best["epoch"], state["history"], device)

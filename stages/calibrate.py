@@ -10,9 +10,9 @@ from pipeline import paths
 from pipeline.calibration import sweep, thresholds_for_budget
 from pipeline.cli import stage_main
 from pipeline.config import load_params
-from pipeline.data import Split
+from pipeline.data import load_split
 from pipeline.evaluation import collect_logits, exit_costs, load_model
-from pipeline.io import load_tensors, write_json
+from pipeline.io import write_json
 
 
 @stage_main
@@ -20,7 +20,7 @@ def main() -> None:
     params = load_params(paths.PARAMS)
     device = torch.device("cpu")
     net = load_model(params, paths.MODEL, device)
-    val = Split(**load_tensors(paths.PREPARED)["val"])
+    val = load_split(paths.PREPARED, "val")
     logits = collect_logits(net, val, params.data.spec, params.evaluate.batch_size, device)
     flops = exit_costs(net, params)
     grid = [{"p": p, **vars(point)} for p, point in sweep(logits, val.targets, flops)]

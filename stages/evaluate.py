@@ -9,7 +9,7 @@ from pipeline import paths, plots
 from pipeline.calibration import flat_envelope, operate
 from pipeline.cli import stage_main
 from pipeline.config import load_params
-from pipeline.data import Split
+from pipeline.data import load_split
 from pipeline.evaluation import (
     collect_logits,
     early_exit,
@@ -18,7 +18,7 @@ from pipeline.evaluation import (
     time_all_exits,
     topk_accuracy,
 )
-from pipeline.io import load_tensors, read_json, write_json
+from pipeline.io import read_json, write_json
 
 
 @stage_main
@@ -31,7 +31,7 @@ def main() -> None:
     )
     device = torch.device("cpu")
     net = load_model(params, paths.MODEL, device)
-    test = Split(**load_tensors(paths.PREPARED)["test"])
+    test = load_split(paths.PREPARED, "test")
     calibration = read_json(paths.THRESHOLDS)
     flops = exit_costs(net, params)
 

@@ -3,8 +3,8 @@
 from pipeline import paths
 from pipeline.cli import stage_main
 from pipeline.config import load_params
-from pipeline.data import fingerprint, load_dataset, split_holdout
-from pipeline.io import save_tensors, write_json
+from pipeline.data import fingerprint, load_dataset, save_splits, split_holdout
+from pipeline.io import write_json
 
 
 @stage_main
@@ -13,15 +13,7 @@ def main() -> None:
     train, test, source = load_dataset(params.data, paths.DOWNLOADS)
     digest = fingerprint(train, test)
     train, val, test = split_holdout(train, test, params.data, params.seed)
-    save_tensors(
-        paths.PREPARED,
-        {
-            "train": train.as_dict(),
-            "val": val.as_dict(),
-            "test": test.as_dict(),
-            "fingerprint": digest,
-        },
-    )
+    save_splits(paths.PREPARED, {"train": train, "val": val, "test": test})
     write_json(
         paths.DATASET_INFO,
         {

@@ -15,6 +15,7 @@ from pipeline.calibration import (
     sweep,
     thresholds_for_budget,
 )
+from pipeline.config import ConfigError
 
 INF = math.inf
 
@@ -118,5 +119,5 @@ def test_thresholds_for_budget_meet_the_budget_on_validation(budget):
 
 def test_an_impossible_budget_is_a_clear_error():
     logits, targets = _random_problem()
-    with pytest.raises(ValueError, match=r"calibrate\.budgets: 50 FLOPs is below"):
+    with pytest.raises(ConfigError, match=r"calibrate\.budgets: 50 FLOPs is below"):
         thresholds_for_budget(logits, targets, [100, 200, 300, 400], 50)

@@ -6,12 +6,15 @@ second `dvc repro` re-runs nothing, and that bad params fail on the key without 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ from conftest import ROOT
 
 from pipeline.boosting import BoostNet
 from pipeline.config import load_params
-from pipeline.data import DEBIAN_FASHION_MNIST
+from pipeline.data import DEBIAN_FASHION_MNIST, load_split
 from pipeline.io import read_json
 
 pytestmark = pytest.mark.skipif(
@@ -74,10 +77,10 @@ def test_prepare_holds_out_a_seeded_validation_split(project):
     info = read_json(project / "data/dataset.json")
     assert (info["train"], info["val"], info["test"]) == (400, 200, 300)
     assert info["source"] == str(DEBIAN_FASHION_MNIST) and len(info["fingerprint"]) == 16
-    data = torch.load(project / "data/prepared.pt", weights_only=True)
-    assert data["train"]["images"].shape == (400, 1, 28, 28)
-    assert data["train"]["images"].dtype == torch.uint8
-    assert set(data["val"]["targets"].tolist()) <= set(range(10))
+    prepared = project / "data/prepared.npz"
+    train = load_split(prepared, "train")
+    assert train.images.shape == (400, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert set(load_split(prepared, "val").targets.tolist()) <= set(range(10))
 
 
 def test_train_writes_selected_weights_and_history(project):
@@ -149,3 +152,49 @@ def test_bad_params_fail_on_the_key_and_keep_every_result(project):
     assert "boost.temperature[0]" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
     assert {p: _sha(p) for p in outputs} == before
+
+
+def test_rerunning_prepare_on_the_same_data_keeps_later_stages_valid(project):
+    result = _run(["dvc", "repro", "--force", "--single-item", "prepare"], project)
+    assert result.returncode == 0, result.stderr
+    status = _run(["dvc", "status"], project)
+    assert "up to date" in status.stdout, status.stdout
+
+
+def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(project):
+    params_path = project / "params.yaml"
+    good = params_path.read_text()
+    params = yaml.safe_load(good)
+    params["data"]["train_subset"] = 4000
+    params["train"]["epochs"] = 3
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    try:
+        first = subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=project,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 600
+        while not list((project / ".boostpipe/ray").glob("train-*/checkpoint_*")):
+            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGKILL)  # kill -9 the whole run, Ray included
+        first.wait()
+        time.sleep(2)
+        for _ in range(3):  # Ray processes the run started and that outlived the kill
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(first.pid, signal.SIGKILL)
+        assert not (project / "outputs/train/history.json").read_text().count('"epoch": 3')
+
+        second = _run(["dvc", "repro"], project)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "resuming after epoch" in second.stdout + second.stderr
+        history = read_json(project / "outputs/train/history.json")
+        assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3]
+    finally:
+        params_path.write_text(good)
