@@ -133,7 +133,7 @@ class CalibrateConfig(_Section):
 
 class EvaluateConfig(_Section):
     batch_size: Count = 512
-    timing_repeats: Count = 3  # early-exit wall times are the median of this many runs
+    timing_repeats: Count = 5  # early-exit wall times: median of this many interleaved runs
 
 
 class Params(_Section):

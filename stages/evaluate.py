@@ -67,24 +67,26 @@ def main() -> None:
         for (row, point), level in zip(curve, flat, strict=True)
     ]
 
-    all_exits_seconds = statistics.median(
-        time_all_exits(net, test, spec, batch_size, device) for _ in range(repeats)
-    )
+    # Interleaved repeats, so drift in machine load hits every measurement alike.
+    all_exit_times: list[float] = []
+    runs: dict[int, list] = {i: [] for i in range(len(calibration["budgets"]))}
+    for _ in range(repeats):
+        all_exit_times.append(time_all_exits(net, test, spec, batch_size, device))
+        for i, row in enumerate(calibration["budgets"]):
+            runs[i].append(early_exit(net, test, row["thresholds"], spec, batch_size, device))
+    all_exits_seconds = statistics.median(all_exit_times)
     budgets = {}
-    for row in calibration["budgets"]:
+    for i, row in enumerate(calibration["budgets"]):
         thresholds = torch.tensor(row["thresholds"], dtype=torch.float64)
         expected = operate(logits, test.targets, thresholds, flops)
-        runs = [
-            early_exit(net, test, row["thresholds"], spec, batch_size, device)
-            for _ in range(repeats)
-        ]
-        seconds = statistics.median(run.seconds for run in runs)
+        seconds = statistics.median(run.seconds for run in runs[i])
         measured, predicted = all_exits_seconds / seconds, flops[-1] / expected.expected_flops
+        hits = runs[i][0].predictions == test.targets
         budgets[f"{row['budget']:.4g}"] = {
             "target_mflops": row["budget"] / 1e6,
             "expected_mflops": expected.expected_flops / 1e6,
             "top1": expected.top1,
-            "early_exit_top1": 100.0 * float((runs[0].predictions == test.targets).double().mean()),
+            "early_exit_top1": 100.0 * float(hits.double().mean()),
             "seconds": seconds,
             "images_per_second": len(test) / seconds,
             "speedup_measured": measured,
