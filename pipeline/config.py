@@ -136,6 +136,11 @@ class EvaluateConfig(_Section):
     timing_repeats: Count = 5  # early-exit wall times: median of this many interleaved runs
 
 
+class TrackingConfig(_Section):
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else SQLite in the project root
+    experiment: str = "boostpipe"
+
+
 class Params(_Section):
     seed: Annotated[int, Field(strict=True, ge=0)] = 0
     data: DataConfig = DataConfig()
@@ -144,6 +149,7 @@ class Params(_Section):
     train: TrainConfig
     calibrate: CalibrateConfig = CalibrateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Params:

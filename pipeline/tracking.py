@@ -1,0 +1,244 @@
+"""MLflow tracking: one run per trained model, filled in by train, calibrate and evaluate.
+
+The default store is a SQLite database and an artifact folder in the project root, with absolute
+paths so that runs made by `dvc exp run --temp/--queue` (in copies under .dvc/tmp/exps) land in the
+same store. MLFLOW_TRACKING_URI, or `tracking.uri` in params, selects another store, e.g. an
+`mlflow server` on loopback. The store is checked before training starts, and logging after
+training retries transient failures and never costs the stage its outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipeline.config import Params
+
+T = TypeVar("T")
+
+
+class TrackingUnavailable(RuntimeError):
+    """The tracking store cannot be reached; the message is one line naming it."""
+
+
+def project_root(cwd: Path | None = None) -> Path:
+    """The repository root, also from inside DVC's temporary experiment copies."""
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    for index in range(len(parts) - 2):
+        if parts[index : index + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:index])
+    return cwd
+
+
+def tracking_uri(params: Params, root: Path | None = None) -> str:
+    """MLFLOW_TRACKING_URI, else tracking.uri, else SQLite in the project root."""
+    root = root or project_root()
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or params.tracking.uri
+        or f"sqlite:///{root / 'mlflow.db'}"
+    )
+
+
+def retry(action: Callable[[], T], attempts: int = 4, first_wait: float = 0.5) -> T:
+    """Call `action`, waiting 0.5, 1, 2 s between failed attempts (MLflow raises many types)."""
+    for attempt in range(attempts):
+        try:
+            return action()
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(first_wait * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _check_server(uri: str) -> None:
+    """Fail fast (seconds, not after an hour of training) when an HTTP store does not answer."""
+    from urllib.parse import urlparse
+    from urllib.request import urlopen
+
+    url = urlparse(uri)
+    try:
+        with urlopen(f"{url.scheme}://{url.netloc}/health", timeout=5) as response:
+            if response.status != 200:
+                raise TrackingUnavailable(f"tracking server {uri} answered {response.status}")
+    except (TimeoutError, OSError) as exc:
+        raise TrackingUnavailable(f"tracking server {uri} is unreachable ({exc})") from None
+
+
+def connect(params: Params) -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    root = project_root()
+    uri = tracking_uri(params, root)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    mlflow.set_tracking_uri(uri)
+    name = params.tracking.experiment
+    try:
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        artifacts = None if uri.startswith("http") else (root / "mlruns").as_uri()
+        return mlflow.create_experiment(name, artifact_location=artifacts)
+    except Exception as exc:
+        raise TrackingUnavailable(
+            f"tracking store {uri}: {exc.__class__.__name__}: {exc}"
+        ) from None
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"boost": {"temperature": [0.5]}} -> {"boost.temperature": "[0.5]"}."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _git(*args: str) -> str:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip()
+    except OSError:
+        return ""
+
+
+def run_tags(fingerprint: str, device: str) -> dict[str, str]:
+    tags = {
+        "git.commit": _git("rev-parse", "HEAD"),
+        "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "data.fingerprint": fingerprint,
+        "host": socket.gethostname(),
+        "device": device,
+    }
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment:
+        tags["dvc.experiment"] = experiment
+    return tags
+
+
+def metric_batches(metrics: Iterable[tuple[str, float, int]], size: int = 900):
+    """MLflow's log_batch takes at most 1000 metrics a call."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch: list[Metric] = []
+    for key, value, step in metrics:
+        batch.append(Metric(key, float(value), now, step))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def log_metrics(run_id: str, metrics: Iterable[tuple[str, float, int]]) -> None:
+    """(key, value, step) triples, batched, each batch retried."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for batch in metric_batches(metrics):
+        retry(lambda batch=batch: client.log_batch(run_id, metrics=batch))
+
+
+def log_artifacts(run_id: str, files: Iterable[Path], folder: str | None = None) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for path in files:
+        if path.exists():
+            retry(lambda path=path: client.log_artifact(run_id, str(path), folder))
+
+
+def start_training_run(params: Params, fingerprint: str, source: str, previous: Path) -> str:
+    """A new run with the whole config as params, or the run an interrupted attempt left in
+    `previous` (so a resumed training stays one run)."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Param
+
+    experiment_id = connect(params)
+    client = MlflowClient()
+    if previous.exists():
+        run_id = previous.read_text().strip()
+        retry(lambda: client.update_run(run_id, status="RUNNING"))
+        return run_id
+    run = retry(lambda: client.create_run(experiment_id, tags=run_tags(fingerprint, "pending")))
+    run_id = run.info.run_id
+    flat = flatten(params.model_dump(mode="json"))
+    retry(lambda: client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()]))
+    dataset = MetaDataset(
+        LocalArtifactDatasetSource(source), name=params.data.dataset, digest=fingerprint
+    )
+    with mlflow.start_run(run_id=run_id):
+        retry(lambda: mlflow.log_input(dataset, context="training"))
+    previous.parent.mkdir(parents=True, exist_ok=True)
+    previous.write_text(run_id)
+    return run_id
+
+
+def log_training(
+    run_id: str, history: list[dict[str, Any]], device: str, net: Any, files: list[Path]
+) -> None:
+    """Per-epoch metrics (step = epoch), the model, and the checkpoint and params files."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    def per_epoch() -> Iterable[tuple[str, float, int]]:
+        for record in history:
+            step = record["epoch"]
+            for key in ("train_loss", "val_top1", "effective_samples"):
+                for index, value in enumerate(record[key], start=1):
+                    yield f"{key}_exit_{index}", value, step
+            for key in ("val_mean_top1", "lr", "images_per_second", "epoch_seconds"):
+                yield key, record[key], step
+
+    log_metrics(run_id, per_epoch())
+    client = MlflowClient()
+    retry(lambda: client.set_tag(run_id, "device", device))
+    log_artifacts(run_id, files)
+    with mlflow.start_run(run_id=run_id):
+        retry(lambda: mlflow.pytorch.log_model(net.cpu(), name="model"))
+    retry(lambda: client.set_terminated(run_id, "FINISHED"))
+
+
+def log_evaluation(
+    run_id: str,
+    metrics: dict[str, Any],
+    anytime: list[dict[str, Any]],
+    budget_curve: list[dict[str, Any]],
+    files: list[Path],
+) -> None:
+    """Laid out for the UI's charts: per-exit values use the exit index as the step (so runs
+    overlay accuracy against exit), the budgeted curve uses the expected cost in kFLOPs."""
+
+    def values() -> Iterable[tuple[str, float, int]]:
+        for row in anytime:
+            yield "test_top1_by_exit", row["top1"], row["exit"]
+            yield "test_top5_by_exit", row["top5"], row["exit"]
+            yield "mflops_by_exit", row["mflops"], row["exit"]
+        for row in sorted(budget_curve, key=lambda r: r["mflops"]):
+            step = round(row["mflops"] * 1000)
+            yield "budget_top1_by_kflops", row["top1"], step
+            yield "budget_top1_flat_by_kflops", row["top1_flat"], step
+        yield "test_final_top1", metrics["final_top1"], 0
+        yield "test_mean_top1", metrics["mean_top1"], 0
+        for name, row in metrics["budgets"].items():
+            for key in ("top1", "expected_mflops", "speedup_measured", "speedup_predicted"):
+                yield f"budget_{name}_{key}", row[key], 0
+
+    log_metrics(run_id, values())
+    log_artifacts(run_id, files)
