@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.data import DatasetNotFound
+from pipeline.tracking import TrackingUnavailable
 
 PARAMS_OPTION = click.option(
     "--params",
@@ -37,7 +39,7 @@ def exits_on_config_error(command: Callable[..., Any]) -> Callable[..., Any]:
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
-        except DatasetNotFound as exc:
+        except (DatasetNotFound, TrackingUnavailable) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
 
@@ -132,5 +134,91 @@ def compare(first: str, second: str) -> None:
             f"budget {name} FLOPs",
             budgets_a.get(name, {}).get("top1"),
             budgets_b.get(name, {}).get("top1"),
+        )
+    Console().print(table)
+
+
+def _store(params_path: Path) -> str:
+    from pipeline.tracking import tracking_uri
+
+    return tracking_uri(load_params(params_path))
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--port", default=5000, show_default=True)
+@exits_on_config_error
+def ui(params_path: Path, port: int) -> None:
+    """The MLflow UI for the project's store, on 127.0.0.1 with one worker; Ctrl-C stops it."""
+    import os
+    import subprocess
+
+    from pipeline.tracking import project_root
+
+    uri = _store(params_path)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    if uri.startswith("sqlite:"):
+        command += ["--default-artifact-root", (project_root() / "mlruns").as_uri()]
+    click.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
+    server = subprocess.Popen(command, env=env)
+    try:
+        server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--limit", default=20, show_default=True)
+@exits_on_config_error
+def runs(params_path: Path, limit: int) -> None:
+    """Recent runs: per-exit and per-budget test top-1 and key params."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    params = load_params(params_path)
+    mlflow.set_tracking_uri(_store(params_path))
+    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
+    if experiment is None:
+        raise click.ClickException(f"no experiment {params.tracking.experiment!r} in the store")
+    client = MlflowClient()
+    found = client.search_runs(
+        [experiment.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"]
+    )
+    table = Table(title=f"runs in {params.tracking.experiment}")
+    for column in ("run", "started", "boost", "t", "seed", "top-1 per exit", "top-1 per budget"):
+        table.add_column(column)
+    for run in found:
+        by_exit = client.get_metric_history(run.info.run_id, "test_top1_by_exit")
+        exits = " ".join(f"{m.value:.1f}" for m in sorted(by_exit, key=lambda m: m.step))
+        budgets = " ".join(
+            f"{v:.1f}"
+            for k, v in sorted(run.data.metrics.items())
+            if k.startswith("budget_") and k.endswith("_top1")
+        )
+        p = run.data.params
+        table.add_row(
+            run.info.run_id[:8],
+            time.strftime("%m-%d %H:%M", time.localtime(run.info.start_time / 1000)),
+            p.get("boost.enabled", ""),
+            p.get("boost.temperature", ""),
+            p.get("seed", ""),
+            exits or "-",
+            budgets or "-",
         )
     Console().print(table)

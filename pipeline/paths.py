@@ -3,6 +3,7 @@
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+DVC_LOCK = Path("dvc.lock")
 PREPARED = Path("data/prepared.npz")
 DATASET_INFO = Path("data/dataset.json")
 DOWNLOADS = Path("data/downloads")
@@ -10,6 +11,7 @@ DOWNLOADS = Path("data/downloads")
 TRAIN_DIR = Path("outputs/train")
 MODEL = TRAIN_DIR / "model.pt"
 HISTORY = TRAIN_DIR / "history.json"
+MLFLOW_RUN = TRAIN_DIR / "mlflow_run.json"  # the MLflow run calibrate and evaluate log into
 RAY_STORAGE = Path(".boostpipe/ray")  # Ray Train checkpoints of unfinished runs (not DVC-tracked)
 
 CALIBRATE_DIR = Path("outputs/calibrate")

@@ -17,6 +17,9 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+import torch
+
 from pipeline.config import Params
 
 T = TypeVar("T")
@@ -166,7 +169,7 @@ def start_training_run(params: Params, fingerprint: str, source: str, previous: 
     `previous` (so a resumed training stays one run)."""
     import mlflow
     from mlflow import MlflowClient
-    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import Param
 
@@ -181,7 +184,7 @@ def start_training_run(params: Params, fingerprint: str, source: str, previous: 
     flat = flatten(params.model_dump(mode="json"))
     retry(lambda: client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()]))
     dataset = MetaDataset(
-        LocalArtifactDatasetSource(source), name=params.data.dataset, digest=fingerprint
+        resolve_dataset_source(source), name=params.data.dataset, digest=fingerprint
     )
     with mlflow.start_run(run_id=run_id):
         retry(lambda: mlflow.log_input(dataset, context="training"))
@@ -190,8 +193,25 @@ def start_training_run(params: Params, fingerprint: str, source: str, previous: 
     return run_id
 
 
+class _StackedExits(torch.nn.Module):
+    """Every exit's logits as one [exits, batch, classes] tensor: MLflow's graph format
+    needs tensor outputs, not a list."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack(self.net(x))
+
+
 def log_training(
-    run_id: str, history: list[dict[str, Any]], device: str, net: Any, files: list[Path]
+    run_id: str,
+    history: list[dict[str, Any]],
+    device: str,
+    net: torch.nn.Module,
+    input_shape: tuple[int, int, int],
+    files: list[Path],
 ) -> None:
     """Per-epoch metrics (step = epoch), the model, and the checkpoint and params files."""
     import mlflow
@@ -210,8 +230,10 @@ def log_training(
     client = MlflowClient()
     retry(lambda: client.set_tag(run_id, "device", device))
     log_artifacts(run_id, files)
-    with mlflow.start_run(run_id=run_id):
-        retry(lambda: mlflow.pytorch.log_model(net.cpu(), name="model"))
+    serving = _StackedExits(net.cpu().eval())
+    example = np.zeros((2, *input_shape), dtype=np.float32)
+    with mlflow.start_run(run_id=run_id):  # pt2: a traced graph, safe to load (no pickle)
+        retry(lambda: mlflow.pytorch.log_model(serving, name="model", input_example=example))
     retry(lambda: client.set_terminated(run_id, "FINISHED"))
 
 
@@ -236,9 +258,28 @@ def log_evaluation(
             yield "budget_top1_flat_by_kflops", row["top1_flat"], step
         yield "test_final_top1", metrics["final_top1"], 0
         yield "test_mean_top1", metrics["mean_top1"], 0
-        for name, row in metrics["budgets"].items():
+        for row in metrics["budgets"].values():  # MLflow names allow no "+": use MFLOPs
             for key in ("top1", "expected_mflops", "speedup_measured", "speedup_predicted"):
-                yield f"budget_{name}_{key}", row[key], 0
+                yield f"budget_{row['target_mflops']:g}M_{key}", row[key], 0
 
     log_metrics(run_id, values())
     log_artifacts(run_id, files)
+
+
+def resume_run(record: Path) -> str:
+    """The run the train stage created (its id and store are in the train stage's outputs)."""
+    import mlflow
+
+    from pipeline.io import read_json
+
+    saved = read_json(record)
+    mlflow.set_tracking_uri(saved["tracking_uri"])
+    return saved["run_id"]
+
+
+def best_effort(action: Callable[[], None], what: str) -> None:
+    """Tracking after the outputs are written: a failure is reported, never fatal."""
+    try:
+        action()
+    except Exception as exc:
+        print(f"warning: could not log {what} to MLflow ({exc.__class__.__name__}: {exc})")

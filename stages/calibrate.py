@@ -6,7 +6,7 @@ what they do on validation; evaluate applies them to the test split.
 
 import torch
 
-from pipeline import paths
+from pipeline import paths, tracking
 from pipeline.calibration import sweep, thresholds_for_budget
 from pipeline.cli import stage_main
 from pipeline.config import load_params
@@ -29,6 +29,10 @@ def main() -> None:
         p, point = thresholds_for_budget(logits, val.targets, flops, budget)
         budgets.append({"budget": budget, "p": p, **vars(point)})
     write_json(paths.THRESHOLDS, {"exit_flops": flops, "grid": grid, "budgets": budgets})
+    run_id = tracking.resume_run(paths.MLFLOW_RUN)
+    tracking.best_effort(
+        lambda: tracking.log_artifacts(run_id, [paths.THRESHOLDS]), "the thresholds"
+    )
     for row in budgets:
         print(
             f"budget {row['budget']:.3g} FLOPs: validation {row['expected_flops']:.3g} FLOPs, "

@@ -5,7 +5,7 @@ import statistics
 
 import torch
 
-from pipeline import paths, plots
+from pipeline import paths, plots, tracking
 from pipeline.calibration import flat_envelope, operate
 from pipeline.cli import stage_main
 from pipeline.config import load_params
@@ -120,6 +120,19 @@ def main() -> None:
     )
     plots.effective_samples(paths.EFFECTIVE_SAMPLES_PLOT, read_json(paths.HISTORY)["epochs"])
     write_json(paths.METRICS, metrics)
+    run_id = tracking.resume_run(paths.MLFLOW_RUN)
+    files = [
+        paths.METRICS,
+        paths.ANYTIME,
+        paths.BUDGET_CURVE,
+        paths.ACCURACY_PLOT,
+        paths.EFFECTIVE_SAMPLES_PLOT,
+        paths.DVC_LOCK,
+    ]
+    tracking.best_effort(
+        lambda: tracking.log_evaluation(run_id, metrics, anytime, budget_curve, files),
+        "the evaluation",
+    )
     print("test top-1 per exit: " + " ".join(f"{v:.2f}" for v in top1))
     for name, row in budgets.items():
         print(

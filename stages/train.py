@@ -1,9 +1,11 @@
 """DVC stage `train`: BoostNet on Ray Train workers; keeps the weights best on held-out data."""
 
+import mlflow
 import ray
 import torch
 
-from pipeline import paths
+from pipeline import paths, tracking
+from pipeline.boosting import BoostNet
 from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.io import atomic_path, read_json, write_json
@@ -13,8 +15,14 @@ from pipeline.training import ray_init_kwargs, run_name, train
 @stage_main
 def main() -> None:
     params = load_params(paths.PARAMS)
-    fingerprint = read_json(paths.DATASET_INFO)["fingerprint"]
-    name = run_name(params, fingerprint)
+    dataset = read_json(paths.DATASET_INFO)
+    name = run_name(params, dataset["fingerprint"])
+    # Created (or, after an interruption, reopened) before training: an unreachable store
+    # fails here, not after an hour of training.
+    run_file = paths.RAY_STORAGE / f"{name}.mlflow-run"
+    run_id = tracking.start_training_run(
+        params, dataset["fingerprint"], dataset["source"], run_file
+    )
     ray.init(**ray_init_kwargs())
     try:
         outcome = train(params, paths.PREPARED, paths.RAY_STORAGE, name)
@@ -26,7 +34,7 @@ def main() -> None:
                 "model": outcome.model_state,
                 "epoch": outcome.best_epoch,
                 "run": name,
-                "data_fingerprint": fingerprint,
+                "data_fingerprint": dataset["fingerprint"],
             },
             tmp,
         )
@@ -38,6 +46,18 @@ def main() -> None:
             "best_epoch": outcome.best_epoch,
             "epochs": outcome.history,
         },
+    )
+    write_json(paths.MLFLOW_RUN, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()})
+    run_file.unlink(missing_ok=True)
+    net = BoostNet.from_params(params)
+    net.load_state_dict(outcome.model_state)
+    size = params.data.spec.image_size
+    input_shape = (params.in_channels, size, size)
+    tracking.best_effort(
+        lambda: tracking.log_training(
+            run_id, outcome.history, outcome.device, net, input_shape, [paths.MODEL, paths.PARAMS]
+        ),
+        "training",
     )
 
 

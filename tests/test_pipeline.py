@@ -44,7 +44,7 @@ def _sha(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    """A git + DVC copy of this repository with params shrunk to a few hundred images."""
+    """A git + DVC copy of this repository with params shrunk to 2,000 training images."""
     repo = tmp_path_factory.mktemp("project")
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
@@ -58,7 +58,7 @@ def project(tmp_path_factory) -> Path:
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"].update(train_subset=400, val_size=200, test_subset=300)
+    params["data"].update(train_subset=2000, val_size=200, test_subset=300)
     params["train"]["epochs"] = 1
     params["evaluate"]["timing_repeats"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -75,11 +75,11 @@ def project(tmp_path_factory) -> Path:
 
 def test_prepare_holds_out_a_seeded_validation_split(project):
     info = read_json(project / "data/dataset.json")
-    assert (info["train"], info["val"], info["test"]) == (400, 200, 300)
+    assert (info["train"], info["val"], info["test"]) == (2000, 200, 300)
     assert info["source"] == str(DEBIAN_FASHION_MNIST) and len(info["fingerprint"]) == 16
     prepared = project / "data/prepared.npz"
     train = load_split(prepared, "train")
-    assert train.images.shape == (400, 1, 28, 28) and train.images.dtype == torch.uint8
+    assert train.images.shape == (2000, 1, 28, 28) and train.images.dtype == torch.uint8
     assert set(load_split(prepared, "val").targets.tolist()) <= set(range(10))
 
 
@@ -198,3 +198,63 @@ def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(project):
         assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3]
     finally:
         params_path.write_text(good)
+
+
+def test_mlflow_run_holds_params_tags_metrics_and_artifacts(project):
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import flatten
+
+    record = read_json(project / "outputs/train/mlflow_run.json")
+    assert record["tracking_uri"] == f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(record["tracking_uri"])
+    run = client.get_run(record["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith((project / "mlruns").as_uri())
+
+    params = load_params(project / "params.yaml")
+    assert run.data.params == flatten(params.model_dump(mode="json"))
+    assert run.data.params["data.train_subset"] == "2000"
+
+    dataset = read_json(project / "data/dataset.json")
+    tags = run.data.tags
+    assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    assert tags["data.fingerprint"] == dataset["fingerprint"]
+    assert tags["device"] == "cpu" and tags["host"]
+    (dataset_input,) = run.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == dataset["fingerprint"]
+
+    history = read_json(project / "outputs/train/history.json")["epochs"]
+    for key in ("val_top1_exit_1", "train_loss_exit_4", "effective_samples_exit_2"):
+        logged = client.get_metric_history(run.info.run_id, key)
+        assert [m.step for m in logged] == [1]
+    logged = client.get_metric_history(run.info.run_id, "val_top1_exit_4")
+    assert logged[0].value == pytest.approx(history[0]["val_top1"][3])
+
+    metrics = read_json(project / "outputs/evaluate/metrics.json")
+    by_exit = client.get_metric_history(run.info.run_id, "test_top1_by_exit")
+    assert sorted((m.step, round(m.value, 4)) for m in by_exit) == [
+        (k + 1, round(v, 4)) for k, v in enumerate(metrics["anytime"]["top1"].values())
+    ]
+    curve = client.get_metric_history(run.info.run_id, "budget_top1_by_kflops")
+    points = read_json(project / "outputs/evaluate/budget_curve.json")
+    assert {m.step for m in curve} == {round(p["mflops"] * 1000) for p in points}
+
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {
+        "model.pt",
+        "params.yaml",
+        "thresholds.json",
+        "metrics.json",
+        "anytime.json",
+        "budget_curve.json",
+        "accuracy_vs_flops.png",
+        "effective_samples.png",
+        "dvc.lock",
+    } <= artifacts
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
+    assert any(m.source_run_id == run.info.run_id for m in models)
+    budget_metrics = [
+        k for k in run.data.metrics if k.startswith("budget_") and k.endswith("_top1")
+    ]
+    assert len(budget_metrics) == len(params.calibrate.budgets)
