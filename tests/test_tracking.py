@@ -1,0 +1,50 @@
+import socket
+import time
+
+import pytest
+from conftest import compose
+
+from pipeline.tracking import TrackingUnavailable, connect, flatten, project_root, tracking_uri
+
+
+def test_project_root_is_found_from_inside_dvc_experiment_copies(tmp_path):
+    inside = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    inside.mkdir(parents=True)
+    assert project_root(inside) == (tmp_path / "repo").resolve()
+    assert project_root(tmp_path) == tmp_path.resolve()
+
+
+def test_default_store_is_sqlite_in_the_project_and_env_wins(tmp_path, monkeypatch):
+    params = compose()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(params, tmp_path) == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert tracking_uri(params, tmp_path) == "http://127.0.0.1:5999"
+
+
+def test_connect_creates_the_experiment_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = compose(**{"tracking.experiment": "unit"})
+    first = connect(params)
+    assert connect(params) == first
+    assert (tmp_path / "mlflow.db").exists()
+
+
+def test_an_unreachable_server_is_reported_before_any_work(monkeypatch):
+    with socket.socket() as probe:  # a loopback port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=f"127.0.0.1:{port} is unreachable"):
+        connect(compose())
+    assert time.monotonic() - start < 10
+
+
+def test_flatten_gives_dotted_keys():
+    assert flatten({"boost": {"temperature": [0.5], "enabled": True}, "seed": 0}) == {
+        "boost.temperature": "[0.5]",
+        "boost.enabled": "True",
+        "seed": "0",
+    }
