@@ -119,32 +119,11 @@ class ExitRunner:
             self.ensemble = head + temperatures[index] * self.ensemble.detach()
         return self.ensemble
 
-    def keep(self, mask: torch.Tensor | slice) -> None:
-        """Continue with only the samples picked by `mask` (boolean mask, indices or slice)."""
+    def keep(self, mask: torch.Tensor) -> None:
+        """Continue with only the samples where `mask` is true."""
         self.state = self.net.backbone.select(self.state, mask)
         if self.ensemble is not None:
             self.ensemble = self.ensemble[mask]
-
-    def __len__(self) -> int:
-        return len(self.ensemble) if self.ensemble is not None else len(self.state)
-
-    def split(self, size: int) -> tuple[ExitRunner, ExitRunner]:
-        """The first `size` samples and the rest, as two runners at the same exit."""
-        rest = ExitRunner(self.net, self.state)
-        rest.ensemble, rest.next_exit = self.ensemble, self.next_exit
-        self.keep(slice(0, size))
-        rest.keep(slice(size, None))
-        return self, rest
-
-    @classmethod
-    def merge(cls, runners: list[ExitRunner]) -> ExitRunner:
-        """One runner for the samples of several runners that stand at the same exit."""
-        first = runners[0]
-        merged = cls(first.net, first.net.backbone.concat([r.state for r in runners]))
-        merged.next_exit = first.next_exit
-        if first.ensemble is not None:
-            merged.ensemble = torch.cat([r.ensemble for r in runners])
-        return merged
 
 
 def effective_samples(exit_losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

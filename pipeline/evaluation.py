@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from pipeline.augment import normalise
-from pipeline.boosting import BoostNet, ExitRunner
+from pipeline.boosting import BoostNet
 from pipeline.config import Params
 from pipeline.data import Split
 from pipeline.datasets import DatasetSpec
@@ -66,47 +66,30 @@ def early_exit(
     device: torch.device,
 ) -> EarlyExitRun:
     """Budgeted inference for real: a sample leaves at the first exit whose max softmax
-    probability reaches that exit's threshold (the last is -inf), and later blocks never see it.
-
-    Samples that go on wait in a queue before the next block until a full batch has gathered, so
-    every block runs on full batches: odd, ever-changing batch sizes would make the convolution
-    library plan anew for each shape and eat the saving.
-    """
+    probability reaches that exit's threshold, and later blocks never see it. `thresholds`
+    ends with -inf, so the last exit takes whatever is left."""
     net.eval()
     n = len(split)
     predictions = torch.empty(n, dtype=torch.int64)
     exits = torch.empty(n, dtype=torch.int64)
-    waiting: list[list[tuple[ExitRunner, torch.Tensor]]] = [[] for _ in range(net.n_exits)]
-
-    def run(runner: ExitRunner, ids: torch.Tensor) -> None:
-        index = runner.next_exit
-        confidence, predicted = runner.step().softmax(dim=1).max(dim=1)
-        leaving = (confidence >= thresholds[index]).cpu()
-        predictions[ids[leaving]] = predicted.cpu()[leaving]
-        exits[ids[leaving]] = index
-        if not leaving.all():
-            runner.keep(~leaving.to(confidence.device))
-            waiting[index + 1].append((runner, ids[~leaving]))
-
-    def drain(index: int, flush: bool) -> None:
-        queue = waiting[index]
-        while queue and (flush or sum(len(ids) for _, ids in queue) >= batch_size):
-            runner = ExitRunner.merge([r for r, _ in queue]) if len(queue) > 1 else queue[0][0]
-            ids = torch.cat([i for _, i in queue])
-            queue.clear()
-            if len(ids) > batch_size:
-                runner, rest = runner.split(batch_size)
-                queue.append((rest, ids[batch_size:]))
-                ids = ids[:batch_size]
-            run(runner, ids)
-
     start_time = time.perf_counter()
     for start, x in _batches(split, batch_size, spec, device):
-        run(net.start(x), torch.arange(start, start + len(x)))
-        for index in range(1, net.n_exits):
-            drain(index, flush=False)
-    for index in range(1, net.n_exits):
-        drain(index, flush=True)
+        remaining = torch.arange(start, start + len(x))
+        runner = net.start(x)
+        for index in range(net.n_exits):
+            logits = runner.step()
+            confidence, predicted = logits.softmax(dim=1).max(dim=1)
+            leaving = confidence >= thresholds[index]  # the last threshold is -inf
+            if leaving.all():
+                predictions[remaining] = predicted.cpu()
+                exits[remaining] = index
+                break
+            if leaving.any():
+                gone = leaving.cpu()
+                predictions[remaining[gone]] = predicted[leaving].cpu()
+                exits[remaining[gone]] = index
+                remaining = remaining[~gone]
+                runner.keep(~leaving)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return EarlyExitRun(predictions, exits, time.perf_counter() - start_time)

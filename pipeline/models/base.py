@@ -57,9 +57,5 @@ class MultiExitBackbone(nn.Module, ABC):
         """The same state with the gradient into what the heads read multiplied by `factor`."""
 
     @abstractmethod
-    def select(self, state: BlockState, keep: torch.Tensor | slice) -> BlockState:
-        """The state of the samples picked by `keep` (a boolean mask, indices or a slice)."""
-
-    @abstractmethod
-    def concat(self, states: list[BlockState]) -> BlockState:
-        """One state holding the samples of `states`, in order."""
+    def select(self, state: BlockState, keep: torch.Tensor) -> BlockState:
+        """The state of the samples where the boolean mask `keep` is true."""

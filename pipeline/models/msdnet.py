@@ -228,11 +228,8 @@ class MSDNet(MultiExitBackbone):
     def rescale_head_input(self, state: BlockState, factor: float) -> BlockState:
         return [*state[:-1], scale_gradient(state[-1], factor)]
 
-    def select(self, state: BlockState, keep: torch.Tensor | slice) -> BlockState:
+    def select(self, state: BlockState, keep: torch.Tensor) -> BlockState:
         return [x[keep] for x in state]
-
-    def concat(self, states: list[BlockState]) -> BlockState:
-        return [torch.cat(maps) for maps in zip(*states, strict=True)]
 
 
 def _init_weights(module: nn.Module) -> None:
