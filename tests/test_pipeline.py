@@ -128,78 +128,6 @@ def test_evaluate_reports_anytime_budgets_and_real_early_exit(project):
         assert (project / "outputs/evaluate" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_a_second_repro_runs_nothing(project):
-    before = _sha(project / "outputs/train/model.pt")
-    result = _run(["dvc", "repro"], project)
-    assert result.returncode == 0
-    assert "Running stage" not in result.stdout, result.stdout
-    assert _sha(project / "outputs/train/model.pt") == before
-
-
-def test_bad_params_fail_on_the_key_and_keep_every_result(project):
-    outputs = sorted(p for p in (project / "outputs").rglob("*") if p.is_file())
-    before = {p: _sha(p) for p in outputs}
-    params_path = project / "params.yaml"
-    good = params_path.read_text()
-    params = yaml.safe_load(good)
-    params["boost"]["temperature"] = -0.5
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    try:
-        result = _run(["dvc", "repro"], project)
-    finally:
-        params_path.write_text(good)
-    assert result.returncode != 0
-    assert "boost.temperature[0]" in result.stderr + result.stdout
-    assert "Traceback" not in result.stderr + result.stdout
-    assert {p: _sha(p) for p in outputs} == before
-
-
-def test_rerunning_prepare_on_the_same_data_keeps_later_stages_valid(project):
-    result = _run(["dvc", "repro", "--force", "--single-item", "prepare"], project)
-    assert result.returncode == 0, result.stderr
-    status = _run(["dvc", "status"], project)
-    assert "up to date" in status.stdout, status.stdout
-
-
-def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(project):
-    params_path = project / "params.yaml"
-    good = params_path.read_text()
-    params = yaml.safe_load(good)
-    params["data"]["train_subset"] = 4000
-    params["train"]["epochs"] = 3
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    try:
-        first = subprocess.Popen(
-            ["dvc", "repro"],
-            cwd=project,
-            env=env,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 600
-        while not list((project / ".boostpipe/ray").glob("train-*/checkpoint_*")):
-            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.2)
-        os.killpg(first.pid, signal.SIGKILL)  # kill -9 the whole run, Ray included
-        first.wait()
-        time.sleep(2)
-        for _ in range(3):  # Ray processes the run started and that outlived the kill
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(first.pid, signal.SIGKILL)
-        assert not (project / "outputs/train/history.json").read_text().count('"epoch": 3')
-
-        second = _run(["dvc", "repro"], project)
-        assert second.returncode == 0, second.stdout + second.stderr
-        assert "resuming after epoch" in second.stdout + second.stderr
-        history = read_json(project / "outputs/train/history.json")
-        assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3]
-    finally:
-        params_path.write_text(good)
-
-
 def test_mlflow_run_holds_params_tags_metrics_and_artifacts(project):
     from mlflow import MlflowClient
 
@@ -258,3 +186,76 @@ def test_mlflow_run_holds_params_tags_metrics_and_artifacts(project):
         k for k in run.data.metrics if k.startswith("budget_") and k.endswith("_top1")
     ]
     assert len(budget_metrics) == len(params.calibrate.budgets)
+
+
+def test_a_second_repro_runs_nothing(project):
+    before = _sha(project / "outputs/train/model.pt")
+    result = _run(["dvc", "repro"], project)
+    assert result.returncode == 0
+    assert "Running stage" not in result.stdout, result.stdout
+    assert _sha(project / "outputs/train/model.pt") == before
+
+
+def test_bad_params_fail_on_the_key_and_keep_every_result(project):
+    outputs = sorted(p for p in (project / "outputs").rglob("*") if p.is_file())
+    before = {p: _sha(p) for p in outputs}
+    params_path = project / "params.yaml"
+    good = params_path.read_text()
+    params = yaml.safe_load(good)
+    params["boost"]["temperature"] = -0.5
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        result = _run(["dvc", "repro"], project)
+    finally:
+        params_path.write_text(good)
+    assert result.returncode != 0
+    assert "boost.temperature[0]" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout
+    assert {p: _sha(p) for p in outputs} == before
+
+
+def test_rerunning_prepare_on_the_same_data_keeps_later_stages_valid(project):
+    result = _run(["dvc", "repro", "--force", "--single-item", "prepare"], project)
+    assert result.returncode == 0, result.stderr
+    status = _run(["dvc", "status"], project)
+    assert "up to date" in status.stdout, status.stdout
+
+
+# Last: it trains again with other params, so the outputs above no longer match params.yaml.
+def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(project):
+    params_path = project / "params.yaml"
+    good = params_path.read_text()
+    params = yaml.safe_load(good)
+    params["data"]["train_subset"] = 4000
+    params["train"]["epochs"] = 3
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    try:
+        first = subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=project,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 600
+        while not list((project / ".boostpipe/ray").glob("train-*/checkpoint_*")):
+            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        os.killpg(first.pid, signal.SIGKILL)  # kill -9 the whole run, Ray included
+        first.wait()
+        time.sleep(2)
+        for _ in range(3):  # Ray processes the run started and that outlived the kill
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(first.pid, signal.SIGKILL)
+        assert not (project / "outputs/train/history.json").read_text().count('"epoch": 3')
+
+        second = _run(["dvc", "repro"], project)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "resuming after epoch" in second.stdout + second.stderr
+        history = read_json(project / "outputs/train/history.json")
+        assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3]
+    finally:
+        params_path.write_text(good)
