@@ -2,8 +2,9 @@
 early-exit speedups, and BoostNet against the joint-training baseline over several seeds.
 
 Run from the project root with the venv's bin on PATH:
-    python benchmarks/pipeline.py repro            # forced full run, then a no-op run
-    python benchmarks/pipeline.py seeds 0 1 2      # dvc exp run per seed, BoostNet and baseline
+    python benchmarks/dvc_pipeline.py repro            # forced full run, then a no-op run
+    python benchmarks/dvc_pipeline.py seeds 0 1 2      # dvc exp run per seed, BoostNet and baseline
+    python benchmarks/dvc_pipeline.py tracking         # what MLflow logging costs, on the outputs
 """
 
 from __future__ import annotations
@@ -76,15 +77,66 @@ def seeds(values: list[int]) -> None:
         print(f"{variant:9s} " + "  ".join(cells))
 
 
+def tracking_cost() -> None:
+    """Time each tracking call the stages make, replayed on the current outputs (new run)."""
+    start = time.perf_counter()
+    import mlflow  # noqa: F401
+    import torch
+
+    from pipeline import paths, tracking
+    from pipeline.boosting import BoostNet
+    from pipeline.config import load_params
+    from pipeline.io import read_json
+
+    imported = time.perf_counter() - start
+    params = load_params(paths.PARAMS)
+    dataset = read_json(paths.DATASET_INFO)
+    marker = Path(".boostpipe/benchmark.mlflow-run")
+    marker.unlink(missing_ok=True)
+    start = time.perf_counter()
+    run_id = tracking.start_training_run(params, dataset["fingerprint"], dataset["source"], marker)
+    created = time.perf_counter() - start
+    marker.unlink()
+    net = BoostNet.from_params(params)
+    net.load_state_dict(torch.load(paths.MODEL, weights_only=True)["model"])
+    size = params.data.spec.image_size
+    start = time.perf_counter()
+    tracking.log_training(
+        run_id,
+        read_json(paths.HISTORY)["epochs"],
+        "cpu",
+        net,
+        (params.in_channels, size, size),
+        [paths.MODEL, paths.PARAMS],
+    )
+    trained = time.perf_counter() - start
+    start = time.perf_counter()
+    tracking.log_evaluation(
+        run_id,
+        read_json(paths.METRICS),
+        read_json(paths.ANYTIME),
+        read_json(paths.BUDGET_CURVE),
+        [paths.METRICS, paths.ACCURACY_PLOT],
+    )
+    evaluated = time.perf_counter() - start
+    print(
+        f"import mlflow {imported:.1f} s (once per stage, 3 stages), create run {created:.1f} s, "
+        f"log training incl. model {trained:.1f} s, log evaluation {evaluated:.1f} s"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("repro")
     seeds_parser = sub.add_parser("seeds")
     seeds_parser.add_argument("values", nargs="+", type=int)
+    sub.add_parser("tracking")
     args = parser.parse_args()
     if args.what == "repro":
         repro()
+    elif args.what == "tracking":
+        tracking_cost()
     else:
         seeds(args.values)
 
