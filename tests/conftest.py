@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from pipeline.config import Params, parse_params
+from pipeline.models import MSDNet, MSDNetSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
@@ -37,3 +38,24 @@ def compose(path: Path = ROOT / "params.yaml", **overrides: Any) -> Params:
 @pytest.fixture(params=PARAMS_FILES, ids=lambda p: p.stem)
 def params_file(request: pytest.FixtureRequest) -> Path:
     return request.param
+
+
+def grey_msdnet(**overrides: Any) -> MSDNet:
+    """A small MSDNet for grey images, built directly from a spec (no dataset rules)."""
+    spec = dict(
+        n_blocks=4,
+        base=2,
+        step=2,
+        step_mode="even",
+        n_channels=8,
+        growth_rate=4,
+        gr_factor=(1, 2, 4),
+        bn_factor=(1, 2, 4),
+        bottleneck=True,
+        prune="max",
+        reduction=0.5,
+        in_channels=1,
+        num_classes=10,
+        stem="small",
+    )
+    return MSDNet(MSDNetSpec(**{**spec, **overrides}))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import grey_msdnet
 
 from pipeline.boosting import BoostNet
-from pipeline.models import MSDNet, MSDNetSpec
 from pipeline.models.msdnet import MSDLayer, Stem, Transition
 
 N_EXITS = 4
@@ -13,24 +13,7 @@ N_EXITS = 4
 
 def make_backbone(gr_factor=(1, 2, 4), seed=0):
     torch.manual_seed(seed)
-    return MSDNet(
-        MSDNetSpec(
-            n_blocks=N_EXITS,
-            base=2,
-            step=2,
-            step_mode="even",
-            n_channels=8,
-            growth_rate=4,
-            gr_factor=gr_factor,
-            bn_factor=gr_factor,
-            bottleneck=True,
-            prune="max",
-            reduction=0.5,
-            in_channels=1,
-            num_classes=10,
-            stem="small",
-        )
-    ).double()
+    return grey_msdnet(n_blocks=N_EXITS, gr_factor=gr_factor, bn_factor=gr_factor).double()
 
 
 def batch(side=28, n=16, seed=1):

@@ -4,11 +4,10 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, grey_msdnet
 from torch import nn
 
 from pipeline.flops import count_exit_costs, module_flops
-from pipeline.models import MSDNet, MSDNetSpec
 
 
 def flops_of(module, x):
@@ -32,23 +31,16 @@ def test_layer_rules_of_spec_section_4():
 
 
 def tiny_msdnet(n_blocks):
-    return MSDNet(
-        MSDNetSpec(
-            n_blocks=n_blocks,
-            base=1,
-            step=1,
-            step_mode="even",
-            n_channels=2,
-            growth_rate=2,
-            gr_factor=(1,),
-            bn_factor=(1,),
-            bottleneck=False,
-            prune="max",
-            reduction=0.5,
-            in_channels=1,
-            num_classes=3,
-            stem="small",
-        )
+    return grey_msdnet(
+        n_blocks=n_blocks,
+        base=1,
+        step=1,
+        n_channels=2,
+        growth_rate=2,
+        gr_factor=(1,),
+        bn_factor=(1,),
+        bottleneck=False,
+        num_classes=3,
     )
 
 
