@@ -16,10 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# Debian's dataset-fashion-mnist, when we may install it and it is missing.
+# Debian's dataset-fashion-mnist, and chromium for the MLflow UI test, when we may install them
+# and they are missing.
 data:
-	@if [ ! -f $(FASHION_MNIST) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	@if { [ ! -f $(FASHION_MNIST) ] || [ ! -x /usr/bin/chromium ]; } && [ "$$(id -u)" = 0 ] \
+		&& command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist chromium; \
 	fi
 
 setup: $(VENV)/.installed data

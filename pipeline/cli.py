@@ -91,53 +91,6 @@ def _cost_table(params: Params, flops: list[int], n_params: list[int]) -> Table:
     return table
 
 
-def _experiment_metrics(ref: str) -> dict[str, Any]:
-    """metrics.json from a file, or from a git revision / DVC experiment via DVC's API."""
-    path = Path(ref)
-    if path.is_file():
-        return json.loads(path.read_text())
-    import dvc.api
-
-    from pipeline.paths import METRICS
-
-    try:
-        return dvc.api.metrics_show(str(METRICS), rev=None if ref == "workspace" else ref)
-    except Exception as exc:  # DVC raises many types for an unknown revision
-        raise click.ClickException(f"{ref}: no metrics file or experiment ({exc})") from None
-
-
-@main.command()
-@click.argument("first")
-@click.argument("second")
-def compare(first: str, second: str) -> None:
-    """Per-exit and per-budget test top-1 of two experiments side by side.
-
-    FIRST and SECOND are metrics.json files, git revisions or DVC experiment names
-    (see `dvc exp show`), e.g. `boostpipe compare workspace exp-boost-off`.
-    """
-    a, b = _experiment_metrics(first), _experiment_metrics(second)
-    table = Table(title="test top-1 (%)")
-    for column in ("", first, second, "difference"):
-        table.add_column(column, justify="right")
-
-    def row(label: str, x: float | None, y: float | None) -> None:
-        cells = [f"{v:.2f}" if v is not None else "-" for v in (x, y)]
-        diff = f"{y - x:+.2f}" if x is not None and y is not None else "-"
-        table.add_row(label, *cells, diff)
-
-    exits_a, exits_b = a["anytime"]["top1"], b["anytime"]["top1"]
-    for name in sorted({*exits_a, *exits_b}, key=lambda k: int(k.split("_")[1])):
-        row(name.replace("_", " "), exits_a.get(name), exits_b.get(name))
-    budgets_a, budgets_b = a.get("budgets", {}), b.get("budgets", {})
-    for name in sorted({*budgets_a, *budgets_b}, key=float):
-        row(
-            f"budget {name} FLOPs",
-            budgets_a.get(name, {}).get("top1"),
-            budgets_b.get(name, {}).get("top1"),
-        )
-    Console().print(table)
-
-
 def _store(params_path: Path) -> str:
     from pipeline.tracking import tracking_uri
 
@@ -182,12 +135,8 @@ def ui(params_path: Path, port: int) -> None:
         server.wait(timeout=30)
 
 
-@main.command()
-@PARAMS_OPTION
-@click.option("--limit", default=20, show_default=True)
-@exits_on_config_error
-def runs(params_path: Path, limit: int) -> None:
-    """Recent runs: per-exit and per-budget test top-1 and key params."""
+def _client(params_path: Path) -> tuple[Any, str]:
+    """An MLflow client on the project's store, and the id of the configured experiment."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -196,12 +145,22 @@ def runs(params_path: Path, limit: int) -> None:
     experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
     if experiment is None:
         raise click.ClickException(f"no experiment {params.tracking.experiment!r} in the store")
-    client = MlflowClient()
+    return MlflowClient(), experiment.experiment_id
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--limit", default=20, show_default=True)
+@exits_on_config_error
+def runs(params_path: Path, limit: int) -> None:
+    """Recent runs: per-exit and per-budget test top-1 and key params."""
+    client, experiment_id = _client(params_path)
     found = client.search_runs(
-        [experiment.experiment_id], max_results=limit, order_by=["attributes.start_time DESC"]
+        [experiment_id], max_results=limit, order_by=["attributes.start_time DESC"]
     )
-    table = Table(title=f"runs in {params.tracking.experiment}")
-    for column in ("run", "started", "boost", "t", "seed", "top-1 per exit", "top-1 per budget"):
+    table = Table(title=f"runs in {load_params(params_path).tracking.experiment}")
+    columns = ("run", "name", "started", "boost", "t", "seed", "top-1 per exit", "per budget")
+    for column in columns:
         table.add_column(column)
     for run in found:
         by_exit = client.get_metric_history(run.info.run_id, "test_top1_by_exit")
@@ -214,6 +173,7 @@ def runs(params_path: Path, limit: int) -> None:
         p = run.data.params
         table.add_row(
             run.info.run_id[:8],
+            run.info.run_name,
             time.strftime("%m-%d %H:%M", time.localtime(run.info.start_time / 1000)),
             p.get("boost.enabled", ""),
             p.get("boost.temperature", ""),
@@ -222,3 +182,49 @@ def runs(params_path: Path, limit: int) -> None:
             budgets or "-",
         )
     Console().print(table)
+
+
+@main.command()
+@click.argument("refs", nargs=-1, required=True)
+@PARAMS_OPTION
+@click.option(
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="compare.png",
+    show_default=True,
+    help="PNG with every run's exit-accuracy and budget curves.",
+)
+@exits_on_config_error
+def compare(refs: tuple[str, ...], params_path: Path, output: Path) -> None:
+    """Per-exit and per-budget test top-1 of several runs: a table, and one PNG.
+
+    REFS are MLflow run ids or prefixes (as `boostpipe runs` prints), run names, or DVC
+    experiments / git revisions / `workspace` (the run their train stage logged), e.g.
+    `boostpipe compare workspace baseline-seed0`.
+    """
+    from pipeline.plots import compare_runs
+    from pipeline.runs import RunNotFound, curves, find_run
+
+    client, experiment_id = _client(params_path)
+    try:
+        found = [curves(client, find_run(client, experiment_id, ref)) for ref in refs]
+    except RunNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    for run in found:
+        if not run.exit_top1:
+            raise click.ClickException(f"{run.label}: has no evaluation logged (unfinished run?)")
+    table = Table(title="test top-1 (%)")
+    table.add_column("")
+    for run in found:
+        table.add_column(run.label, justify="right")
+    for index in range(max(len(run.exit_top1) for run in found)):
+        cells = [f"{r.exit_top1[index]:.2f}" if index < len(r.exit_top1) else "-" for r in found]
+        table.add_row(f"exit {index + 1}", *cells)
+    for budget in sorted({b for run in found for b in run.top1_at_budget}):
+        cells = [
+            f"{r.top1_at_budget[budget]:.2f}" if budget in r.top1_at_budget else "-" for r in found
+        ]
+        table.add_row(f"budget {budget:g} MFLOPs", *cells)
+    Console().print(table)
+    compare_runs(output, found)
+    click.echo(f"wrote {output}")

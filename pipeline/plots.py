@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from pipeline.io import atomic_path
+from pipeline.runs import RunCurves
 
 
 def _save(figure: plt.Figure, path: Path) -> None:
@@ -57,4 +58,20 @@ def effective_samples(path: Path, history: Sequence[dict]) -> None:
     axes.set(xlabel="epoch", ylabel="effective sample fraction", title="effective training samples")
     axes.grid(alpha=0.3)
     axes.legend()
+    _save(figure, path)
+
+
+def compare_runs(path: Path, runs: Sequence[RunCurves]) -> None:
+    """Several runs in one figure: accuracy against cost exit by exit, and budget by budget."""
+    figure, (anytime, budgeted) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for run in runs:
+        (line,) = anytime.plot(run.exit_mflops, run.exit_top1, "o-", label=run.label)
+        budgeted.plot(run.budget_mflops, run.budget_top1, "-", color=line.get_color())
+    anytime.set(title="anytime prediction (per exit)", xlabel="MFLOPs", ylabel="test top-1 (%)")
+    budgeted.set(
+        title="budgeted batch (flat envelope)", xlabel="average MFLOPs", ylabel="test top-1 (%)"
+    )
+    for axes in (anytime, budgeted):
+        axes.grid(alpha=0.3)
+    figure.legend(loc="lower center", ncol=min(len(runs), 3), bbox_to_anchor=(0.5, -0.08))
     _save(figure, path)

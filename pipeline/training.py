@@ -236,6 +236,12 @@ def _worker_loop(config: dict[str, Any]) -> None:
         _report(rank, record, history, net, optimiser, scheduler, best)
 
 
+def _device_name(net: torch.nn.Module) -> str:
+    """ "cpu", or "cuda" and the GPU's name, for the run's tags."""
+    device = next(net.parameters()).device
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+
+
 def _report(rank, record, history, net, optimiser, scheduler, best) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
     metrics = {k: v for k, v in record.items() if not isinstance(v, list)}
@@ -250,6 +256,7 @@ def _report(rank, record, history, net, optimiser, scheduler, best) -> None:
                 "scheduler": scheduler.state_dict(),
                 "epoch": record["epoch"],
                 "history": history,
+                "device": _device_name(net),
             },
             Path(folder) / "state.pt",
         )
@@ -305,8 +312,7 @@ def train(params: Params, prepared: Path, storage: Path, name: str) -> TrainOutc
         state = load_checkpoint(Path(folder) / "state.pt")
         best = load_checkpoint(Path(folder) / "best.pt")
     shutil.rmtree(storage / name, ignore_errors=True)  # stage outputs now hold what matters
-    device = "cuda" if use_gpu else "cpu"
-    return TrainOutcome(best["model"], best["epoch"], state["history"], device)
+    return TrainOutcome(best["model"], best["epoch"], state["history"], state["device"])
 
 
 def ray_init_kwargs() -> dict[str, Any]:

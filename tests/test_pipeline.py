@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,9 +36,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+def _run(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env_vars)
     env.pop("RAY_ADDRESS", None)
+    if "MLFLOW_TRACKING_URI" not in env_vars:
+        env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -42,10 +48,8 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def _shrunk_copy(repo: Path) -> Path:
     """A git + DVC copy of this repository with params shrunk to 2,000 training images."""
-    repo = tmp_path_factory.mktemp("project")
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -68,9 +72,85 @@ def project(tmp_path_factory) -> Path:
         ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "t"],
     ):
         subprocess.run(command, cwd=repo, check=True)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """The shrunk pipeline run once with the default store (SQLite in the project)."""
+    repo = _shrunk_copy(tmp_path_factory.mktemp("project"))
     result = _run(["dvc", "repro"], repo)
     assert result.returncode == 0, result.stdout + result.stderr
     return repo
+
+
+@pytest.fixture(scope="module")
+def baseline_run(project) -> str:
+    """A second run, the joint-training baseline, made by `dvc exp run --temp` in DVC's
+    temporary copy under .dvc/tmp/exps; returns its MLflow run id."""
+    from mlflow import MlflowClient
+
+    result = _run(
+        ["dvc", "exp", "run", "--temp", "-n", "baseline", "-S", "boost.enabled=false"], project
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs(
+        [client.get_experiment_by_name("boostpipe").experiment_id],
+        filter_string="tags.`dvc.experiment` = 'baseline'",
+    )
+    return run.info.run_id
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+CHROMIUM_FLAGS = [  # as root, offline: no sandbox, no background traffic to Google
+    *("--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync"),
+    *("--disable-background-networking", "--disable-component-update"),
+]
+
+
+@contextlib.contextmanager
+def _serving(
+    command: list[str], url: str, cwd: Path, stop: int = signal.SIGTERM
+) -> Iterator[subprocess.Popen]:
+    """A server we start (in its own process group) until `url` answers; `stop` is sent to that
+    group afterwards, as a terminal sends Ctrl-C to its foreground job."""
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    server = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"{command[:4]} exited with {server.returncode}"
+            assert time.monotonic() < deadline, f"{url} did not answer"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2):
+                break
+            time.sleep(0.5)
+        yield server
+    finally:
+        os.killpg(server.pid, stop)
+        server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server_project(tmp_path_factory) -> Iterator[tuple[Path, str]]:
+    """The shrunk pipeline run against a real `mlflow server` on 127.0.0.1."""
+    repo = _shrunk_copy(tmp_path_factory.mktemp("server-project"))
+    store = tmp_path_factory.mktemp("mlflow-server")
+    uri = f"http://127.0.0.1:{_free_port()}"
+    command = [
+        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--workers", "1"),
+        *("--port", uri.rsplit(":", 1)[1], "--backend-store-uri", f"sqlite:///{store}/db.sqlite"),
+        *("--artifacts-destination", str(store / "artifacts")),
+    ]
+    with _serving(command, f"{uri}/health", store):
+        result = _run(["dvc", "repro"], repo, MLFLOW_TRACKING_URI=uri)
+        assert result.returncode == 0, result.stdout + result.stderr
+        yield repo, uri
 
 
 def test_prepare_holds_out_a_seeded_validation_split(project):
@@ -128,17 +208,17 @@ def test_evaluate_reports_anytime_budgets_and_real_early_exit(project):
         assert (project / "outputs/evaluate" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_mlflow_run_holds_params_tags_metrics_and_artifacts(project):
+def _check_logged_run(project: Path):
+    """Everything the pipeline promises to log, compared with the stage outputs; returns the run."""
     from mlflow import MlflowClient
 
     from pipeline.tracking import flatten
 
     record = read_json(project / "outputs/train/mlflow_run.json")
-    assert record["tracking_uri"] == f"sqlite:///{project / 'mlflow.db'}"
     client = MlflowClient(record["tracking_uri"])
     run = client.get_run(record["run_id"])
     assert run.info.status == "FINISHED"
-    assert run.info.artifact_uri.startswith((project / "mlruns").as_uri())
+    assert run.info.run_name == "boostnet-fashion-mnist-seed0"
 
     params = load_params(project / "params.yaml")
     assert run.data.params == flatten(params.model_dump(mode="json"))
@@ -186,6 +266,49 @@ def test_mlflow_run_holds_params_tags_metrics_and_artifacts(project):
         k for k in run.data.metrics if k.startswith("budget_") and k.endswith("_top1")
     ]
     assert len(budget_metrics) == len(params.calibrate.budgets)
+    flops = client.get_metric_history(run.info.run_id, "mflops_by_exit")
+    assert [m.step for m in sorted(flops, key=lambda m: m.step)] == [1, 2, 3, 4]
+    fractions = client.get_metric_history(run.info.run_id, "effective_samples_exit_4")
+    assert 0 < fractions[0].value <= 1
+    return run
+
+
+def test_mlflow_run_holds_params_tags_metrics_and_artifacts(project):
+    run = _check_logged_run(project)
+    assert read_json(project / "outputs/train/mlflow_run.json")["tracking_uri"] == (
+        f"sqlite:///{project / 'mlflow.db'}"
+    )
+    assert run.info.artifact_uri.startswith((project / "mlruns").as_uri())
+
+
+def test_a_real_mlflow_server_receives_the_same_run(server_project):
+    repo, uri = server_project
+    assert read_json(repo / "outputs/train/mlflow_run.json")["tracking_uri"] == uri
+    run = _check_logged_run(repo)
+    assert run.info.artifact_uri.startswith("mlflow-artifacts:")
+    assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()
+
+
+def test_dvc_temp_experiments_log_to_the_project_store(project, baseline_run):
+    from mlflow import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(baseline_run)
+    assert run.info.status == "FINISHED" and run.info.run_name == "baseline"
+    assert run.data.params["boost.enabled"] == "False"
+    assert run.info.artifact_uri.startswith((project / "mlruns").as_uri())
+    assert not list((project / ".dvc/tmp/exps").glob("*/mlflow.db"))
+
+
+def test_compare_draws_the_runs_in_one_png(project, baseline_run):
+    result = _run(
+        ["boostpipe", "compare", "workspace", baseline_run[:8], "--output", "cmp.png"], project
+    )
+    assert result.returncode == 0, result.stderr
+    assert "boostnet-fashion-mnist-seed0" in result.stdout and "baseline" in result.stdout
+    assert "exit 4" in result.stdout and "budget 2.5 MFLOPs" in result.stdout
+    assert (project / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    missing = _run(["boostpipe", "compare", "no-such-run"], project)
+    assert missing.returncode != 0 and "no-such-run" in missing.stderr
 
 
 def test_a_second_repro_runs_nothing(project):
@@ -259,3 +382,46 @@ def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(project):
         assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3]
     finally:
         params_path.write_text(good)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make data)")
+def test_mlflow_ui_compares_the_runs_per_exit_in_a_real_browser(project, baseline_run, tmp_path):
+    """`boostpipe ui`, then headless Chromium on MLflow's metric page for both runs: the per-exit
+    accuracy chart must draw one line per run. Ctrl-C (SIGINT) then stops the UI cleanly."""
+    from mlflow import MlflowClient
+    from playwright.sync_api import sync_playwright
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    workspace_run = read_json(project / "outputs/train/mlflow_run.json")["run_id"]
+    experiment = client.get_run(baseline_run).info.experiment_id
+    runs = json.dumps([workspace_run, baseline_run])
+    port = _free_port()
+    page_url = (
+        f"http://127.0.0.1:{port}/#/metric/test_top1_by_exit?runs={runs}"
+        f'&metric="test_top1_by_exit"&experiments=["{experiment}"]'
+        '&plot_metric_keys=["test_top1_by_exit"]&plot_layout={}&x_axis=step'
+        "&y_axis_scale=linear&line_smoothness=1&show_point=true&deselected_curves=[]"
+        "&last_linear_y_axis_range=[]"
+    )
+    command = [sys.executable, "-m", "pipeline", "ui", "--port", str(port)]
+    with (
+        _serving(command, f"http://127.0.0.1:{port}/health", project, stop=signal.SIGINT) as ui,
+        sync_playwright() as playwright,
+    ):
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(page_url)
+        for name in ("boostnet-fashion-mnist-seed0", "baseline"):
+            page.get_by_text(f"{name} (test_top1_by_exit)").wait_for(timeout=60_000)
+        page.get_by_text("Comparing 2 Runs").wait_for()
+        points = page.locator(".js-plotly-plot .scatterlayer .point")
+        assert points.count() == 2 * 4  # both runs, a point at each of the 4 exits
+        page.screenshot(path=tmp_path / "mlflow-ui-compare.png")
+        browser.close()
+        print(f"screenshot: {tmp_path / 'mlflow-ui-compare.png'}")
+    assert ui.returncode == 0
+    with socket.socket() as probe:  # the port is free again: mlflow's workers are gone too
+        probe.bind(("127.0.0.1", port))

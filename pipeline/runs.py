@@ -1,0 +1,91 @@
+"""Reading finished runs back from MLflow: find a run by reference, and its accuracy curves.
+
+`boostpipe runs` and `boostpipe compare` read what the pipeline logged (see tracking.py for the
+layout): per-exit values with the exit index as the step, the budgeted curve with the expected
+cost in kFLOPs as the step.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pipeline.paths import MLFLOW_RUN
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.entities import Run
+
+
+class RunNotFound(LookupError):
+    """A reference that names no run; the message is one line naming it."""
+
+
+@dataclass
+class RunCurves:
+    label: str
+    run_id: str
+    exit_mflops: list[float]
+    exit_top1: list[float]
+    budget_mflops: list[float]
+    budget_top1: list[float]  # the flat (monotone) envelope, as the paper plots it
+    top1_at_budget: dict[float, float]  # target MFLOPs of calibrate.budgets -> test top-1
+
+
+def _by_step(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def curves(client: MlflowClient, run: Run) -> RunCurves:
+    run_id = run.info.run_id
+    exits = _by_step(client, run_id, "test_top1_by_exit")
+    costs = dict(_by_step(client, run_id, "mflops_by_exit"))
+    budget = _by_step(client, run_id, "budget_top1_flat_by_kflops")
+    return RunCurves(
+        label=f"{run.info.run_name} ({run_id[:8]})",
+        run_id=run_id,
+        exit_mflops=[costs.get(step, float("nan")) for step, _ in exits],
+        exit_top1=[value for _, value in exits],
+        budget_mflops=[step / 1000 for step, _ in budget],
+        budget_top1=[value for _, value in budget],
+        top1_at_budget={
+            float(match.group(1)): value
+            for key, value in run.data.metrics.items()
+            if (match := re.fullmatch(r"budget_([0-9.e+-]+)M_top1", key))
+        },
+    )
+
+
+def _run_id_at_revision(ref: str) -> str | None:
+    """The run a DVC experiment or git revision trained ("workspace": the working tree)."""
+    import dvc.api
+
+    try:
+        text = dvc.api.read(str(MLFLOW_RUN), rev=None if ref == "workspace" else ref)
+    except Exception:  # DVC raises many types for an unknown revision or a missing file
+        return None
+    return json.loads(text)["run_id"]
+
+
+def find_run(client: MlflowClient, experiment_id: str, ref: str) -> Run:
+    """A run id, a unique run-id prefix (as `boostpipe runs` prints), a run name (the newest
+    run of that name), or a DVC experiment / git revision / `workspace`."""
+    if re.fullmatch(r"[0-9a-f]{32}", ref):
+        return client.get_run(ref)
+    recent = client.search_runs(
+        [experiment_id], max_results=1000, order_by=["attributes.start_time DESC"]
+    )
+    is_prefix = re.fullmatch(r"[0-9a-f]{4,}", ref) is not None
+    by_prefix = [r for r in recent if is_prefix and r.info.run_id.startswith(ref)]
+    if len(by_prefix) > 1:
+        raise RunNotFound(f"{ref}: matches {len(by_prefix)} runs; give more of the run id")
+    named = [r for r in recent if r.info.run_name == ref]
+    found = by_prefix or named
+    if found:
+        return found[0]
+    run_id = _run_id_at_revision(ref)
+    if run_id is None:
+        raise RunNotFound(f"{ref}: no MLflow run id, prefix or name, and no DVC experiment")
+    return client.get_run(run_id)
