@@ -94,7 +94,7 @@ def tracking_cost() -> None:
     marker = Path(".boostpipe/benchmark.mlflow-run")
     marker.unlink(missing_ok=True)
     start = time.perf_counter()
-    run_id = tracking.start_training_run(params, dataset["fingerprint"], dataset["source"], marker)
+    run_id = tracking.start_run(params, dataset["fingerprint"], dataset["source"], marker)
     created = time.perf_counter() - start
     marker.unlink()
     net = BoostNet.from_params(params)

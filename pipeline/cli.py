@@ -228,3 +228,114 @@ def compare(refs: tuple[str, ...], params_path: Path, output: Path) -> None:
     Console().print(table)
     compare_runs(output, found)
     click.echo(f"wrote {output}")
+
+
+def _tune_params(params_path: Path, options: dict[str, Any]) -> Params:
+    """params.yaml's `tune` section with the command-line options on top. A bad value from an
+    option is reported under the option's name (`--trials: ...`), one from the file under its
+    key."""
+    import yaml
+
+    from pipeline.config import parse_params
+
+    load_params(params_path)
+    raw = yaml.safe_load(params_path.read_text())
+    raw.setdefault("tune", {}).update(options)
+    try:
+        return parse_params(raw, str(params_path))
+    except ConfigError as exc:
+        for key in options:
+            prefix = f"{params_path}: tune.{key}:"
+            if str(exc).startswith(prefix):
+                option = "--" + key.replace("_", "-")
+                raise ConfigError(f"{option}:{str(exc)[len(prefix) :]}") from None
+        raise
+
+
+def _ranked(outcome: Any, limit: int = 10) -> Table:
+    from pipeline.tuning import describe
+
+    table = Table(title=f"best trials by {outcome.metric} (validation)")
+    for column in ("#", "trial", "ended", "epochs", outcome.metric, "values"):
+        table.add_column(column, justify="left" if column in ("ended", "values") else "right")
+    for rank, trial in enumerate(outcome.trials[:limit], start=1):
+        score = f"{trial.score:.2f}" if trial.score is not None else "-"
+        table.add_row(
+            str(rank),
+            trial.trial_id,
+            trial.outcome,
+            str(trial.epochs),
+            score,
+            describe(trial.sampled),
+        )
+    return table
+
+
+def _exp_run_line(dotted: dict[str, Any]) -> str:
+    def literal(value: Any) -> str:
+        if isinstance(value, list):
+            return "[" + ",".join(f"{v:.4g}" for v in value) + "]"
+        return str(value).lower() if isinstance(value, bool) else f"{value:.4g}"
+
+    return "dvc exp run " + " ".join(f"-S '{k}={literal(v)}'" for k, v in dotted.items())
+
+
+@main.command()
+@PARAMS_OPTION
+@click.option("--trials", type=int, help="Number of trials (default: tune.trials).")
+@click.option("--search", help="random or optuna (TPE).")
+@click.option("--scheduler", help="asha (stops weak trials early) or fifo.")
+@click.option("--metric", help="val_budget_auc, val_mean_top1 or val_final_top1.")
+@click.option("--max-concurrent", type=int, help="Trials at once.")
+@click.option("--cpus-per-trial", type=float)
+@click.option("--gpus-per-trial", type=float, help="Fractions share a GPU.")
+@click.option("--workers-per-trial", type=int, help=">1: each trial is a Ray Train DDP job.")
+@click.option("--address", help="An existing Ray cluster (default: $RAY_ADDRESS, else local).")
+@click.option("--resume", is_flag=True, help="Continue the interrupted search.")
+@click.option("--apply", is_flag=True, help="Write the best values into the params file.")
+@exits_on_config_error
+def tune(params_path: Path, address: str | None, resume: bool, apply: bool, **options: Any) -> None:
+    """Search temperatures and loss weights with Ray Tune; every trial in MLflow.
+
+    The search space, budget and scheduler come from the `tune` section of the params file;
+    options override them. Trials are scored on the held-out validation split.
+    """
+    import os
+
+    from pipeline import paths
+    from pipeline.config import write_overrides
+    from pipeline.io import read_json
+    from pipeline.tuning import SearchNotFound, run_search
+
+    params = _tune_params(params_path, {k: v for k, v in options.items() if v is not None})
+    if not paths.PREPARED.exists() or not paths.DATASET_INFO.exists():
+        raise click.ClickException(f"{paths.PREPARED}: missing; run `dvc repro prepare` first")
+    if address:
+        os.environ["RAY_ADDRESS"] = address
+    try:
+        outcome = run_search(
+            params, paths.PREPARED, read_json(paths.DATASET_INFO), paths.TUNE_STORAGE, resume
+        )
+    except SearchNotFound as exc:
+        raise click.ClickException(str(exc)) from None
+    console = Console()
+    console.print(_ranked(outcome))
+    failed = outcome.count("failed")
+    console.print(
+        f"{len(outcome.trials)} trials: {outcome.count('finished')} finished, "
+        f"{outcome.count('stopped_early')} stopped early, "
+        f"{'[red]' if failed else ''}{failed} failed{'[/]' if failed else ''}; "
+        f"MLflow parent run {outcome.parent_run_id}"
+    )
+    best, default = outcome.best, outcome.default
+    if best is None:
+        raise click.ClickException("no trial finished; see the failed trials' runs in MLflow")
+    if default is not None and default.score is not None:
+        console.print(
+            f"best {outcome.metric} {best.score:.2f} vs {default.score:.2f} with the params "
+            f"file's values ({best.score - default.score:+.2f})"
+        )
+    console.print(_exp_run_line(best.overrides))
+    if apply:
+        write_overrides(params_path, best.overrides)
+        console.print(f"wrote the best values into {params_path}")

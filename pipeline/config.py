@@ -141,6 +141,71 @@ class TrackingConfig(_Section):
     experiment: str = "boostpipe"
 
 
+class SearchRange(_Section):
+    """A range [low, high] to sample from; `log` samples log-uniformly."""
+
+    low: NonNegative
+    high: NonNegative
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check_order(self) -> SearchRange:
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low == 0:
+            raise ValueError("a log range must start above 0")
+        return self
+
+
+class TemperatureRange(SearchRange):
+    # shared: one t for every exit; pair: [first, last], spaced linearly; exit: one per exit
+    per: Literal["shared", "pair", "exit"] = "shared"
+
+
+class SearchSpace(_Section):
+    """What `boostpipe tune` samples; null leaves the params.yaml value in place."""
+
+    temperature: TemperatureRange | None = TemperatureRange(low=0.0, high=1.0)
+    loss_weights: SearchRange | None = SearchRange(low=0.5, high=2.0, log=True)  # one per exit
+    lr: SearchRange | None = None
+    grad_rescale: bool = False  # true: also try gradient rescaling on and off
+
+
+TUNE_METRICS = ("val_budget_auc", "val_mean_top1", "val_final_top1")
+
+
+class TuneConfig(_Section):
+    """Ray Tune search over BoostNet's temperatures and loss weights (`boostpipe tune`).
+
+    Trials train on `train_subset` images for `epochs` epochs and are scored on the held-out
+    split (never the test split) after every epoch, so ASHA can stop weak ones early.
+    """
+
+    trials: Count = 64
+    search: Literal["random", "optuna"] = "random"
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: Count = 1  # ASHA: epochs before a trial can be stopped
+    reduction_factor: Annotated[float, Field(strict=True, gt=1)] = 3
+    metric: Literal[TUNE_METRICS] = "val_budget_auc"
+    epochs: Count = 3
+    train_subset: Count | None = 4000
+    val_subset: Count | None = 2000
+    max_concurrent: Count = 2
+    cpus_per_trial: Positive = 1
+    gpus_per_trial: NonNegative = 0  # fractions share a GPU between trials
+    workers_per_trial: Count = 1  # >1: every trial is a Ray Train job with this many workers
+    seed: Annotated[int, Field(strict=True, ge=0)] = 0
+    space: SearchSpace = SearchSpace()
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> TuneConfig:
+        if self.scheduler == "asha" and self.grace_period > self.epochs:
+            raise _KeyError(
+                "tune.grace_period", f"is {self.grace_period} but trials run {self.epochs} epochs"
+            )
+        return self
+
+
 class Params(_Section):
     seed: Annotated[int, Field(strict=True, ge=0)] = 0
     data: DataConfig = DataConfig()
@@ -150,6 +215,7 @@ class Params(_Section):
     calibrate: CalibrateConfig = CalibrateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig = TuneConfig()
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Params:
@@ -252,3 +318,22 @@ def load_params(path: str | Path) -> Params:
         where = f" at line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}: invalid YAML{where}") from None
     return parse_params(raw, str(path))
+
+
+def write_overrides(path: str | Path, dotted: dict[str, Any]) -> None:
+    """Set dotted keys (`boost.temperature`) in a params file, keeping its comments and layout
+    (ruamel.yaml round trip); the result is validated before it replaces the file."""
+    from ruamel.yaml import YAML
+
+    from pipeline.io import atomic_path
+
+    path = Path(path)
+    yaml_rt = YAML()
+    document = yaml_rt.load(path.read_text())
+    for key, value in dotted.items():
+        section, leaf = key.split(".")
+        document[section][leaf] = value
+    with atomic_path(path) as tmp:
+        with tmp.open("w") as out:
+            yaml_rt.dump(document, out)
+        load_params(tmp)

@@ -13,6 +13,7 @@ MODEL = TRAIN_DIR / "model.pt"
 HISTORY = TRAIN_DIR / "history.json"
 MLFLOW_RUN = TRAIN_DIR / "mlflow_run.json"  # the MLflow run calibrate and evaluate log into
 RAY_STORAGE = Path(".boostpipe/ray")  # Ray Train checkpoints of unfinished runs (not DVC-tracked)
+TUNE_STORAGE = Path(".boostpipe/tune")  # Ray Tune searches: trials, checkpoints, state
 
 CALIBRATE_DIR = Path("outputs/calibrate")
 THRESHOLDS = CALIBRATE_DIR / "thresholds.json"
@@ -23,3 +24,7 @@ ANYTIME = EVALUATE_DIR / "anytime.json"
 BUDGET_CURVE = EVALUATE_DIR / "budget_curve.json"
 ACCURACY_PLOT = EVALUATE_DIR / "accuracy_vs_flops.png"
 EFFECTIVE_SAMPLES_PLOT = EVALUATE_DIR / "effective_samples.png"
+
+TUNE_DIR = Path("outputs/tune")  # the optional `tune` stage (tune/dvc.yaml)
+BEST_PARAMS = TUNE_DIR / "best_params.json"
+TUNE_SUMMARY = TUNE_DIR / "summary.json"

@@ -75,3 +75,41 @@ def compare_runs(path: Path, runs: Sequence[RunCurves]) -> None:
         axes.grid(alpha=0.3)
     figure.legend(loc="lower center", ncol=min(len(runs), 3), bbox_to_anchor=(0.5, -0.08))
     _save(figure, path)
+
+
+def exit_curve(path: Path, mflops: Sequence[float], top1: Sequence[float], title: str) -> None:
+    """Held-out top-1 of every exit against its cost."""
+    figure, axes = plt.subplots(figsize=(6, 4))
+    axes.plot(mflops, top1, "o-")
+    axes.set(title=title, xlabel="MFLOPs", ylabel="validation top-1 (%)")
+    axes.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def _temperature(sampled: dict) -> float | None:
+    """The trial's temperature as one number: t, the first exit's t, or the mean of t_k."""
+    if "t" in sampled:
+        return sampled["t"]
+    if "t_first" in sampled:
+        return sampled["t_first"]
+    per_exit = [v for k, v in sampled.items() if k.startswith("t_")]
+    return sum(per_exit) / len(per_exit) if per_exit else None
+
+
+def search_summary(path: Path, trials: Sequence, metric: str) -> None:
+    """The objective against the temperature, one point per trial, marked by how it ended."""
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    styles = {"finished": "o", "stopped_early": "x", "failed": "v"}
+    for outcome, marker in styles.items():
+        points = [
+            (_temperature(t.sampled), t.score)
+            for t in trials
+            if t.outcome == outcome and t.score is not None and _temperature(t.sampled) is not None
+        ]
+        if points:
+            axes.scatter(*zip(*points, strict=True), marker=marker, label=outcome.replace("_", " "))
+    axes.set(title=f"{len(trials)} trials", xlabel="temperature t", ylabel=metric)
+    axes.grid(alpha=0.3)
+    if axes.collections:
+        axes.legend()
+    _save(figure, path)

@@ -170,9 +170,11 @@ def log_artifacts(run_id: str, files: Iterable[Path], folder: str | None = None)
             retry(lambda path=path: client.log_artifact(run_id, str(path), folder))
 
 
-def start_training_run(params: Params, fingerprint: str, source: str, previous: Path) -> str:
+def start_run(
+    params: Params, fingerprint: str, source: str, previous: Path, name: str | None = None
+) -> str:
     """A new run with the whole config as params, or the run an interrupted attempt left in
-    `previous` (so a resumed training stays one run)."""
+    `previous` (so a resumed training or search stays one run)."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.data.dataset_source_registry import resolve_dataset_source
@@ -187,7 +189,9 @@ def start_training_run(params: Params, fingerprint: str, source: str, previous: 
         return run_id
     run = retry(
         lambda: client.create_run(
-            experiment_id, run_name=run_title(params), tags=run_tags(fingerprint, "pending")
+            experiment_id,
+            run_name=name or run_title(params),
+            tags=run_tags(fingerprint, "pending"),
         )
     )
     run_id = run.info.run_id
@@ -315,3 +319,43 @@ def best_effort(action: Callable[[], None], what: str) -> None:
         action()
     except Exception as exc:
         print(f"warning: could not log {what} to MLflow ({exc.__class__.__name__}: {exc})")
+
+
+def log_search(run_id: str, outcome: Any, params: Params, folder: Path) -> None:
+    """The search's summary on its parent run: the best and default objectives, how trials
+    ended, the best trial's per-exit curve (step = exit) and values, and two plots."""
+    from mlflow import MlflowClient
+
+    from pipeline import plots
+    from pipeline.boosting import BoostNet
+    from pipeline.evaluation import exit_costs
+    from pipeline.io import write_json
+
+    client = MlflowClient()
+    metric, best = outcome.metric, outcome.best
+    values: list[tuple[str, float, int]] = [
+        (f"trials_{kind}", outcome.count(kind), 0)
+        for kind in ("finished", "stopped_early", "failed")
+    ]
+    if outcome.default is not None and outcome.default.score is not None:
+        values.append((f"default_{metric}", outcome.default.score, 0))
+    files = []
+    if best is not None:
+        values.append((f"best_{metric}", best.score, 0))
+        values += [("best_val_top1_by_exit", v, k) for k, v in enumerate(best.val_top1_by_exit, 1)]
+        mflops = [f / 1e6 for f in exit_costs(BoostNet.from_params(params), params)]
+        plots.exit_curve(
+            folder / "best_trial_exits.png",
+            mflops,
+            best.val_top1_by_exit,
+            f"best trial {best.trial_id}: {metric} {best.score:.2f}",
+        )
+        write_json(folder / "best_params.json", best.overrides)
+        files += [folder / "best_trial_exits.png", folder / "best_params.json"]
+        retry(lambda: client.set_tag(run_id, "tune.best_trial", best.trial_id))
+    plots.search_summary(folder / "search_summary.png", outcome.trials, metric)
+    write_json(folder / "trials.json", [vars(trial) for trial in outcome.trials])
+    files += [folder / "search_summary.png", folder / "trials.json"]
+    log_metrics(run_id, values)
+    log_artifacts(run_id, files)
+    retry(lambda: client.set_terminated(run_id, "FINISHED"))

@@ -97,6 +97,16 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def _node_ids(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (the history records where each epoch ran)."""
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else "local"
+    if world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [node]
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 def _unwrap(net: torch.nn.Module) -> BoostNet:
     return getattr(net, "module", net)
 
@@ -131,6 +141,75 @@ class _Progress:
         )
 
 
+def steps_per_epoch(n_train: int, params: Params, world: int = 1) -> int:
+    """The same on every worker (DDP needs it): each gets n_train // world samples."""
+    return math.ceil((n_train // world) / params.train.batch_size)
+
+
+@dataclass
+class Fit:
+    """What one worker trains: the (possibly DDP-wrapped) net, its optimiser and schedule, and
+    the training split (each worker takes every world-th sample of a seeded permutation)."""
+
+    params: Params
+    net: torch.nn.Module
+    optimiser: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_split: Split
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+
+def train_epoch(fit: Fit, epoch: int, progress: _Progress | None = None) -> dict[str, Any]:
+    """One pass of the boosted (or joint) loss over this worker's shard. Returns the per-exit
+    mean loss and effective-sample fraction (averaged over workers), the lr and images/s."""
+    params, device, world = fit.params, fit.device, fit.world
+    config, spec = params.train, params.data.spec
+    start = time.perf_counter()
+    n = len(fit.train_split) // world * world  # equal shards: at most world-1 images wait
+    order = torch.randperm(
+        len(fit.train_split),
+        generator=torch.Generator().manual_seed(params.seed * 100_003 + epoch),
+    )[:n][fit.rank :: world]
+    generator = torch.Generator().manual_seed(params.seed * 100_003 + epoch * 1_009 + fit.rank)
+    steps = steps_per_epoch(len(fit.train_split), params, world)
+    loss_sum = torch.zeros(params.model.n_exits, device=device)
+    effective_sum = torch.zeros(params.model.n_exits, device=device)
+    amp = device.type == "cuda" and config.amp
+    boostnet = _unwrap(fit.net)
+    fit.net.train()
+    seen = 0
+    for step in range(steps):
+        index = order[step * config.batch_size : (step + 1) * config.batch_size]
+        images = augment(fit.train_split.images[index], config, generator).to(device)
+        targets = fit.train_split.targets[index].to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = fit.net(normalise(images, spec.mean, spec.std))
+            losses = boostnet.exit_losses([z.float() for z in logits], targets)
+            loss = boostnet.total_loss(losses)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"epoch {epoch + 1}: the training loss diverged ({loss})")
+        fit.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        fit.optimiser.step()
+        fit.scheduler.step()
+        fractions, mean_losses = effective_samples(losses)
+        loss_sum += mean_losses
+        effective_sum += fractions
+        seen += len(index)
+        if progress:
+            rate = seen * world / (time.perf_counter() - start)
+            progress.step(epoch, step + 1, steps, loss_sum / (step + 1), rate)
+    train_stats = _all_reduce(torch.stack([loss_sum, effective_sum]) / steps) / world
+    return {
+        "train_loss": train_stats[0].tolist(),
+        "effective_samples": train_stats[1].tolist(),
+        "lr": fit.optimiser.param_groups[0]["lr"],
+        "images_per_second": seen * world / (time.perf_counter() - start),
+    }
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker."""
     params = Params.model_validate(config["params"])
@@ -153,9 +232,13 @@ def _worker_loop(config: dict[str, Any]) -> None:
     net = ray.train.torch.prepare_model(
         net, parallel_strategy_kwargs={"find_unused_parameters": True}
     )
-    steps = math.ceil(len(range(rank, len(train_split), world)) / train_cfg.batch_size)
+    nodes = _node_ids(world)
+    if rank == 0:
+        Console().print(f"{world} worker(s) on Ray node(s) {' '.join(n[:8] for n in nodes)}")
     optimiser = make_optimizer(net, train_cfg)
-    scheduler = make_scheduler(optimiser, train_cfg, steps)
+    scheduler = make_scheduler(
+        optimiser, train_cfg, steps_per_epoch(len(train_split), params, world)
+    )
 
     start_epoch, history, best = 0, [], {"score": -1.0, "epoch": 0, "state": None}
     checkpoint = ray.train.get_checkpoint()
@@ -175,52 +258,20 @@ def _worker_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             Console().print(f"[yellow]resuming after epoch {start_epoch}[/]")
 
-    spec = params.data.spec
-    amp = device.type == "cuda" and train_cfg.amp
+    fit = Fit(params, net, optimiser, scheduler, train_split, device, rank, world)
     progress = _Progress(train_cfg.epochs, start_epoch) if rank == 0 else None
     for epoch in range(start_epoch, train_cfg.epochs):
         epoch_start = time.perf_counter()
-        order = torch.randperm(
-            len(train_split), generator=torch.Generator().manual_seed(params.seed * 100_003 + epoch)
-        )[rank::world]
-        generator = torch.Generator().manual_seed(params.seed * 100_003 + epoch * 1_009 + rank)
-        loss_sum = torch.zeros(params.model.n_exits, device=device)
-        effective_sum = torch.zeros(params.model.n_exits, device=device)
-        net.train()
-        seen = 0
-        for step in range(steps):
-            index = order[step * train_cfg.batch_size : (step + 1) * train_cfg.batch_size]
-            images = augment(train_split.images[index], train_cfg, generator).to(device)
-            targets = train_split.targets[index].to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = net(normalise(images, spec.mean, spec.std))
-                losses = _unwrap(net).exit_losses([z.float() for z in logits], targets)
-                loss = _unwrap(net).total_loss(losses)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            fractions, mean_losses = effective_samples(losses)
-            loss_sum += mean_losses
-            effective_sum += fractions
-            seen += len(index)
-            if progress:
-                rate = seen * world / (time.perf_counter() - epoch_start)
-                progress.step(epoch, step + 1, steps, loss_sum / (step + 1), rate)
-
+        stats = train_epoch(fit, epoch, progress)
         correct = _all_reduce(exit_correct(net, val_shard, params, device))
-        train_stats = _all_reduce(torch.stack([loss_sum, effective_sum]) / steps) / world
         val_top1 = (100.0 * correct.float() / len(val_split)).tolist()
-        seconds = time.perf_counter() - epoch_start
         record = {
             "epoch": epoch + 1,
-            "train_loss": train_stats[0].tolist(),
-            "effective_samples": train_stats[1].tolist(),
+            **stats,
             "val_top1": val_top1,
             SELECTION_METRIC: sum(val_top1) / len(val_top1),
-            "lr": optimiser.param_groups[0]["lr"],
-            "images_per_second": seen * world / seconds,
-            "epoch_seconds": seconds,
+            "epoch_seconds": time.perf_counter() - epoch_start,
+            "nodes": nodes,
         }
         history.append(record)
         if record[SELECTION_METRIC] >= best["score"]:
@@ -237,7 +288,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
 
 def _device_name(net: torch.nn.Module) -> str:
-    """ "cpu", or "cuda" and the GPU's name, for the run's tags."""
+    """The run's device tag: cpu, or cuda and the GPU's name."""
     device = next(net.parameters()).device
     return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
 

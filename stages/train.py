@@ -1,7 +1,6 @@
 """DVC stage `train`: BoostNet on Ray Train workers; keeps the weights best on held-out data."""
 
 import mlflow
-import ray
 import torch
 
 from pipeline import paths, tracking
@@ -20,9 +19,9 @@ def main() -> None:
     # Created (or, after an interruption, reopened) before training: an unreachable store
     # fails here, not after an hour of training.
     run_file = paths.RAY_STORAGE / f"{name}.mlflow-run"
-    run_id = tracking.start_training_run(
-        params, dataset["fingerprint"], dataset["source"], run_file
-    )
+    run_id = tracking.start_run(params, dataset["fingerprint"], dataset["source"], run_file)
+    import ray  # not at the top: `pipeline` must set Ray's loopback switch before Ray loads
+
     ray.init(**ray_init_kwargs())
     try:
         outcome = train(params, paths.PREPARED, paths.RAY_STORAGE, name)

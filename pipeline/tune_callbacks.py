@@ -1,0 +1,192 @@
+"""Ray Tune callbacks of `boostpipe tune`, run in the driver: one MLflow child run per trial,
+and a live rich table of the trials.
+
+All MLflow writes happen here, in one process, so trials never race on the store; a resumed
+search finds each trial's child run again by its `ray.trial_id` tag instead of making another.
+Both callbacks are pickled with the search's state (Tuner.restore brings them back), so they
+keep no open clients or consoles in that state.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from pipeline.tuning import describe
+
+# What a trial reports that is worth a chart (step = epoch).
+LOGGED_PREFIXES = ("val_", "train_loss_exit_", "train_seconds", "score_seconds")
+
+
+class MlflowTrials(Callback):
+    """A nested MLflow run per trial under the search's parent run: the sampled values and
+    the params they become, per-epoch metrics, and how the trial ended (tag `tune.outcome`:
+    finished, stopped_early or failed; MLflow status FINISHED, KILLED or FAILED)."""
+
+    def __init__(
+        self, uri: str, experiment_id: str, parent_run_id: str, epochs: int, n_exits: int
+    ) -> None:
+        self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
+        self.epochs, self.n_exits = epochs, n_exits
+        self.seconds = 0.0  # time spent logging, for the overhead figure
+        self._client: Any = None
+        self._runs: dict[str, str] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_client": None, "_runs": {}}
+
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(self.uri)
+        return self._client
+
+    def _timed(self, action: Any) -> Any:
+        from pipeline.tracking import retry
+
+        start = time.perf_counter()
+        try:
+            return retry(action)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def run_id(self, trial: Any) -> str:
+        """The trial's child run: made on first sight, found again after a resume."""
+        if trial.trial_id in self._runs:
+            return self._runs[trial.trial_id]
+        found = self._timed(
+            lambda: self.client.search_runs(
+                [self.experiment_id],
+                filter_string=(
+                    f"tags.`mlflow.parentRunId` = '{self.parent}' "
+                    f"and tags.`ray.trial_id` = '{trial.trial_id}'"
+                ),
+            )
+        )
+        if found:
+            run_id = found[0].info.run_id
+            self._timed(lambda: self.client.update_run(run_id, status="RUNNING"))
+        else:
+            run_id = self._create(trial)
+        self._runs[trial.trial_id] = run_id
+        return run_id
+
+    def _create(self, trial: Any) -> str:
+        from mlflow.entities import Param
+
+        from pipeline.tuning import overrides
+
+        dotted = overrides(trial.config, self.n_exits)
+        run = self._timed(
+            lambda: self.client.create_run(
+                self.experiment_id,
+                run_name=f"trial-{trial.trial_id}",
+                tags={"mlflow.parentRunId": self.parent, "ray.trial_id": trial.trial_id},
+            )
+        )
+        values = {k: str(v) for k, v in {**trial.config, **dotted}.items()}
+        params = [Param(k, v) for k, v in values.items()]
+        self._timed(lambda: self.client.log_batch(run.info.run_id, params=params))
+        return run.info.run_id
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.run_id(trial)
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        from mlflow.entities import Metric
+
+        step = int(result["training_iteration"])
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), now, step)
+            for key, value in result.items()
+            if key.startswith(LOGGED_PREFIXES) and isinstance(value, int | float)
+        ]
+        run_id = self.run_id(trial)
+        self._timed(lambda: self.client.log_batch(run_id, metrics=metrics))
+
+    def _end(self, trial: Any, outcome: str, status: str) -> None:
+        run_id = self.run_id(trial)
+        self._timed(lambda: self.client.set_tag(run_id, "tune.outcome", outcome))
+        self._timed(lambda: self.client.set_terminated(run_id, status))
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        done = (trial.last_result or {}).get("training_iteration", 0)
+        if done >= self.epochs:
+            self._end(trial, "finished", "FINISHED")
+        else:
+            self._end(trial, "stopped_early", "KILLED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run_id = self.run_id(trial)
+        # The traceback's last line, from the error file Tune has just written beside the trial.
+        error_file = Path(trial.error_file) if trial.error_file else None
+        lines = (
+            error_file.read_text().strip().splitlines()
+            if error_file and error_file.exists()
+            else []
+        )
+        message = lines[-1][-500:] if lines else "the trial raised"
+        self._timed(lambda: self.client.set_tag(run_id, "tune.error", message))
+        self._end(trial, "failed", "FAILED")
+
+
+class LiveTrialTable(Callback):
+    """The trials as a table that redraws while the search runs (status, epoch, objective)."""
+
+    def __init__(self, metric: str, epochs: int, limit: int = 20) -> None:
+        self.metric, self.epochs, self.limit = metric, epochs, limit
+        self._live: Live | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_live": None}
+
+    def _table(self, trials: list) -> Table:
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        table = Table(title=f"boostpipe tune: {done}/{len(trials)} trials ended")
+        for column in ("trial", "status", "epoch", self.metric, "values"):
+            table.add_column(column, justify="left" if column in ("status", "values") else "right")
+        ranked = sorted(
+            trials,
+            key=lambda t: (t.status != "RUNNING", -(t.last_result or {}).get(self.metric, -1)),
+        )
+        for trial in ranked[: self.limit]:
+            result = trial.last_result or {}
+            score = result.get(self.metric)
+            table.add_row(
+                trial.trial_id,
+                trial.status,
+                f"{result.get('training_iteration', 0)}/{self.epochs}",
+                f"{score:.2f}" if score is not None else "-",
+                describe(trial.config),
+            )
+        return table
+
+    def _draw(self, trials: list) -> None:
+        if self._live is None:
+            self._live = Live(console=Console(), refresh_per_second=2)
+            self._live.start()
+        self._live.update(self._table(trials))
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if iteration % 20 == 0 or self._live is None:  # the driver loop turns often
+            self._draw(trials)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._draw(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        if self._live is not None:
+            self._live.update(self._table(trials))
+            self._live.stop()
+            self._live = None

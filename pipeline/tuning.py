@@ -1,0 +1,471 @@
+"""`boostpipe tune`: a Ray Tune search over BoostNet's temperatures and loss weights.
+
+Each trial trains a BoostNet (Yu et al., AAAI 2023) whose t_n, w_n (and optionally lr and
+gradient rescaling) were sampled from `tune.space`, on a subset of the prepared training split,
+and scores it on the held-out split after every epoch, so ASHA can stop weak trials early. The
+test split is never read. The default objective is `val_budget_auc` (see
+`calibration.budget_auc`): the budgeted accuracy-vs-FLOPs curve reduced to one number.
+
+Trials train in the trial's own process by default (a function trainable, one CPU each, so a
+2-core machine runs two at once); `workers_per_trial > 1` makes every trial a Ray Train job
+with that many DDP workers instead. The params.yaml values are always the first trial, so the
+search reports how far it got above the defaults.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.config import Params, TuneConfig, parse_params
+
+MODE = "max"  # every objective is an accuracy
+
+
+def _temperature_keys(config: TuneConfig, n_exits: int) -> list[str]:
+    per = config.space.temperature.per if config.space.temperature else None
+    if per == "shared":
+        return ["t"]
+    if per == "pair":
+        return ["t_first", "t_last"]
+    return [f"t_{k}" for k in range(1, n_exits + 1)] if per == "exit" else []
+
+
+def search_space(config: TuneConfig, n_exits: int) -> dict[str, Any]:
+    """Ray Tune distributions, flat names: t / t_first, t_last / t_k; w_k; lr; grad_rescale."""
+    from ray import tune
+
+    def sampler(low: float, high: float, log: bool) -> Any:
+        return tune.loguniform(low, high) if log else tune.uniform(low, high)
+
+    space: dict[str, Any] = {}
+    rng = config.space.temperature
+    for key in _temperature_keys(config, n_exits):
+        space[key] = sampler(rng.low, rng.high, rng.log)
+    if (rng := config.space.loss_weights) is not None:
+        for k in range(1, n_exits + 1):
+            space[f"w_{k}"] = sampler(rng.low, rng.high, rng.log)
+    if (rng := config.space.lr) is not None:
+        space["lr"] = sampler(rng.low, rng.high, rng.log)
+    if config.space.grad_rescale:
+        space["grad_rescale"] = tune.choice([True, False])
+    return space
+
+
+def overrides(sampled: dict[str, Any], n_exits: int) -> dict[str, Any]:
+    """A trial's sampled values as dotted params keys (what `dvc exp run -S` takes)."""
+    out: dict[str, Any] = {}
+    exits = range(1, n_exits + 1)
+    for keys in (["t"], ["t_first", "t_last"], [f"t_{k}" for k in exits]):
+        if all(key in sampled for key in keys):
+            out["boost.temperature"] = [float(sampled[key]) for key in keys]
+            break
+    if "w_1" in sampled:
+        out["boost.loss_weights"] = [float(sampled[f"w_{k}"]) for k in exits]
+    if "lr" in sampled:
+        out["train.lr"] = float(sampled["lr"])
+    if "grad_rescale" in sampled:
+        out["boost.grad_rescale"] = bool(sampled["grad_rescale"])
+    return out
+
+
+def describe(sampled: dict[str, Any]) -> str:
+    """Compact, for tables: t=0.64 w=0.73/0.53/0.51/1.54 lr=0.1 grad_rescale=True."""
+    groups: dict[str, list[str]] = {}
+    for key, value in sampled.items():
+        name = key.split("_")[0] if key.startswith(("t_", "w_")) else key
+        text = f"{value:.3g}" if isinstance(value, float) else str(value)
+        groups.setdefault(name, []).append(text)
+    return " ".join(f"{name}={'/'.join(values)}" for name, values in groups.items())
+
+
+def apply_overrides(params: Params, dotted: dict[str, Any]) -> Params:
+    raw = params.model_dump(mode="json")
+    for key, value in dotted.items():
+        section, leaf = key.split(".")
+        raw[section][leaf] = value
+    return parse_params(raw, "tune trial")
+
+
+def default_point(params: Params, space: dict[str, Any]) -> dict[str, Any]:
+    """The params.yaml values in the search's terms (clipped into its ranges): trial 0."""
+    n = params.model.n_exits
+    temps, weights = params.boost.temperatures(n), params.boost.weights(n)
+    values = {"t": temps[0], "t_first": temps[0], "t_last": temps[-1], "lr": params.train.lr}
+    values |= {f"t_{k + 1}": t for k, t in enumerate(temps)}
+    values |= {f"w_{k + 1}": w for k, w in enumerate(weights)}
+    values["grad_rescale"] = params.boost.grad_rescale
+    point = {}
+    for key, domain in space.items():
+        value = values[key]
+        if hasattr(domain, "lower"):
+            value = min(max(value, domain.lower), domain.upper)
+        point[key] = value
+    return point
+
+
+def search_name(params: Params, fingerprint: str) -> str:
+    """Same params, search settings and data -> same name, so `--resume` finds the search."""
+    shaping = params.model_dump(mode="json", exclude={"tracking", "calibrate", "evaluate"})
+    for key in ("max_concurrent", "cpus_per_trial", "gpus_per_trial"):
+        shaping["tune"].pop(key)
+    blob = json.dumps([shaping, fingerprint], sort_keys=True).encode()
+    return "tune-" + hashlib.sha256(blob).hexdigest()[:12]
+
+
+# --- inside a trial -------------------------------------------------------------------------
+
+
+def _trial_data(params: Params, prepared: Path) -> tuple[Any, Any]:
+    from pipeline.data import load_split
+
+    config = params.tune
+    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    if config.train_subset and config.train_subset < len(train):
+        train = train.subset(torch.arange(config.train_subset))
+    if config.val_subset and config.val_subset < len(val):
+        val = val.subset(torch.arange(config.val_subset))
+    return train, val
+
+
+def _score(net: torch.nn.Module, val: Any, params: Params, exit_flops: list[int]) -> dict:
+    """The held-out metrics a trial reports after every epoch."""
+    from pipeline.calibration import budget_auc
+    from pipeline.evaluation import collect_logits, topk_accuracy
+
+    logits = collect_logits(
+        net, val, params.data.spec, params.train.eval_batch_size, torch.device("cpu")
+    )
+    top1 = topk_accuracy(logits, val.targets, 1)
+    return {
+        "val_budget_auc": budget_auc(logits, val.targets, exit_flops),
+        "val_mean_top1": sum(top1) / len(top1),
+        "val_final_top1": top1[-1],
+        **{f"val_top1_exit_{k}": v for k, v in enumerate(top1, start=1)},
+    }
+
+
+def _trial_loop(params: Params, prepared: Path, report: Callable, rank: int, world: int) -> None:
+    """Train and score one configuration epoch by epoch, resuming from the trial's checkpoint.
+    In-process trials report to Tune directly; Ray Train workers report through Train."""
+    import ray.train
+    import ray.tune
+
+    from pipeline.boosting import BoostNet
+    from pipeline.evaluation import exit_costs
+    from pipeline.io import load_checkpoint
+    from pipeline.training import (
+        Fit,
+        make_optimizer,
+        make_scheduler,
+        steps_per_epoch,
+        train_epoch,
+    )
+
+    torch.manual_seed(params.seed)
+    train, val = _trial_data(params, prepared)
+    net = BoostNet.from_params(params)
+    exit_flops = exit_costs(net, params)
+    device = torch.device("cpu")
+    if world > 1:
+        device = ray.train.torch.get_device()
+        net = ray.train.torch.prepare_model(
+            net, parallel_strategy_kwargs={"find_unused_parameters": True}
+        )
+    optimiser = make_optimizer(net, params.train)
+    scheduler = make_scheduler(optimiser, params.train, steps_per_epoch(len(train), params, world))
+    start = 0
+    checkpoint = ray.tune.get_checkpoint() if world == 1 else None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(Path(folder) / "state.pt")
+        net.load_state_dict(state["model"])
+        optimiser.load_state_dict(state["optimiser"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["epoch"]
+    fit = Fit(params, net, optimiser, scheduler, train, device, rank, world)
+    boostnet = getattr(net, "module", net)
+    for epoch in range(start, params.tune.epochs):
+        began = time.perf_counter()
+        stats = train_epoch(fit, epoch)
+        trained = time.perf_counter()
+        metrics = {"epoch": epoch + 1, "train_seconds": trained - began}
+        metrics |= {f"train_loss_exit_{k}": v for k, v in enumerate(stats["train_loss"], 1)}
+        if rank == 0:
+            metrics |= _score(boostnet, val, params, exit_flops)
+        metrics["score_seconds"] = time.perf_counter() - trained
+        if world > 1:
+            report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            state = {
+                "model": net.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+            }
+            torch.save(state, Path(folder) / "state.pt")
+            report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+
+
+def run_trial(sampled: dict[str, Any], base: dict[str, Any], prepared: str) -> None:
+    """The function trainable: one configuration, trained in this process."""
+    import ray.tune
+
+    params = Params.model_validate(base)
+    params = apply_overrides(params, overrides(sampled, params.model.n_exits))
+    torch.set_num_threads(max(1, int(params.tune.cpus_per_trial)))
+    _trial_loop(params, Path(prepared), ray.tune.report, rank=0, world=1)
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    import ray.train
+
+    context = ray.train.get_context()
+    params = Params.model_validate(config["params"])
+    torch.set_num_threads(max(1, int(params.tune.cpus_per_trial)))
+    _trial_loop(
+        params,
+        Path(config["prepared"]),
+        ray.train.report,
+        context.get_world_rank(),
+        context.get_world_size(),
+    )
+
+
+def run_trial_on_ray_train(sampled: dict[str, Any], base: dict[str, Any], prepared: str) -> None:
+    """The trainable when `workers_per_trial > 1`: the trial is a Ray Train job (DDP), and
+    rank 0's metrics reach Tune through Train's TuneReportCallback."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    params = Params.model_validate(base)
+    params = apply_overrides(params, overrides(sampled, params.model.n_exits))
+    config = params.tune
+    storage = Path(prepared).resolve().parents[1] / ".boostpipe" / "tune-train"
+    TorchTrainer(
+        _train_worker,
+        train_loop_config={"params": params.model_dump(mode="json"), "prepared": prepared},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.workers_per_trial,
+            use_gpu=config.gpus_per_trial > 0,
+            resources_per_worker={
+                "CPU": config.cpus_per_trial,
+                **({"GPU": config.gpus_per_trial} if config.gpus_per_trial else {}),
+            },
+        ),
+        run_config=ray.train.RunConfig(
+            name=ray.tune.get_context().get_trial_id(),
+            storage_path=str(storage),
+            callbacks=[TuneReportCallback()],
+        ),
+    ).fit()
+
+
+# --- the driver ----------------------------------------------------------------------------
+
+
+@dataclass
+class SearchSetup:
+    params: Params
+    prepared: Path
+    storage: Path  # Ray Tune's experiment folders live here, inside the project
+    name: str
+    callbacks: list[Any]
+
+
+def make_tuner(setup: SearchSetup, resume: bool, trainable: Callable | None = None) -> Any:
+    """A new Tuner, or the interrupted one restored from its folder (finished trials kept)."""
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    params, config = setup.params, setup.params.tune
+    n_exits = params.model.n_exits
+    if trainable is None:
+        trainable = run_trial if config.workers_per_trial == 1 else run_trial_on_ray_train
+    resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+    if config.workers_per_trial > 1:  # the Train workers hold the resources
+        resources = {"cpu": 0}
+    bound = tune.with_resources(
+        tune.with_parameters(
+            trainable, base=params.model_dump(mode="json"), prepared=str(setup.prepared)
+        ),
+        resources,
+    )
+    folder = setup.storage / setup.name
+    if resume:
+        return tune.Tuner.restore(str(folder), bound, resume_errored=False)
+    space = search_space(config, n_exits)
+    first = [default_point(params, space)]
+    if config.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(points_to_evaluate=first, seed=config.seed)
+    else:
+        searcher = BasicVariantGenerator(points_to_evaluate=first, random_state=config.seed)
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=config.epochs,
+            grace_period=config.grace_period,
+            reduction_factor=config.reduction_factor,
+        )
+        if config.scheduler == "asha"
+        else FIFOScheduler()
+    )
+    return tune.Tuner(
+        bound,
+        param_space=space,
+        tune_config=tune.TuneConfig(
+            metric=config.metric,
+            mode=MODE,
+            num_samples=config.trials,
+            search_alg=searcher,
+            scheduler=scheduler,
+            max_concurrent_trials=config.max_concurrent,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=setup.name,
+            storage_path=str(setup.storage.resolve()),
+            callbacks=[*setup.callbacks, JsonLoggerCallback()],
+            verbose=0,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+        ),
+    )
+
+
+def quiet_ray_tune() -> None:
+    """Our callbacks draw the table and log to MLflow; of Tune's own per-trial loggers only the
+    JSON one stays (its result.json is what a restored search reads back), no CSV or
+    TensorBoard (they cost time and warn without tensorboardX)."""
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    outcome: str  # finished, stopped_early or failed
+    epochs: int
+    score: float | None
+    sampled: dict[str, Any]
+    overrides: dict[str, Any]
+    val_top1_by_exit: list[float]
+
+
+@dataclass
+class SearchOutcome:
+    name: str
+    parent_run_id: str
+    metric: str
+    trials: list[TrialSummary]  # best first; failed ones last
+    default: TrialSummary | None  # trial 0: the params.yaml values
+
+    @property
+    def best(self) -> TrialSummary | None:
+        return self.trials[0] if self.trials and self.trials[0].score is not None else None
+
+    def count(self, outcome: str) -> int:
+        return sum(trial.outcome == outcome for trial in self.trials)
+
+
+def summarise(results: Any, params: Params, space: dict[str, Any]) -> list[TrialSummary]:
+    """Every trial of a Ray Tune ResultGrid, ranked by its last reported objective."""
+    config, n_exits = params.tune, params.model.n_exits
+    trials = []
+    for result in results:
+        metrics = result.metrics or {}
+        epochs = int(metrics.get("training_iteration", 0))
+        outcome = "failed" if result.error else "finished"
+        if outcome == "finished" and epochs < config.epochs:
+            outcome = "stopped_early"
+        sampled = {k: v for k, v in (result.config or {}).items() if k in space}
+        trials.append(
+            TrialSummary(
+                trial_id=metrics.get("trial_id") or Path(result.path).name,
+                outcome=outcome,
+                epochs=epochs,
+                score=None if result.error else metrics.get(config.metric),
+                sampled=sampled,
+                overrides=overrides(sampled, n_exits),
+                val_top1_by_exit=[metrics.get(f"val_top1_exit_{k}") for k in range(1, n_exits + 1)],
+            )
+        )
+    # Finished trials rank above stopped ones: a score after fewer epochs is not comparable.
+    trials.sort(key=lambda t: (t.score is None, t.outcome != "finished", -(t.score or 0.0)))
+    return trials
+
+
+def run_search(
+    params: Params,
+    prepared: Path,
+    dataset: dict[str, Any],
+    storage: Path,
+    resume: bool = False,
+    trainable: Callable | None = None,
+) -> SearchOutcome:
+    """Run (or resume) the search with MLflow tracking: a parent run for the search, a child
+    per trial, and the summary on the parent. Ray must not be initialised yet."""
+    import ray
+
+    from pipeline import tracking
+    from pipeline.training import ray_init_kwargs
+    from pipeline.tune_callbacks import LiveTrialTable, MlflowTrials
+
+    config = params.tune
+    name = search_name(params, dataset["fingerprint"])
+    folder, marker = storage / name, storage / f"{name}.mlflow-run"
+    if resume and not (folder / "tuner.pkl").exists():
+        raise SearchNotFound(f"--resume: no interrupted search {name} under {storage}")
+    if not resume:  # a new search: forget an earlier one with the same settings
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+    parent = tracking.start_run(params, dataset["fingerprint"], dataset["source"], marker, name)
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    experiment_id = mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
+    callbacks = [
+        MlflowTrials(uri, experiment_id, parent, config.epochs, params.model.n_exits),
+        LiveTrialTable(config.metric, config.epochs),
+    ]
+    quiet_ray_tune()
+    ray.init(**ray_init_kwargs())
+    try:
+        setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
+        results = make_tuner(setup, resume, trainable).fit()
+    finally:
+        ray.shutdown()
+    space = search_space(config, params.model.n_exits)
+    trials = summarise(results, params, space)
+    first = default_point(params, space)
+    default = next((t for t in trials if _same_point(t.sampled, first)), None)
+    outcome = SearchOutcome(name, parent, config.metric, trials, default)
+    tracking.log_search(parent, outcome, params, storage / f"{name}-summary")
+    marker.unlink(missing_ok=True)
+    return outcome
+
+
+def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k] == b[k] if isinstance(b[k], bool) else abs(a[k] - b[k]) < 1e-9 for k in b
+    )
+
+
+class SearchNotFound(FileNotFoundError):
+    """`--resume` without an interrupted search; the message is one line."""

@@ -1,0 +1,365 @@
+"""A real multi-node Ray cluster on this machine: two `ray start` nodes (two raylets with their own
+CPUs), an `mlflow server`, and the train stage joining them through RAY_ADDRESS.
+
+Everything listens on 127.0.0.1 only, the nodes share one auth token, and each node is a process
+group of its own, so a node can be lost for real (SIGKILL of the whole group) mid-training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from conftest import ROOT
+from test_pipeline import _free_port, _serving, _shrunk_copy
+
+from pipeline.data import DEBIAN_FASHION_MNIST
+from pipeline.io import read_json
+
+needs_data = pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
+)
+
+BIN = Path(sys.executable).parent
+
+# On Linux Ray rewrites 127.0.0.1 (in --node-ip-address and in --address) into the machine's
+# routable address and then listens on every interface. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 stops
+# that (pipeline/__init__.py sets it for local clusters), but `ray start --address` then refuses
+# to join a cluster at all. This is the real `ray` command with only that refusal lifted.
+RAY = [
+    sys.executable,
+    "-c",
+    "import sys, types, ray._private.ray_constants as c, ray.scripts.scripts as cli; "
+    "cli.ray_constants = types.SimpleNamespace(**{**vars(c), 'ENABLE_RAY_CLUSTER': True}); "
+    "sys.argv[0] = 'ray'; cli.main()",
+]
+
+
+class LoopbackCluster:
+    """Ray nodes started with `ray start --block`, each in its own process group and temp dir,
+    all on 127.0.0.1 and sharing one token. `env` is what a driver needs to join."""
+
+    def __init__(self) -> None:
+        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.token = secrets.token_hex(32)
+        self.env = dict(
+            os.environ,
+            PATH=f"{BIN}:{os.environ['PATH']}",
+            RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=self.token,
+            RAY_USAGE_STATS_ENABLED="0",
+        )
+        self.env.pop("RAY_ADDRESS", None)
+        self.nodes: dict[str, subprocess.Popen] = {}  # resource name -> `ray start` process
+        self.logs: dict[str, Path] = {}
+        self.temp_dirs: list[Path] = []
+
+    def start_node(self, name: str, cpus: int) -> None:
+        """A node offering `cpus` CPUs and one unit of the custom resource `name`; the first is
+        the head. Ray's socket paths must stay under 108 characters: short temp dirs in /tmp."""
+        temp = Path(tempfile.mkdtemp(prefix="bpray-", dir="/tmp"))
+        self.temp_dirs.append(temp)
+        common = [
+            *("--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", f"--temp-dir={temp}"),
+            *(f"--resources={json.dumps({name: 1})}", "--object-store-memory=300000000", "--block"),
+        ]
+        if not self.nodes:
+            role = [
+                *("--head", f"--port={self.port}", "--include-dashboard=true"),
+                *("--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"),
+            ]
+        else:
+            role = [f"--address={self.address}"]
+        self.logs[name] = temp / "node.log"
+        with self.logs[name].open("w") as log:
+            self.nodes[name] = subprocess.Popen(
+                [*RAY, "start", *role, *common],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def alive_nodes(self) -> dict[str, str]:
+        """Custom resource name -> node id of every alive node, from the dashboard's state API."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.dashboard_port}/api/v0/nodes?limit=100",
+            headers={"Authorization": f"Bearer {self.token}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            rows = json.load(response)["data"]["result"]["result"]
+        return {
+            resource: row["node_id"]
+            for row in rows
+            if row["state"] == "ALIVE"
+            for resource in row["resources_total"]
+            if resource in self.nodes
+        }
+
+    def wait_for(self, *names: str, timeout: float = 120) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for name, process in self.nodes.items():
+                assert process.poll() is None, f"ray node {name} exited: {self.log(name)}"
+            with contextlib.suppress(OSError, KeyError, ValueError):
+                alive = self.alive_nodes()
+                if set(names) <= set(alive):
+                    return alive
+            assert time.monotonic() < deadline, f"nodes {names} did not join"
+            time.sleep(0.5)
+
+    def log(self, name: str) -> str:
+        return self.logs[name].read_text()[-3000:]
+
+    def tree(self, name: str) -> list[psutil.Process]:
+        """The node's processes: its process group, and the descendants that left it (Ray's
+        worker processes, the Ray Train workers among them, each lead a group of their own)."""
+        root = self.nodes[name].pid
+        found: dict[int, psutil.Process] = {}
+        with contextlib.suppress(psutil.Error):
+            found.update((p.pid, p) for p in psutil.Process(root).children(recursive=True))
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getpgid(process.pid) == root:
+                    found[process.pid] = process
+        return list(found.values())
+
+    def processes(self) -> list[psutil.Process]:
+        return [p for name in self.nodes for p in self.tree(name)]
+
+    def kill(self, name: str) -> None:
+        """Lose a node as if its machine died: SIGKILL to all of its processes at once."""
+        process, tree = self.nodes[name], self.tree(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        for child in tree:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+        process.wait(timeout=30)
+
+    def close(self) -> None:
+        for name in reversed(self.nodes):
+            self.kill(name)
+        for temp in self.temp_dirs:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def listening(pids: set[int]) -> list[tuple[str, int, int]]:
+    """(address, port, pid) of every TCP socket the given processes listen on."""
+    return sorted(
+        (c.laddr.ip, c.laddr.port, c.pid)
+        for c in psutil.net_connections(kind="tcp")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    )
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)  # ::ffff:127.0.0.1, how Ray's gRPC servers bind
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+class Driver:
+    """`dvc repro train` in `repo`, joined to the cluster, in a process group of its own; every
+    poll records what the cluster's and the driver's processes listen on."""
+
+    def __init__(self, repo: Path, cluster: LoopbackCluster, tracking_uri: str) -> None:
+        self.repo, self.cluster = repo, cluster
+        self.output = repo.parent / f"{repo.name}-dvc.log"
+        env = dict(
+            cluster.env,
+            RAY_ADDRESS=cluster.address,
+            MLFLOW_TRACKING_URI=tracking_uri,
+            RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
+        )
+        with self.output.open("w") as out:
+            self.process = subprocess.Popen(
+                ["dvc", "repro", "train"],
+                cwd=repo,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.listeners: set[tuple[str, int, int]] = set()
+
+    def poll(self) -> int | None:
+        pids = {p.pid for p in self.cluster.processes()}
+        for process in psutil.process_iter(["pid"]):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                if os.getpgid(process.pid) == self.process.pid:
+                    pids.add(process.pid)
+        self.listeners.update(listening(pids))
+        return self.process.poll()
+
+    def wait(self, timeout: float = 600) -> str:
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            assert time.monotonic() < deadline, f"dvc repro ran over {timeout} s"
+            time.sleep(1)
+        text = self.text()
+        assert self.process.returncode == 0, text[-6000:]
+        return text
+
+    def text(self) -> str:
+        return self.output.read_text()
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+
+def project(root: Path, train_subset: int, epochs: int) -> Path:
+    """The shrunk copy of this repository, training two one-CPU DDP workers."""
+    repo = _shrunk_copy(root)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["train_subset"] = train_subset
+    params["train"]["epochs"] = epochs
+    params["train"]["scaling"].update(workers=2, cpus_per_worker=1, use_gpu=False)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo
+
+
+@contextlib.contextmanager
+def loopback_cluster(*nodes: tuple[str, int]) -> Iterator[LoopbackCluster]:
+    """The nodes started (the first is the head) and joined; every process gone afterwards."""
+    cluster = LoopbackCluster()
+    try:
+        for name, cpus in nodes:
+            cluster.start_node(name, cpus)
+        cluster.wait_for(*(name for name, _ in nodes))
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory) -> Iterator[tuple[LoopbackCluster, str]]:
+    """A head and a worker node (one CPU each) and an `mlflow server`, all on 127.0.0.1."""
+    store = tmp_path_factory.mktemp("mlflow-server")
+    uri = f"http://127.0.0.1:{_free_port()}"
+    command = [
+        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--workers", "1"),
+        *("--port", uri.rsplit(":", 1)[1], "--backend-store-uri", f"sqlite:///{store}/db.sqlite"),
+        *("--artifacts-destination", str(store / "artifacts")),
+    ]
+    with (
+        loopback_cluster(("head_node", 1), ("worker_node", 1)) as cluster,
+        _serving(command, f"{uri}/health", store),
+    ):
+        yield cluster, uri
+
+
+def _logged_epochs(repo: Path, history: list[dict]) -> None:
+    """The run is FINISHED and holds every epoch's metrics once, equal to the history's."""
+    from mlflow import MlflowClient
+
+    record = read_json(repo / "outputs/train/mlflow_run.json")
+    client = MlflowClient(record["tracking_uri"])
+    assert client.get_run(record["run_id"]).info.status == "FINISHED"
+    epochs = [r["epoch"] for r in history]
+    for key, value in (
+        ("val_top1_exit_4", lambda r: r["val_top1"][3]),
+        ("train_loss_exit_1", lambda r: r["train_loss"][0]),
+        ("val_mean_top1", lambda r: r["val_mean_top1"]),
+        ("lr", lambda r: r["lr"]),
+    ):
+        logged = sorted(client.get_metric_history(record["run_id"], key), key=lambda m: m.step)
+        assert [m.step for m in logged] == epochs, key
+        assert [m.value for m in logged] == pytest.approx([value(r) for r in history]), key
+
+
+def test_a_local_train_stage_keeps_ray_on_loopback():
+    """Without RAY_ADDRESS the stage starts its own Ray; `pipeline` must set the loopback switch
+    before anything imports Ray, or Ray listens on every interface."""
+    check = (
+        "import stages.train, ray._private.ray_constants as c; "
+        "assert not c.ENABLE_RAY_CLUSTER, 'ray was imported before pipeline'"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    result = subprocess.run(
+        [sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@needs_data
+def test_ddp_workers_train_on_two_nodes(stack, tmp_path):
+    cluster, uri = stack
+    nodes = cluster.wait_for("head_node", "worker_node")
+    repo = project(tmp_path / "repo", train_subset=2000, epochs=1)
+    driver = Driver(repo, cluster, uri)
+    try:
+        output = driver.wait()
+    finally:
+        driver.stop()
+    history = read_json(repo / "outputs/train/history.json")
+    (epoch,) = history["epochs"]
+    assert sorted(epoch["nodes"]) == sorted([nodes["head_node"], nodes["worker_node"]])
+    assert "2 worker(s) on Ray node(s)" in output
+    assert len(epoch["val_top1"]) == 4 and all(v > 15 for v in epoch["val_top1"])  # chance: 10
+    _logged_epochs(repo, history["epochs"])
+    print(f"listening during training: {sorted(driver.listeners)}")
+    assert driver.listeners and all(is_loopback(ip) for ip, _, _ in driver.listeners), sorted(
+        driver.listeners
+    )
+
+
+@needs_data
+def test_training_survives_losing_a_node(stack, tmp_path):
+    """SIGKILL of the worker node's whole process group after the first checkpoint; a fresh node
+    joins (as an autoscaler or operator would start one) and Ray Train restarts both workers
+    from that checkpoint."""
+    cluster, uri = stack
+    before = cluster.wait_for("head_node", "worker_node")
+    repo = project(tmp_path / "repo", train_subset=4000, epochs=3)
+    driver = Driver(repo, cluster, uri)
+    try:
+        deadline = time.monotonic() + 300
+        snapshot = repo / ".boostpipe/ray"
+        while not any(
+            json.loads(path.read_text()).get("latest_checkpoint_result")
+            for path in snapshot.glob("train-*/checkpoint_manager_snapshot.json")
+        ):
+            assert driver.poll() is None, driver.text()[-6000:]
+            assert time.monotonic() < deadline, "no checkpoint was registered"
+            time.sleep(0.2)
+        cluster.kill("worker_node")
+        killed_at = time.monotonic()
+        cluster.start_node("worker_node", 1)
+        output = driver.wait()
+        print(f"finished {time.monotonic() - killed_at:.0f} s after the node was killed")
+    finally:
+        driver.stop()
+    after = cluster.wait_for("head_node", "worker_node")
+    assert after["worker_node"] != before["worker_node"]
+
+    resumed = re.search(r"resuming after epoch (\d+)", output)
+    assert resumed, output[-6000:]
+    done = int(resumed.group(1))
+    assert 1 <= done < 3
+    history = read_json(repo / "outputs/train/history.json")["epochs"]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    for record in history:
+        worker = before["worker_node"] if record["epoch"] <= done else after["worker_node"]
+        assert sorted(record["nodes"]) == sorted([before["head_node"], worker]), record
+    _logged_epochs(repo, history)

@@ -1,0 +1,291 @@
+"""`boostpipe tune`: the search space and its validation, the objective, and real small searches
+(real Ray Tune, real MLflow store, real Fashion-MNIST) including a failing trial, Ctrl-C and
+kill -9 followed by `--resume`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, compose
+
+from pipeline.calibration import budget_auc
+from pipeline.config import ConfigError, load_params, write_overrides
+from pipeline.data import DEBIAN_FASHION_MNIST
+from pipeline.io import read_json
+from pipeline.tuning import (
+    apply_overrides,
+    default_point,
+    overrides,
+    run_search,
+    run_trial,
+    search_space,
+)
+
+needs_data = pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
+)
+
+
+@pytest.mark.parametrize(
+    ("per", "keys"),
+    [("shared", ["t"]), ("pair", ["t_first", "t_last"]), ("exit", ["t_1", "t_2", "t_3", "t_4"])],
+)
+def test_the_space_samples_temperatures_as_asked_and_becomes_valid_params(per, keys):
+    params = compose(
+        **{
+            "tune.space.temperature.per": per,
+            "tune.space.lr": {"low": 0.01, "high": 0.3, "log": True},
+        }
+    )
+    space = search_space(params.tune, params.model.n_exits)
+    assert [k for k in space if k.startswith("t")] == keys
+    sampled = {key: domain.sample() for key, domain in space.items()}
+    dotted = overrides(sampled, params.model.n_exits)
+    assert len(dotted["boost.temperature"]) == len(keys)
+    assert len(dotted["boost.loss_weights"]) == 4
+    trial = apply_overrides(params, dotted)
+    assert 0.01 <= trial.train.lr <= 0.3
+    assert all(0.5 <= w <= 2.0 for w in trial.boost.loss_weights)
+
+
+def test_the_first_trial_is_the_params_file(tmp_path):
+    params = compose(**{"boost.temperature": [0.2, 0.8], "tune.space.temperature.per": "pair"})
+    point = default_point(params, search_space(params.tune, params.model.n_exits))
+    assert point == {"t_first": 0.2, "t_last": 0.8, "w_1": 1.0, "w_2": 1.0, "w_3": 1.0, "w_4": 1.0}
+
+
+def test_budget_auc_is_the_mean_accuracy_over_the_cost_range():
+    targets = torch.arange(200) % 10
+    perfect = torch.nn.functional.one_hot(targets, 10).float()[None].repeat(3, 1, 1) * 9
+    assert budget_auc(perfect, targets, [1, 2, 3]) == pytest.approx(100.0)
+    # Exit 1 always wrong, exits 2-3 always right and the last exit costs 3: at budgets below
+    # exit 2's cost (the first half of [1, 3]) no threshold choice is right more often than
+    # the share it sends past exit 1, so the mean lies strictly between 0 and 100.
+    wrong_first = perfect.clone()
+    wrong_first[0] = torch.roll(perfect[0], 1, dims=-1)
+    score = budget_auc(wrong_first, targets, [1, 2, 3])
+    assert 40 < score < 100
+
+
+def test_write_overrides_keeps_comments_and_validates(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    write_overrides(path, {"boost.temperature": [0.3], "boost.loss_weights": [1, 2, 1, 0.5]})
+    text = path.read_text()
+    assert "# t_n: one value" in text
+    params = load_params(path)
+    assert params.boost.temperature == [0.3] and params.boost.loss_weights == [1, 2, 1, 0.5]
+    with pytest.raises(ConfigError):
+        write_overrides(path, {"boost.temperature": [-1.0]})
+    assert load_params(path).boost.temperature == [0.3]  # the bad write never landed
+
+
+def _tune(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env_vars)
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    return subprocess.run(
+        ["boostpipe", "tune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "edit", "message"),
+    [
+        (["--trials", "0"], None, "--trials: Input should be greater than or equal to 1"),
+        (["--metric", "accuracy"], None, "--metric: Input should be 'val_budget_auc'"),
+        (["--search", "grid"], None, "--search:"),
+        ([], {"low": 0.9, "high": 0.1}, "tune.space.temperature: low (0.9) must be below high"),
+        ([], {"low": 0.5, "high": 0.5}, "tune.space.temperature: low (0.5) must be below high"),
+    ],
+)
+def test_bad_options_and_ranges_fail_in_one_line_with_exit_2(tmp_path, args, edit, message):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    if edit:
+        raw["tune"]["space"]["temperature"].update(edit)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    result = _tune(args, tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+
+
+# --- real searches --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder with the real params shrunk to a tiny search and the real prepared data."""
+    folder = tmp_path_factory.mktemp("tune")
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["data"].update(train_subset=1200, val_size=300, test_subset=100)
+    raw["tune"].update(trials=4, epochs=2, train_subset=600, val_subset=300)
+    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    subprocess.run(
+        [sys.executable, "-m", "stages.prepare"], cwd=folder, env=env, check=True, timeout=300
+    )
+    return folder
+
+
+def _children(folder: Path, parent: str | None = None) -> tuple[object, list]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("boostpipe")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    if parent is None:
+        (only,) = parents
+        parent = only.info.run_id
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    return client.get_run(parent), children
+
+
+@needs_data
+def test_a_small_search_records_every_trial_in_mlflow(workdir):
+    result = _tune(["--trials", "4"], workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "4 trials:" in result.stdout and "dvc exp run -S 'boost.temperature=" in result.stdout
+    parent, children = _children(workdir)
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    outcomes = [c.data.tags["tune.outcome"] for c in children]
+    assert set(outcomes) <= {"finished", "stopped_early"} and "finished" in outcomes
+    status = {"finished": "FINISHED", "stopped_early": "KILLED"}
+    for child in children:
+        assert child.info.status == status[child.data.tags["tune.outcome"]]
+        assert {"t", "w_1", "w_4", "boost.temperature", "boost.loss_weights"} <= set(
+            child.data.params
+        )
+        assert 0 <= child.data.metrics["val_budget_auc"] <= 100
+    finished = [c for c in children if c.data.tags["tune.outcome"] == "finished"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    history = client.get_metric_history(finished[0].info.run_id, "val_budget_auc")
+    assert sorted(m.step for m in history) == [1, 2]  # one point per epoch
+    metrics = parent.data.metrics
+    assert metrics["best_val_budget_auc"] >= metrics["default_val_budget_auc"]
+    assert metrics["best_val_budget_auc"] == max(c.data.metrics["val_budget_auc"] for c in finished)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"search_summary.png", "best_trial_exits.png", "best_params.json"} <= artifacts
+    by_exit = client.get_metric_history(parent.info.run_id, "best_val_top1_by_exit")
+    assert sorted(m.step for m in by_exit) == [1, 2, 3, 4]
+
+
+def _failing_on_trial_one(sampled, base, prepared):
+    """The real trial, except that trial 00001 raises, as a buggy or diverging trial would."""
+    import ray.tune
+
+    if ray.tune.get_context().get_trial_id().endswith("_00001"):
+        raise RuntimeError("injected failure")
+    run_trial(sampled, base, prepared)
+
+
+@needs_data
+def test_a_failing_trial_is_recorded_as_failed_and_the_others_finish(workdir, monkeypatch):
+    monkeypatch.chdir(workdir)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # The local Ray cluster run_search starts passes this on to its workers, which then
+    # import the trainable above from this file.
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    params = load_params("params.yaml").model_copy(deep=True)
+    params = apply_overrides(params, {"tune.trials": 3, "tracking.experiment": "failing"})
+    outcome = run_search(
+        params,
+        Path("data/prepared.npz"),
+        read_json("data/dataset.json"),
+        workdir / ".boostpipe/tune",
+        trainable=_failing_on_trial_one,
+    )
+    assert outcome.count("failed") == 1 and len(outcome.trials) == 3
+    assert outcome.best is not None and outcome.trials[-1].outcome == "failed"
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    children = client.search_runs(
+        [client.get_experiment_by_name("failing").experiment_id],
+        filter_string=f"tags.`mlflow.parentRunId` = '{outcome.parent_run_id}'",
+    )
+    failed = [c for c in children if c.data.tags["tune.outcome"] == "failed"]
+    assert len(children) == 3 and len(failed) == 1
+    assert (
+        failed[0].info.status == "FAILED"
+        and "injected failure" in failed[0].data.tags["tune.error"]
+    )
+
+
+def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
+    """Start a 6-trial search, stop it once two trials have ended, resume it, and check that
+    finished trials were not run again and the parent ends with exactly 6 children."""
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["tracking"]["experiment"] = experiment
+    raw["tune"].update(trials=6, max_concurrent=1, scheduler="fifo")
+    params_file = workdir / f"{experiment}.yaml"
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    driver = subprocess.Popen(
+        ["boostpipe", "tune", "--params", params_file.name],
+        cwd=workdir,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    try:
+        deadline = time.monotonic() + 300
+        ended: list = []
+        while len(ended) < 2:
+            assert driver.poll() is None and time.monotonic() < deadline, "no trial ended"
+            time.sleep(1)
+            experiment_obj = client.get_experiment_by_name(experiment)
+            if experiment_obj is None:
+                continue
+            runs = client.search_runs([experiment_obj.experiment_id])
+            ended = [r for r in runs if "tune.outcome" in r.data.tags]
+        if stop == signal.SIGINT:
+            os.kill(driver.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
+            driver.wait(timeout=120)
+        else:
+            os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+            driver.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    before = {r.info.run_id: r.info.end_time for r in ended}
+    result = _tune(["--params", params_file.name, "--resume"], workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    runs = client.search_runs([experiment_id], max_results=100)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert parent.info.status == "FINISHED" and len(children) == 6
+    assert len({c.data.tags["ray.trial_id"] for c in children}) == 6
+    assert all(c.data.tags.get("tune.outcome") == "finished" for c in children)
+    for run_id, end_time in before.items():  # trials that had finished were not run again
+        assert client.get_run(run_id).info.end_time == end_time
+
+
+@needs_data
+def test_ctrl_c_then_resume_runs_only_unfinished_trials(workdir):
+    _interrupt_and_resume(workdir, "interrupted", signal.SIGINT)
+
+
+@needs_data
+def test_kill_9_then_resume_runs_only_unfinished_trials(workdir):
+    _interrupt_and_resume(workdir, "killed", signal.SIGKILL)
