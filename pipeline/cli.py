@@ -305,7 +305,7 @@ def tune(params_path: Path, address: str | None, resume: bool, apply: bool, **op
     from pipeline import paths
     from pipeline.config import write_overrides
     from pipeline.io import read_json
-    from pipeline.tuning import SearchNotFound, run_search
+    from pipeline.tuning import SearchInterrupted, SearchNotFound, run_search
 
     params = _tune_params(params_path, {k: v for k, v in options.items() if v is not None})
     if not paths.PREPARED.exists() or not paths.DATASET_INFO.exists():
@@ -318,6 +318,9 @@ def tune(params_path: Path, address: str | None, resume: bool, apply: bool, **op
         )
     except SearchNotFound as exc:
         raise click.ClickException(str(exc)) from None
+    except SearchInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(130)
     console = Console()
     console.print(_ranked(outcome))
     failed = outcome.count("failed")

@@ -97,6 +97,17 @@ class MlflowTrials(Callback):
         self._timed(lambda: self.client.log_batch(run.info.run_id, params=params))
         return run.info.run_id
 
+    def ended(self) -> int:
+        """How many of the search's trials have ended, over every attempt at the search."""
+        children = self._timed(
+            lambda: self.client.search_runs(
+                [self.experiment_id],
+                filter_string=f"tags.`mlflow.parentRunId` = '{self.parent}'",
+                max_results=10_000,
+            )
+        )
+        return sum("tune.outcome" in run.data.tags for run in children)
+
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.run_id(trial)
 
@@ -121,8 +132,10 @@ class MlflowTrials(Callback):
         self._timed(lambda: self.client.set_terminated(run_id, status))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        done = (trial.last_result or {}).get("training_iteration", 0)
-        if done >= self.epochs:
+        result = trial.last_result or {}
+        if not result.get("done"):  # stopped by Ctrl-C, not by its end or the scheduler:
+            return  # the run stays open for `--resume`
+        if result.get("training_iteration", 0) >= self.epochs:
             self._end(trial, "finished", "FINISHED")
         else:
             self._end(trial, "stopped_early", "KILLED")

@@ -305,7 +305,7 @@ def make_tuner(setup: SearchSetup, resume: bool, trainable: Callable | None = No
         ),
         resources,
     )
-    folder = setup.storage / setup.name
+    folder = (setup.storage / setup.name).resolve()
     if resume:
         return tune.Tuner.restore(str(folder), bound, resume_errored=False)
     space = search_space(config, n_exits)
@@ -451,6 +451,14 @@ def run_search(
         results = make_tuner(setup, resume, trainable).fit()
     finally:
         ray.shutdown()
+    # After Ctrl-C Tune saves its state and returns as if done; the child runs say which
+    # trials really ended (finished, stopped by the scheduler, or failed), resumes included.
+    ended = callbacks[0].ended()
+    if ended < config.trials:
+        raise SearchInterrupted(
+            f"interrupted after {ended} of {config.trials} trials; "
+            "`boostpipe tune --resume` continues the search"
+        )
     space = search_space(config, params.model.n_exits)
     trials = summarise(results, params, space)
     first = default_point(params, space)
@@ -469,3 +477,8 @@ def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 class SearchNotFound(FileNotFoundError):
     """`--resume` without an interrupted search; the message is one line."""
+
+
+class SearchInterrupted(RuntimeError):
+    """The search stopped before every trial ended; its state and MLflow run wait for
+    `--resume`."""

@@ -227,7 +227,9 @@ def test_a_failing_trial_is_recorded_as_failed_and_the_others_finish(workdir, mo
 
 def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
     """Start a 6-trial search, stop it once two trials have ended, resume it, and check that
-    finished trials were not run again and the parent ends with exactly 6 children."""
+    finished trials were not run again and the parent ends with exactly 6 children. (After
+    kill -9 a trial that ended after Tune's last state snapshot is reopened from its final
+    checkpoint and closed again, training nothing.)"""
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
     raw["tracking"]["experiment"] = experiment
     raw["tune"].update(trials=6, max_concurrent=1, scheduler="fifo")
@@ -236,6 +238,10 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client.search_experiments()  # the store exists before two processes touch it
     driver = subprocess.Popen(
         ["boostpipe", "tune", "--params", params_file.name],
         cwd=workdir,
@@ -244,9 +250,6 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     try:
         deadline = time.monotonic() + 300
         ended: list = []
@@ -260,14 +263,18 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
             ended = [r for r in runs if "tune.outcome" in r.data.tags]
         if stop == signal.SIGINT:
             os.kill(driver.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
-            driver.wait(timeout=120)
+            assert driver.wait(timeout=120) == 130
         else:
             os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
             driver.wait()
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
-    before = {r.info.run_id: r.info.end_time for r in ended}
+
+    def epochs(run_id: str) -> list[int]:
+        return sorted(m.step for m in client.get_metric_history(run_id, "val_budget_auc"))
+
+    before = {r.info.run_id: (r.info.end_time, epochs(r.info.run_id)) for r in ended}
     result = _tune(["--params", params_file.name, "--resume"], workdir)
     assert result.returncode == 0, result.stdout + result.stderr
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
@@ -277,8 +284,10 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
     assert parent.info.status == "FINISHED" and len(children) == 6
     assert len({c.data.tags["ray.trial_id"] for c in children}) == 6
     assert all(c.data.tags.get("tune.outcome") == "finished" for c in children)
-    for run_id, end_time in before.items():  # trials that had finished were not run again
-        assert client.get_run(run_id).info.end_time == end_time
+    for run_id, (end_time, trained) in before.items():  # ended trials were not run again
+        assert epochs(run_id) == trained == [1, 2]  # no epoch trained twice
+        if stop == signal.SIGINT:  # Tune saved their state: not even reopened
+            assert client.get_run(run_id).info.end_time == end_time
 
 
 @needs_data
