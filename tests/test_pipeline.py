@@ -65,6 +65,7 @@ def _shrunk_copy(repo: Path) -> Path:
     params["data"].update(train_subset=2000, val_size=200, test_subset=300)
     params["train"]["epochs"] = 1
     params["evaluate"]["timing_repeats"] = 1
+    params["tune"].update(trials=2, epochs=1, train_subset=300, val_subset=200)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (
         ["git", "init", "-q"],
@@ -317,6 +318,17 @@ def test_a_second_repro_runs_nothing(project):
     assert result.returncode == 0
     assert "Running stage" not in result.stdout, result.stdout
     assert _sha(project / "outputs/train/model.pt") == before
+
+
+def test_the_tune_stage_runs_only_when_asked_and_writes_the_best_values(project):
+    assert "tune" not in _run(["dvc", "repro", "--dry"], project).stdout
+    result = _run(["dvc", "repro", "tune/dvc.yaml"], project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    best = read_json(project / "outputs/tune/best_params.json")
+    assert set(best) == {"boost.temperature", "boost.loss_weights"}
+    summary = read_json(project / "outputs/tune/summary.json")
+    assert summary["trials_finished"] == 2 and summary["trials_failed"] == 0
+    assert summary["best_val_budget_auc"] >= summary["default_val_budget_auc"]
 
 
 def test_bad_params_fail_on_the_key_and_keep_every_result(project):
