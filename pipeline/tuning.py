@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Params, TuneConfig, parse_params
+from pipeline.config import ConfigError, Params, TuneConfig, parse_params
 
 MODE = "max"  # every objective is an accuracy
 
@@ -297,8 +297,8 @@ def make_tuner(setup: SearchSetup, resume: bool, trainable: Callable | None = No
     if trainable is None:
         trainable = run_trial if config.workers_per_trial == 1 else run_trial_on_ray_train
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
-    if config.workers_per_trial > 1:  # the Train workers hold the resources
-        resources = {"cpu": 0}
+    if config.workers_per_trial > 1:  # the Train workers hold the resources; the trial waits
+        resources = {"cpu": 0.01}
     bound = tune.with_resources(
         tune.with_parameters(
             trainable, base=params.model_dump(mode="json"), prepared=str(setup.prepared)
@@ -447,8 +447,12 @@ def run_search(
     quiet_ray_tune()
     ray.init(**ray_init_kwargs())
     try:
+        check_fits(config, ray.cluster_resources())
         setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
         results = make_tuner(setup, resume, trainable).fit()
+    except ConfigError:
+        tracking.retry(lambda: mlflow.MlflowClient().set_terminated(parent, "FAILED"))
+        raise
     finally:
         ray.shutdown()
     # After Ctrl-C Tune saves its state and returns as if done; the child runs say which
@@ -467,6 +471,20 @@ def run_search(
     tracking.log_search(parent, outcome, params, storage / f"{name}-summary")
     marker.unlink(missing_ok=True)
     return outcome
+
+
+def check_fits(config: TuneConfig, cluster: dict[str, float]) -> None:
+    """A trial that asks for more than the whole cluster has would wait forever: say so."""
+    workers = config.workers_per_trial
+    extra = 0.01 if workers > 1 else 0.0  # the trial's own process beside its Train workers
+    for kind, per_worker in (("CPU", config.cpus_per_trial), ("GPU", config.gpus_per_trial)):
+        needed = workers * per_worker + (extra if kind == "CPU" else 0.0)
+        if needed > cluster.get(kind, 0.0) + 1e-9:
+            raise ConfigError(
+                f"tune.{kind.lower()}s_per_trial: a trial needs {needed:g} {kind}s "
+                f"({workers} worker(s) x {per_worker:g}) but the Ray cluster has "
+                f"{cluster.get(kind, 0.0):g}"
+            )
 
 
 def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -67,6 +67,7 @@ class LoopbackCluster:
             RAY_AUTH_MODE="token",
             RAY_AUTH_TOKEN=self.token,
             RAY_USAGE_STATS_ENABLED="0",
+            GLOO_SOCKET_IFNAME="lo",  # DDP's gloo pairs: else the address the hostname resolves to
             # Ray's own processes look for "the" cluster on the machine when they are given no
             # address (Train's placement-group cleaner does): with others running, name ours.
             RAY_ADDRESS=self.address,

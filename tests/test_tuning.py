@@ -298,3 +298,27 @@ def test_ctrl_c_then_resume_runs_only_unfinished_trials(workdir):
 @needs_data
 def test_kill_9_then_resume_runs_only_unfinished_trials(workdir):
     _interrupt_and_resume(workdir, "killed", signal.SIGKILL)
+
+
+@needs_data
+def test_trials_can_be_ray_train_ddp_jobs(workdir):
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["tracking"]["experiment"] = "ddp"
+    raw["tune"].update(trials=1, epochs=1, workers_per_trial=2, cpus_per_trial=0.5)
+    (workdir / "ddp.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    result = _tune(["--params", "ddp.yaml"], workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    (child,) = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert child.data.tags["tune.outcome"] == "finished"
+    assert 0 < child.data.metrics["val_budget_auc"] <= 100
+
+
+def test_a_trial_larger_than_the_cluster_is_refused_not_left_pending(workdir):
+    cpus = os.cpu_count()  # the local cluster has this many: two workers need twice as many
+    result = _tune(["--workers-per-trial", "2", "--cpus-per-trial", str(cpus)], workdir)
+    assert result.returncode == 2
+    assert f"tune.cpus_per_trial: a trial needs {2 * cpus + 0.01:g} CPUs" in result.stderr
