@@ -395,3 +395,30 @@ def test_training_survives_losing_a_node(stack, tmp_path):
         worker = before["worker_node"] if record["epoch"] <= done else after["worker_node"]
         assert sorted(record["nodes"]) == sorted([before["head_node"], worker]), record
     _logged_epochs(repo, history)
+
+
+@needs_data
+def test_a_tune_search_runs_on_the_cluster(stack, tmp_path):
+    """`boostpipe tune` through RAY_ADDRESS: two one-CPU trials at once, on a cluster whose two
+    nodes have one CPU each, so one trial runs on each node; every trial reaches the server."""
+    from mlflow import MlflowClient
+
+    cluster, uri, server = stack
+    repo = project(tmp_path / "repo", train_subset=1000, epochs=1)
+    for command in (("dvc", "repro", "prepare"), ("boostpipe", "tune", "--max-concurrent", "2")):
+        driver = Driver(repo, cluster, uri, server, command=command)
+        try:
+            output = driver.wait()
+        finally:
+            driver.stop()
+    assert "2 trials: 2 finished" in output, output[-3000:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("boostpipe").experiment_id
+    (parent,) = client.search_runs([experiment], filter_string="attributes.run_name LIKE 'tune-%'")
+    children = client.search_runs(
+        [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(c.data.tags["tune.outcome"] == "finished" for c in children)
+    exposed = [row for row in driver.listeners if not is_loopback(row[0])]
+    assert not exposed, exposed  # no DDP here: nothing at all beyond loopback
