@@ -160,6 +160,23 @@ class Fit:
     rank: int = 0
     world: int = 1
 
+    def state(self, epoch: int, **extra: Any) -> dict[str, Any]:
+        """What resuming after `epoch` needs (tensors and plain containers only)."""
+        return {
+            "model": _unwrap(self.net).state_dict(),
+            "optimiser": self.optimiser.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            **extra,
+        }
+
+    def restore(self, state: dict[str, Any]) -> int:
+        """Load what `state()` saved; returns the number of epochs it had finished."""
+        _unwrap(self.net).load_state_dict(state["model"])
+        self.optimiser.load_state_dict(state["optimiser"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        return state["epoch"]
+
 
 def train_epoch(fit: Fit, epoch: int, progress: _Progress | None = None) -> dict[str, Any]:
     """One pass of the boosted (or joint) loss over this worker's shard. Returns the per-exit
@@ -240,16 +257,14 @@ def _worker_loop(config: dict[str, Any]) -> None:
         optimiser, train_cfg, steps_per_epoch(len(train_split), params, world)
     )
 
+    fit = Fit(params, net, optimiser, scheduler, train_split, device, rank, world)
     start_epoch, history, best = 0, [], {"score": -1.0, "epoch": 0, "state": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(Path(folder) / "state.pt")
             best_saved = load_checkpoint(Path(folder) / "best.pt")
-        _unwrap(net).load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch, history = state["epoch"], state["history"]
+        start_epoch, history = fit.restore(state), state["history"]
         best = {
             "score": best_saved["score"],
             "epoch": best_saved["epoch"],
@@ -258,7 +273,6 @@ def _worker_loop(config: dict[str, Any]) -> None:
         if rank == 0:
             Console().print(f"[yellow]resuming after epoch {start_epoch}[/]")
 
-    fit = Fit(params, net, optimiser, scheduler, train_split, device, rank, world)
     progress = _Progress(train_cfg.epochs, start_epoch) if rank == 0 else None
     for epoch in range(start_epoch, train_cfg.epochs):
         epoch_start = time.perf_counter()
@@ -284,7 +298,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
             }
         if progress:
             progress.epoch(record)
-        _report(rank, record, history, net, optimiser, scheduler, best)
+        _report(fit, record, history, best)
 
 
 def _device_name(net: torch.nn.Module) -> str:
@@ -293,24 +307,15 @@ def _device_name(net: torch.nn.Module) -> str:
     return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
 
 
-def _report(rank, record, history, net, optimiser, scheduler, best) -> None:
+def _report(fit: Fit, record: dict, history: list, best: dict) -> None:
     """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
     metrics = {k: v for k, v in record.items() if not isinstance(v, list)}
-    if rank != 0:
+    if fit.rank != 0:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as folder:
-        torch.save(
-            {
-                "model": _unwrap(net).state_dict(),
-                "optimiser": optimiser.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": record["epoch"],
-                "history": history,
-                "device": _device_name(net),
-            },
-            Path(folder) / "state.pt",
-        )
+        state = fit.state(record["epoch"], history=history, device=_device_name(fit.net))
+        torch.save(state, Path(folder) / "state.pt")
         torch.save(
             {"model": best["state"], "epoch": best["epoch"], "score": best["score"]},
             Path(folder) / "best.pt",

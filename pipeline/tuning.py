@@ -183,16 +183,12 @@ def _trial_loop(params: Params, prepared: Path, report: Callable, rank: int, wor
         )
     optimiser = make_optimizer(net, params.train)
     scheduler = make_scheduler(optimiser, params.train, steps_per_epoch(len(train), params, world))
+    fit = Fit(params, net, optimiser, scheduler, train, device, rank, world)
     start = 0
     checkpoint = ray.tune.get_checkpoint() if world == 1 else None
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / "state.pt")
-        net.load_state_dict(state["model"])
-        optimiser.load_state_dict(state["optimiser"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["epoch"]
-    fit = Fit(params, net, optimiser, scheduler, train, device, rank, world)
+            start = fit.restore(load_checkpoint(Path(folder) / "state.pt"))
     boostnet = getattr(net, "module", net)
     for epoch in range(start, params.tune.epochs):
         began = time.perf_counter()
@@ -207,22 +203,20 @@ def _trial_loop(params: Params, prepared: Path, report: Callable, rank: int, wor
             report(metrics)
             continue
         with tempfile.TemporaryDirectory() as folder:
-            state = {
-                "model": net.state_dict(),
-                "optimiser": optimiser.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch + 1,
-            }
-            torch.save(state, Path(folder) / "state.pt")
+            torch.save(fit.state(epoch + 1), Path(folder) / "state.pt")
             report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+
+
+def _trial_params(sampled: dict[str, Any], base: dict[str, Any]) -> Params:
+    params = Params.model_validate(base)
+    return apply_overrides(params, overrides(sampled, params.model.n_exits))
 
 
 def run_trial(sampled: dict[str, Any], base: dict[str, Any], prepared: str) -> None:
     """The function trainable: one configuration, trained in this process."""
     import ray.tune
 
-    params = Params.model_validate(base)
-    params = apply_overrides(params, overrides(sampled, params.model.n_exits))
+    params = _trial_params(sampled, base)
     torch.set_num_threads(max(1, int(params.tune.cpus_per_trial)))
     _trial_loop(params, Path(prepared), ray.tune.report, rank=0, world=1)
 
@@ -250,8 +244,7 @@ def run_trial_on_ray_train(sampled: dict[str, Any], base: dict[str, Any], prepar
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    params = Params.model_validate(base)
-    params = apply_overrides(params, overrides(sampled, params.model.n_exits))
+    params = _trial_params(sampled, base)
     config = params.tune
     storage = Path(prepared).resolve().parents[1] / ".boostpipe" / "tune-train"
     TorchTrainer(
