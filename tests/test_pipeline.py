@@ -435,5 +435,7 @@ def test_mlflow_ui_compares_the_runs_per_exit_in_a_real_browser(project, baselin
         browser.close()
         print(f"screenshot: {tmp_path / 'mlflow-ui-compare.png'}")
     assert ui.returncode == 0
-    with socket.socket() as probe:  # the port is free again: mlflow's workers are gone too
+    with socket.socket() as probe:  # nothing listens there any more: mlflow's workers are gone
+        # SO_REUSEADDR: the browser's closed connections may leave TIME_WAIT entries on the port.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
