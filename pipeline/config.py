@@ -8,6 +8,7 @@ line: ``<file>: <key>: <problem>``.
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -51,7 +52,7 @@ class DataConfig(_Section):
         return DATASETS[self.dataset]
 
 
-class ModelConfig(_Section):
+class MSDNetConfig(_Section):
     """MSDNet hyper-parameters, named after Huang et al. (2018) in snake_case."""
 
     arch: Literal["msdnet"] = "msdnet"
@@ -77,6 +78,73 @@ class ModelConfig(_Section):
     @property
     def n_scales(self) -> int:
         return len(self.gr_factor)
+
+    def check_shapes(self, spec: DatasetSpec) -> None:
+        """List lengths that must agree, and scales the dataset's images can support."""
+        if len(self.bn_factor) != self.n_scales:
+            raise _KeyError(
+                "model.bn_factor",
+                f"has {len(self.bn_factor)} values but gr_factor has "
+                f"{self.n_scales} (one per scale)",
+            )
+        _check_coarsest(spec, self.n_scales, "model.gr_factor")
+
+
+class RANetConfig(_Section):
+    """RANet hyper-parameters (Yang et al., 2020), named after the reference's flags in snake_case.
+
+    One entry of `scale_list`, `gr_factor` and `bn_factor` per sub-network, coarsest first;
+    `n_blocks` exits per sub-network.
+    """
+
+    arch: Literal["ranet"]
+    n_blocks: Count
+    step: Count
+    step_mode: Literal["even", "lin_grow"] = "even"
+    n_channels: Count
+    growth_rate: Count
+    scale_list: list[Count] = Field(min_length=1)
+    gr_factor: list[Count] = Field(min_length=1)
+    bn_factor: list[Count] = Field(min_length=1)
+    compress_factor: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.25
+    bn_after: bool = True
+    reduction: Annotated[float, Field(strict=True, gt=0, le=1)] = 0.5
+    in_channels: Count | None = None
+    num_classes: Count | None = None
+    head_channels: Count | None = None
+
+    @property
+    def n_exits(self) -> int:
+        return self.n_blocks * len(self.scale_list)
+
+    def check_shapes(self, spec: DatasetSpec) -> None:
+        for key in ("gr_factor", "bn_factor"):
+            if len(getattr(self, key)) != len(self.scale_list):
+                raise _KeyError(
+                    f"model.{key}",
+                    f"has {len(getattr(self, key))} values but scale_list has "
+                    f"{len(self.scale_list)} (one per sub-network)",
+                )
+        scales = self.scale_list
+        if scales[0] != 1 or any(b - a not in (0, 1) for a, b in itertools.pairwise(scales)):
+            raise _KeyError(
+                "model.scale_list",
+                f"is {scales}; it must start at 1 and rise by 0 or 1 per sub-network",
+            )
+        if 1 in scales[1:]:
+            raise _KeyError(
+                "model.scale_list", "only the first sub-network may run at scale 1 (the coarsest)"
+            )
+        _check_coarsest(spec, max(scales), "model.scale_list")
+
+
+ModelConfig = Annotated[MSDNetConfig | RANetConfig, Field(discriminator="arch")]
+ARCHS = ("msdnet", "ranet")
+
+
+def _default_arch(raw: Any) -> Any:
+    """`arch` may be left out for MSDNet, as before RANet existed."""
+    return {"arch": "msdnet", **raw} if isinstance(raw, dict) else raw
 
 
 class BoostConfig(_Section):
@@ -209,7 +277,7 @@ class TuneConfig(_Section):
 class Params(_Section):
     seed: Annotated[int, Field(strict=True, ge=0)] = 0
     data: DataConfig = DataConfig()
-    model: ModelConfig
+    model: Annotated[ModelConfig, BeforeValidator(_default_arch)]
     boost: BoostConfig = BoostConfig()
     train: TrainConfig
     calibrate: CalibrateConfig = CalibrateConfig()
@@ -232,25 +300,21 @@ class Params(_Section):
                 "boost.loss_weights",
                 f"has {len(self.boost.loss_weights)} values; give 1 or one per exit ({n})",
             )
-        if len(self.model.bn_factor) != self.model.n_scales:
+        self.model.check_shapes(spec)
+        if self.model.arch == "ranet" and self.boost.grad_rescale:
             raise _KeyError(
-                "model.bn_factor",
-                f"has {len(self.model.bn_factor)} values but gr_factor has "
-                f"{self.model.n_scales} (one per scale)",
+                "boost.grad_rescale",
+                "must be false with model.arch: ranet (gradient rescaling is defined for "
+                "MSDNet's single coarsest-scale path; the reference trains RANet without it)",
             )
+        if self.model.arch == "ranet" and self.tune.space.grad_rescale:
+            raise _KeyError("tune.space.grad_rescale", "must be false with model.arch: ranet")
         for key, given, expected in (
             ("model.in_channels", self.model.in_channels, spec.channels),
             ("model.num_classes", self.model.num_classes, spec.num_classes),
         ):
             if given is not None and given != expected:
                 raise _KeyError(key, f"is {given} but {self.data.dataset} has {expected}")
-        coarsest = _coarsest_resolution(spec, self.model.n_scales)
-        if not 5 <= coarsest <= 12:  # two stride-2 convs and a 2x2 pool must leave 1x1
-            raise _KeyError(
-                "model.gr_factor",
-                f"{self.model.n_scales} scales take {spec.image_size}x{spec.image_size} inputs "
-                f"to {coarsest}x{coarsest}; the exit heads need 5x5 to 12x12",
-            )
         if self.train.schedule == "multistep" and sorted(self.train.milestones) != list(
             self.train.milestones
         ):
@@ -273,6 +337,16 @@ class _KeyError(ValueError):
         super().__init__(f"{key}: {problem}")
 
 
+def _check_coarsest(spec: DatasetSpec, n_scales: int, key: str) -> None:
+    coarsest = _coarsest_resolution(spec, n_scales)
+    if not 5 <= coarsest <= 12:  # two stride-2 convs and a 2x2 pool must leave 1x1
+        raise _KeyError(
+            key,
+            f"{n_scales} scales take {spec.image_size}x{spec.image_size} inputs "
+            f"to {coarsest}x{coarsest}; the exit heads need 5x5 to 12x12",
+        )
+
+
 def _coarsest_resolution(spec: DatasetSpec, n_scales: int) -> int:
     size = spec.image_size
     if spec.stem == "imagenet":  # 7x7 stride-2 conv, then 3x3 stride-2 max-pool
@@ -283,8 +357,13 @@ def _coarsest_resolution(spec: DatasetSpec, n_scales: int) -> int:
 
 
 def _format_error(error: dict[str, Any]) -> str:
+    loc = error["loc"]
+    if loc[:1] == ("model",) and loc[1:2] and loc[1] in ARCHS:  # the union's tag, not a key
+        loc = loc[:1] + loc[2:]
+    if error["type"] == "union_tag_invalid":
+        return f"model.arch: must be one of {', '.join(ARCHS)} (got {error['ctx']['tag']!r})"
     key = ""
-    for part in error["loc"]:
+    for part in loc:
         key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key"
@@ -304,7 +383,10 @@ def parse_params(raw: Any, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{source}: {_format_error(exc.errors()[0])}") from None
+        errors = exc.errors()
+        # A key that does not belong (say, another arch's) explains the rest; report it first.
+        first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+        raise ConfigError(f"{source}: {_format_error(first)}") from None
 
 
 def load_params(path: str | Path) -> Params:

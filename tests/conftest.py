@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pipeline.config import Params, parse_params
-from pipeline.models import MSDNet, MSDNetSpec
+from pipeline.models import MSDNet, MSDNetSpec, RANet, RANetSpec
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
@@ -59,3 +59,24 @@ def grey_msdnet(**overrides: Any) -> MSDNet:
         stem="small",
     )
     return MSDNet(MSDNetSpec(**{**spec, **overrides}))
+
+
+def grey_ranet(**overrides: Any) -> RANet:
+    """A small RANet for grey 28x28 images with 4 exits (one per sub-network), from a spec."""
+    spec = dict(
+        n_blocks=1,
+        step=2,
+        step_mode="even",
+        n_channels=4,
+        growth_rate=4,
+        scale_list=(1, 2, 3, 3),
+        gr_factor=(4, 2, 1, 1),
+        bn_factor=(4, 2, 1, 1),
+        compress_factor=0.25,
+        bn_after=True,
+        reduction=0.5,
+        in_channels=1,
+        num_classes=10,
+        stem="small",
+    )
+    return RANet(RANetSpec(**{**spec, **overrides}))

@@ -1,9 +1,9 @@
-"""BoostNet's ensemble and losses (Yu et al., AAAI 2023, Sec. 3) on a real MSDNet."""
+"""BoostNet's ensemble and losses (Yu et al., AAAI 2023, Sec. 3) on a real MSDNet and RANet."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import grey_msdnet
+from conftest import grey_msdnet, grey_ranet
 
 from pipeline.boosting import BoostNet
 from pipeline.models.msdnet import MSDLayer, Stem, Transition
@@ -11,9 +11,15 @@ from pipeline.models.msdnet import MSDLayer, Stem, Transition
 N_EXITS = 4
 
 
-def make_backbone(gr_factor=(1, 2, 4), seed=0):
+def make_backbone(gr_factor=(1, 2, 4), seed=0, arch="msdnet"):
     torch.manual_seed(seed)
+    if arch == "ranet":
+        return grey_ranet().double()
     return grey_msdnet(n_blocks=N_EXITS, gr_factor=gr_factor, bn_factor=gr_factor).double()
+
+
+# The backbone-independent tests run on both architectures; gradient rescaling is MSDNet's only.
+ARCHS = pytest.mark.parametrize("arch", ["msdnet", "ranet"])
 
 
 def batch(side=28, n=16, seed=1):
@@ -22,9 +28,10 @@ def batch(side=28, n=16, seed=1):
     return x, torch.randint(0, 10, (n,), generator=generator)
 
 
-def test_ensemble_equals_the_closed_form():
+@ARCHS
+def test_ensemble_equals_the_closed_form(arch):
     """F_n = sum_{j<=n} (prod_{m=j+1..n} t_m) f_j, unrolled from F_n = t_n F_{n-1} + f_n."""
-    backbone = make_backbone().eval()
+    backbone = make_backbone(arch=arch).eval()
     temperatures = [0.9, 0.3, 0.7, 1.4]
     boosted = BoostNet(backbone, temperatures, [1.0] * N_EXITS, grad_rescale=False)
     heads_only = BoostNet(backbone, None, [1.0] * N_EXITS, grad_rescale=False)
@@ -40,8 +47,9 @@ def test_ensemble_equals_the_closed_form():
     assert not torch.allclose(ensembles[-1], heads[-1])
 
 
-def test_baseline_is_the_plain_weighted_joint_loss():
-    backbone = make_backbone()
+@ARCHS
+def test_baseline_is_the_plain_weighted_joint_loss(arch):
+    backbone = make_backbone(arch=arch)
     weights = [0.5, 1.0, 1.5, 2.0]
     net = BoostNet(backbone, None, weights, grad_rescale=False)
     x, y = batch()
@@ -59,9 +67,11 @@ def test_baseline_is_the_plain_weighted_joint_loss():
         assert torch.allclose(got, want, atol=1e-10)
 
 
-@pytest.mark.parametrize("grad_rescale", [False, True])
-def test_boosting_gives_earlier_heads_no_gradient_from_later_losses(grad_rescale):
-    net = BoostNet(make_backbone(), [0.5] * N_EXITS, [1.0] * N_EXITS, grad_rescale)
+@pytest.mark.parametrize(
+    "arch, grad_rescale", [("msdnet", False), ("msdnet", True), ("ranet", False)]
+)
+def test_boosting_gives_earlier_heads_no_gradient_from_later_losses(arch, grad_rescale):
+    net = BoostNet(make_backbone(arch=arch), [0.5] * N_EXITS, [1.0] * N_EXITS, grad_rescale)
     x, y = batch()
     logits = net(x)
     later = sum(F.cross_entropy(z, y) for z in logits[1:])  # every loss but exit 1's

@@ -48,9 +48,30 @@ BAD_PARAMS = {
 }
 
 
-@pytest.mark.parametrize("overrides, expected", BAD_PARAMS.values(), ids=BAD_PARAMS.keys())
-def test_bad_params_fail_on_the_offending_key(tmp_path, overrides, expected):
-    raw = raw_params()
+RANET = ROOT / "configs" / "fashion-mnist-ranet.yaml"
+BAD_RANET_PARAMS = {
+    "msdnet key on ranet": ({"model.base": 2}, "model.base: unknown key"),
+    "ranet key on msdnet": ({"model.arch": "msdnet", "model.base": 1}, "model.bn_after: unknown"),
+    "gr_factor length": ({"model.gr_factor": [4, 2]}, "model.gr_factor: has 2 values"),
+    "bn_factor length": ({"model.bn_factor": [4, 2, 1, 1]}, "model.bn_factor: has 4 values"),
+    "scale_list start": ({"model.scale_list": [2, 3, 4]}, "model.scale_list: is [2, 3, 4]"),
+    "scale_list jump": ({"model.scale_list": [1, 3, 3]}, "model.scale_list: is [1, 3, 3]"),
+    "second coarsest flow": ({"model.scale_list": [1, 1, 2]}, "model.scale_list: only the first"),
+    "too few scales": ({"model.scale_list": [1, 2, 2]}, "model.scale_list: 2 scales"),
+    "compress_factor": ({"model.compress_factor": 1.0}, "model.compress_factor:"),
+    "grad_rescale": ({"boost.grad_rescale": True}, "boost.grad_rescale: must be false"),
+}
+BAD_CASES = [
+    *((ROOT / "params.yaml", *case) for case in BAD_PARAMS.values()),
+    *((RANET, *case) for case in BAD_RANET_PARAMS.values()),
+]
+
+
+@pytest.mark.parametrize(
+    "source, overrides, expected", BAD_CASES, ids=[*BAD_PARAMS, *BAD_RANET_PARAMS]
+)
+def test_bad_params_fail_on_the_offending_key(tmp_path, source, overrides, expected):
+    raw = raw_params(source)
     for dotted, value in overrides.items():
         section, *rest = dotted.split(".")
         if not rest:

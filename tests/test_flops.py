@@ -93,7 +93,8 @@ REFERENCE = json.loads((ROOT / "tests" / "data" / "reference_costs.json").read_t
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_paper_configs_agree_with_the_reference_counter(name):
-    """Within 0.5% per exit of the reference implementation's own counter (SPEC section 4)."""
+    """Within 0.5% per exit of the reference implementation's own counter (SPEC section 4);
+    exactly for RANet, whose layers the reference counts with the same rules as ours."""
     from pipeline.boosting import BoostNet
     from pipeline.config import load_params
 
@@ -101,5 +102,6 @@ def test_paper_configs_agree_with_the_reference_counter(name):
     size = params.data.spec.image_size
     costs = count_exit_costs(BoostNet.from_params(params).backbone, (3, size, size))
     expected = REFERENCE[name]
-    assert costs.flops == pytest.approx(expected["flops"], rel=0.005)
-    assert costs.params == pytest.approx(expected["params"], rel=0.005)
+    rel = 0 if params.model.arch == "ranet" else 0.005
+    assert costs.flops == pytest.approx(expected["flops"], rel=rel)
+    assert costs.params == pytest.approx(expected["params"], rel=rel)

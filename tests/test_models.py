@@ -4,8 +4,9 @@ from conftest import ROOT, compose
 
 from pipeline.boosting import BoostNet
 from pipeline.config import load_params
-from pipeline.models import msdnet_spec
+from pipeline.models import msdnet_spec, ranet_spec
 from pipeline.models.msdnet import block_lengths, plan_blocks
+from pipeline.models.ranet import RANetState, plan_flows
 
 
 def test_every_preset_gives_one_logit_tensor_per_exit(params_file):
@@ -16,7 +17,7 @@ def test_every_preset_gives_one_logit_tensor_per_exit(params_file):
     x = torch.randn(2, params.in_channels, spec.image_size, spec.image_size)
     with torch.no_grad():
         logits = net(x)
-    assert len(logits) == params.model.n_blocks
+    assert len(logits) == params.model.n_exits
     for z in logits:
         assert z.shape == (2, params.num_classes)
         assert torch.isfinite(z).all()
@@ -56,9 +57,13 @@ def test_1x1_convs_come_only_from_bottlenecks_and_transitions():
     assert (1, 1) in _trunk_kernel_sizes(**{"model.bottleneck": False, "model.reduction": 0.5})
 
 
-def test_incremental_runner_on_a_shrinking_batch_matches_the_full_forward():
+RANET = ROOT / "configs" / "fashion-mnist-ranet.yaml"
+
+
+@pytest.mark.parametrize("path", [ROOT / "params.yaml", RANET], ids=["msdnet", "ranet"])
+def test_incremental_runner_on_a_shrinking_batch_matches_the_full_forward(path):
     torch.manual_seed(0)
-    net = BoostNet.from_params(compose()).eval()
+    net = BoostNet.from_params(compose(path)).eval()
     x = torch.randn(6, 1, 28, 28)
     with torch.no_grad():
         full = net(x)
@@ -73,3 +78,67 @@ def test_incremental_runner_on_a_shrinking_batch_matches_the_full_forward():
             keep[keep.nonzero()[0]] = False
         with pytest.raises(IndexError):
             runner.step()
+
+
+def _state_tensors(state):
+    tensors = []
+    state.map(lambda t: tensors.append(t) or t)  # map visits every tensor the state holds
+    return tensors
+
+
+def test_ranet_early_exit_drops_exited_samples_from_everything_later_blocks_read():
+    torch.manual_seed(0)
+    net = BoostNet.from_params(compose(RANET)).eval()
+    seen = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+        for m in net.backbone.modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    runner = net.start(torch.randn(8, 1, 28, 28))
+    with torch.no_grad():
+        for index in range(net.n_exits):
+            seen.clear()
+            runner.step()
+            assert set(seen) == {8 - index}  # every conv of this block ran on the kept batch only
+            runner.keep(torch.arange(8 - index) > 0)  # one sample exits after every block
+            assert isinstance(runner.state, RANetState)
+            assert {t.shape[0] for t in _state_tensors(runner.state)} <= {7 - index}
+    for hook in hooks:
+        hook.remove()
+
+
+@pytest.mark.parametrize("name", ["cifar100-ranet-anytime", "cifar100-ranet-budgeted-2"])
+def test_ranet_flows_follow_the_reference_layout(name):
+    params = compose(ROOT / "configs" / f"{name}.yaml")
+    spec = ranet_spec(params)
+    flows = plan_flows(spec)
+    n = spec.n_blocks
+    assert [len(blocks) for blocks in flows] == [n * (f + 1) for f in range(spec.n_flows)]
+    assert sum(b.exit for blocks in flows for b in blocks) == params.model.n_exits
+    for flow, blocks in enumerate(flows):
+        assert [b.fused for b in blocks] == [True] * (n * flow) + [False] * n
+        # a flow at scale s halves its resolution s - 1 times, ending at the coarsest
+        assert sum(b.down for b in blocks) == spec.scale_list[flow] - 1
+    net = BoostNet.from_params(params).backbone
+    runner_sizes = []
+    state = torch.zeros(1, 3, 32, 32)
+    with torch.no_grad():
+        for index in range(net.n_exits):
+            state = net.run_block(index, state)
+            runner_sizes.append(tuple(state.x.shape[-2:]))
+    assert set(runner_sizes) == {(8, 8)}  # every exit reads the coarsest (32 / 4) resolution
+
+
+def test_ranet_bottlenecks_after_or_before_batch_norm():
+    def first_layer_types(bn_after):
+        net = BoostNet.from_params(compose(RANET, **{"model.bn_after": bn_after})).backbone
+        conv = net.blocks[0].flow_blocks[0].layers[0].conv
+        return [type(m).__name__ for m in conv.modules() if not list(m.children())]
+
+    assert first_layer_types(True)[:3] == ["Conv2d", "BatchNorm2d", "ReLU"]
+    assert first_layer_types(False)[:3] == ["BatchNorm2d", "ReLU", "Conv2d"]
+    torch.manual_seed(0)
+    net = BoostNet.from_params(compose(RANET, **{"model.bn_after": False})).eval()
+    with torch.no_grad():
+        assert all(torch.isfinite(z).all() for z in net(torch.randn(2, 1, 28, 28)))

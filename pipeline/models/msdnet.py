@@ -189,15 +189,16 @@ class Transition(nn.Module):
         return [conv(x) for conv, x in zip(self.convs, maps, strict=True)]
 
 
-def build_head(spec: MSDNetSpec, c_in: int) -> nn.Sequential:
-    """Two stride-2 3x3 convs, 2x2 average pooling, linear."""
-    width = spec.head_channels or (c_in if spec.stem == "imagenet" else 128)
+def build_head(c_in: int, num_classes: int, stem: str, head_channels: int | None) -> nn.Sequential:
+    """Two stride-2 3x3 convs, 2x2 average pooling, linear; `head_channels` None: 128 wide, or
+    as wide as the input with the ImageNet stem (the widths both reference backbones use)."""
+    width = head_channels or (c_in if stem == "imagenet" else 128)
     return nn.Sequential(
         conv_bn_relu(c_in, width, 3, 2),
         conv_bn_relu(width, width, 3, 2),
         nn.AvgPool2d(2),
         nn.Flatten(),
-        nn.Linear(width, spec.num_classes),
+        nn.Linear(width, num_classes),
     )
 
 
@@ -217,10 +218,11 @@ class MSDNet(MultiExitBackbone):
                     layers.append(Transition(spec, width, new_width, plan.out_scales))
                     width = new_width
             blocks.append(nn.Sequential(*layers))
-            heads.append(build_head(spec, width * spec.gr_factor[-1]))
+            c_head = width * spec.gr_factor[-1]
+            heads.append(build_head(c_head, spec.num_classes, spec.stem, spec.head_channels))
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
-        self.apply(_init_weights)
+        self.apply(init_weights)
 
     def run_head(self, index: int, state: BlockState) -> torch.Tensor:
         return self.heads[index](state[-1])
@@ -232,7 +234,7 @@ class MSDNet(MultiExitBackbone):
         return [x[keep] for x in state]
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
     """He init on convs, unit BN, zero biases: the initialisation MSDNet was published with."""
     if isinstance(module, nn.Conv2d):
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
