@@ -48,8 +48,9 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _shrunk_copy(repo: Path) -> Path:
-    """A git + DVC copy of this repository with params shrunk to 2,000 training images."""
+def _shrunk_copy(repo: Path, source: str = "params.yaml") -> Path:
+    """A git + DVC copy of this repository with params shrunk to 2,000 training images; the
+    params come from `source` (a file of the repository), written as the copy's params.yaml."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=ROOT,
@@ -61,7 +62,7 @@ def _shrunk_copy(repo: Path) -> Path:
         if (ROOT / name).is_file():
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params = yaml.safe_load((repo / source).read_text())
     params["data"].update(train_subset=2000, val_size=200, test_subset=300)
     params["train"]["epochs"] = 1
     params["evaluate"]["timing_repeats"] = 1
@@ -439,3 +440,27 @@ def test_mlflow_ui_compares_the_runs_per_exit_in_a_real_browser(project, baselin
         # SO_REUSEADDR: the browser's closed connections may leave TIME_WAIT entries on the port.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))
+
+
+@pytest.mark.slow
+def test_ranet_runs_through_the_pipeline_and_the_search(tmp_path):
+    """The second backbone end to end: `dvc repro` with a RANet params file, then the tune stage
+    (2 trials), both on shrunk Fashion-MNIST."""
+    repo = _shrunk_copy(tmp_path, source="configs/fashion-mnist-ranet.yaml")
+    result = _run(["dvc", "repro"], repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    params = load_params(repo / "params.yaml")
+    assert params.model.arch == "ranet" and params.model.n_exits == 6
+    saved = torch.load(repo / "outputs/train/model.pt", weights_only=True)
+    BoostNet.from_params(params).load_state_dict(saved["model"])
+    metrics = read_json(repo / "outputs/evaluate/metrics.json")
+    top1 = list(metrics["anytime"]["top1"].values())
+    assert len(top1) == 6 and all(15 < v <= 100 for v in top1)  # chance is 10%
+    for row in metrics["budgets"].values():
+        assert row["speedup_predicted"] >= 1 and row["speedup_measured"] > 0
+        assert abs(row["early_exit_top1"] - row["top1"]) < 2  # early exit really ran on RANet
+
+    result = _run(["dvc", "repro", "tune/dvc.yaml"], repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = read_json(repo / "outputs/tune/summary.json")
+    assert summary["trials_finished"] == 2 and summary["trials_failed"] == 0
