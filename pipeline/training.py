@@ -32,7 +32,7 @@ from rich.console import Console
 
 from pipeline.augment import normalise, random_crop_flip
 from pipeline.boosting import BoostNet, effective_samples
-from pipeline.config import Params, TrainConfig
+from pipeline.config import ConfigError, Params, TrainConfig
 from pipeline.data import Split, load_split
 from pipeline.io import load_checkpoint
 
@@ -331,17 +331,53 @@ class TrainOutcome:
     device: str
 
 
-def _use_gpu(params: Params) -> bool:
-    setting = params.train.scaling.use_gpu
-    if setting == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(setting)
+AUTO_CPU_WORKERS = 2  # two 1-thread DDP workers beat one 2-thread worker on 2 cores
+
+
+def require_resources(
+    what: str, key: str, workers: int, per_worker: float, kind: str, have: float, extra: float = 0
+) -> None:
+    """A Ray job asking for more than the whole cluster has would wait forever: refuse it at
+    once, naming the key that asked and what the cluster holds."""
+    needed = workers * per_worker + extra
+    if needed > have + 1e-9:
+        raise ConfigError(
+            f"{key}: {what} needs {needed:g} {kind}s ({workers} worker(s) x {per_worker:g}) "
+            f"but the Ray cluster has {have:g}"
+        )
+
+
+@dataclass(frozen=True)
+class Layout:
+    workers: int
+    use_gpu: bool
+
+
+def worker_layout(params: Params, cluster: dict[str, float]) -> Layout:
+    """Resolve `auto` against the cluster: one worker per GPU when it has GPUs, else the CPU
+    layout; then refuse any layout the cluster cannot hold (training would hang in Ray)."""
+    scaling = params.train.scaling
+    gpus = cluster.get("GPU", 0.0)
+    use_gpu = gpus > 0 if scaling.use_gpu == "auto" else bool(scaling.use_gpu)
+    workers = scaling.workers
+    if workers == "auto":
+        fit_cpus = int(cluster.get("CPU", 0.0) // scaling.cpus_per_worker)
+        workers = max(1, int(gpus) if use_gpu else min(AUTO_CPU_WORKERS, fit_cpus))
+    key = "train.scaling.workers" if scaling.workers != "auto" else "train.scaling.use_gpu"
+    if use_gpu:
+        require_resources("training", key, workers, 1, "GPU", gpus)
+    cpu_key = "train.scaling.cpus_per_worker" if scaling.workers == "auto" else key
+    require_resources(
+        "training", cpu_key, workers, scaling.cpus_per_worker, "CPU", cluster.get("CPU", 0.0)
+    )
+    return Layout(workers, use_gpu)
 
 
 def train(params: Params, prepared: Path, storage: Path, name: str) -> TrainOutcome:
     """Fit on Ray Train (Ray must be initialised) and return the selected weights."""
     scaling = params.train.scaling
-    use_gpu = _use_gpu(params)
+    layout = worker_layout(params, ray.cluster_resources())
+    use_gpu = layout.use_gpu
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
@@ -349,7 +385,7 @@ def train(params: Params, prepared: Path, storage: Path, name: str) -> TrainOutc
             "prepared": str(prepared.resolve()),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.workers,
+            num_workers=layout.workers,
             use_gpu=use_gpu,
             resources_per_worker={
                 "CPU": scaling.cpus_per_worker,

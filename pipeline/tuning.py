@@ -468,16 +468,20 @@ def run_search(
 
 def check_fits(config: TuneConfig, cluster: dict[str, float]) -> None:
     """A trial that asks for more than the whole cluster has would wait forever: say so."""
+    from pipeline.training import require_resources
+
     workers = config.workers_per_trial
     extra = 0.01 if workers > 1 else 0.0  # the trial's own process beside its Train workers
     for kind, per_worker in (("CPU", config.cpus_per_trial), ("GPU", config.gpus_per_trial)):
-        needed = workers * per_worker + (extra if kind == "CPU" else 0.0)
-        if needed > cluster.get(kind, 0.0) + 1e-9:
-            raise ConfigError(
-                f"tune.{kind.lower()}s_per_trial: a trial needs {needed:g} {kind}s "
-                f"({workers} worker(s) x {per_worker:g}) but the Ray cluster has "
-                f"{cluster.get(kind, 0.0):g}"
-            )
+        require_resources(
+            "a trial",
+            f"tune.{kind.lower()}s_per_trial",
+            workers,
+            per_worker,
+            kind,
+            cluster.get(kind, 0.0),
+            extra if kind == "CPU" else 0.0,
+        )
 
 
 def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
