@@ -140,14 +140,13 @@ def _trial_data(params: Params, prepared: Path) -> tuple[Any, Any]:
 def _score(net: torch.nn.Module, val: Any, params: Params, exit_flops: list[int]) -> dict:
     """The held-out metrics a trial reports after every epoch."""
     from pipeline.calibration import budget_auc
-    from pipeline.evaluation import collect_logits, topk_accuracy
+    from pipeline.evaluation import Source, collect_scores
 
-    logits = collect_logits(
-        net, val, params.data.spec, params.train.eval_batch_size, torch.device("cpu")
-    )
-    top1 = topk_accuracy(logits, val.targets, 1)
+    source = Source(val, params.data, params.train.eval_batch_size)
+    scores, _ = collect_scores(net, source, torch.device("cpu"))
+    top1 = scores.top1()
     return {
-        "val_budget_auc": budget_auc(logits, val.targets, exit_flops),
+        "val_budget_auc": budget_auc(scores, exit_flops),
         "val_mean_top1": sum(top1) / len(top1),
         "val_final_top1": top1[-1],
         **{f"val_top1_exit_{k}": v for k, v in enumerate(top1, start=1)},
