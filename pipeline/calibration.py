@@ -1,4 +1,4 @@
-"""Exit thresholds for budgeted batch classification (SPEC section 6).
+"""Exit thresholds for budgeted batch classification.
 
 Following MSDNet (Huang et al., ICLR 2018, Sec. 5) as BoostNet evaluates it: for a target exit
 distribution pi_k = p^k / sum_j p^j, thresholds are fitted on the held-out split so that a
@@ -25,9 +25,56 @@ def exit_distribution(p: float, n_exits: int) -> torch.Tensor:
     return weights / weights.sum()
 
 
-def confidences(logits: torch.Tensor) -> torch.Tensor:
-    """c_k per sample, [n_exits, n], from [n_exits, n, classes] logits."""
-    return logits.float().softmax(dim=-1).amax(dim=-1)
+def topk_hits(logits: torch.Tensor, targets: torch.Tensor, k: int) -> torch.Tensor:
+    """[n_exits, n] bool: the target is among exit k's top-k classes."""
+    k = min(k, logits.shape[-1])
+    return (logits.topk(k, dim=-1).indices == targets[None, :, None]).any(dim=-1)
+
+
+def accuracy(hits: torch.Tensor) -> list[float]:
+    """Per-exit accuracy in % from [n_exits, n] hits."""
+    return (100.0 * hits.float().mean(dim=1)).tolist()
+
+
+@dataclass(frozen=True)
+class ExitScores:
+    """All that calibration and evaluation need of every exit's output on a split: its
+    confidence c_k, prediction and top-5 hit per sample. A few bytes per sample and exit, so
+    memory does not grow with the number of classes (logits would: 1000 x 50k x exits)."""
+
+    confidence: torch.Tensor  # [n_exits, n] float32 max softmax probability
+    prediction: torch.Tensor  # [n_exits, n] int64
+    top5: torch.Tensor  # [n_exits, n] bool
+    targets: torch.Tensor  # [n] int64
+
+    @classmethod
+    def from_logits(cls, logits: torch.Tensor, targets: torch.Tensor) -> ExitScores:
+        """From [n_exits, n, classes] logits, e.g. one batch's."""
+        confidence, prediction = logits.float().softmax(dim=-1).max(dim=-1)
+        return cls(confidence, prediction, topk_hits(logits, targets, 5), targets)
+
+    @classmethod
+    def cat(cls, parts: Sequence[ExitScores], n_exits: int) -> ExitScores:
+        """Batches' scores joined along the sample axis."""
+        if not parts:
+            empty = torch.empty(n_exits, 0)
+            return cls(empty, empty.long(), empty.bool(), torch.empty(0, dtype=torch.int64))
+        return cls(
+            torch.cat([p.confidence for p in parts], dim=1),
+            torch.cat([p.prediction for p in parts], dim=1),
+            torch.cat([p.top5 for p in parts], dim=1),
+            torch.cat([p.targets for p in parts]),
+        )
+
+    @property
+    def n_exits(self) -> int:
+        return len(self.confidence)
+
+    def top1(self) -> list[float]:
+        return accuracy(self.prediction == self.targets)
+
+    def top5_accuracy(self) -> list[float]:
+        return accuracy(self.top5)
 
 
 def fit_thresholds(confidence: torch.Tensor, pi: torch.Tensor) -> torch.Tensor:
@@ -66,36 +113,24 @@ class Operating:
     exit_fractions: list[float]
 
 
-def operate(
-    logits: torch.Tensor, targets: torch.Tensor, thresholds: torch.Tensor, exit_flops: Sequence[int]
-) -> Operating:
-    """Apply thresholds to a split's logits: accuracy, average cost, where samples leave."""
-    exits = assign_exits(confidences(logits), thresholds)
-    n_exits, n = logits.shape[:2]
-    predictions = logits.argmax(dim=-1)[exits, torch.arange(n)]
+def operate(scores: ExitScores, thresholds: torch.Tensor, exit_flops: Sequence[int]) -> Operating:
+    """Apply thresholds to a split's scores: accuracy, average cost, where samples leave."""
+    exits = assign_exits(scores.confidence, thresholds)
+    n_exits, n = scores.confidence.shape
+    predictions = scores.prediction[exits, torch.arange(n)]
     fractions = torch.bincount(exits, minlength=n_exits).double() / n
     cost = float((fractions * torch.tensor(exit_flops, dtype=torch.float64)).sum())
-    top1 = 100.0 * float((predictions == targets).double().mean())
+    top1 = 100.0 * float((predictions == scores.targets).double().mean())
     return Operating(thresholds.tolist(), cost, top1, fractions.tolist())
 
 
-def sweep(
-    logits: torch.Tensor, targets: torch.Tensor, exit_flops: Sequence[int]
-) -> list[tuple[float, Operating]]:
+def _fitted(scores: ExitScores, p: float) -> torch.Tensor:
+    return fit_thresholds(scores.confidence, exit_distribution(p, scores.n_exits))
+
+
+def sweep(scores: ExitScores, exit_flops: Sequence[int]) -> list[tuple[float, Operating]]:
     """Thresholds fitted for every p of the grid, with their validation operating point."""
-    confidence = confidences(logits)
-    return [
-        (
-            p,
-            operate(
-                logits,
-                targets,
-                fit_thresholds(confidence, exit_distribution(p, len(logits))),
-                exit_flops,
-            ),
-        )
-        for p in P_GRID
-    ]
+    return [(p, operate(scores, _fitted(scores, p), exit_flops)) for p in P_GRID]
 
 
 def flat_envelope(
@@ -113,8 +148,7 @@ def flat_envelope(
 
 
 def thresholds_for_budget(
-    logits: torch.Tensor,
-    targets: torch.Tensor,
+    scores: ExitScores,
     exit_flops: Sequence[int],
     budget: float,
     resolution: int = 400,
@@ -127,27 +161,21 @@ def thresholds_for_budget(
             f"calibrate.budgets: {budget:.4g} FLOPs is below the first exit's cost "
             f"({exit_flops[0]:.4g})"
         )
-    confidence = confidences(logits)
     best: tuple[float, Operating] | None = None
     for p in torch.logspace(-1.3, 1.3, resolution, dtype=torch.float64).tolist():
-        point = operate(
-            logits,
-            targets,
-            fit_thresholds(confidence, exit_distribution(p, len(logits))),
-            exit_flops,
-        )
+        point = operate(scores, _fitted(scores, p), exit_flops)
         if point.expected_flops <= budget and (
             best is None
             or (point.expected_flops, point.top1) > (best[1].expected_flops, best[1].top1)
         ):
             best = (p, point)
     if best is None:  # even the most front-loaded p overshoots: send everyone to exit 1
-        only_first = torch.full((len(logits),), float("-inf"), dtype=torch.float64)
-        best = (0.0, operate(logits, targets, only_first, exit_flops))
+        only_first = torch.full((scores.n_exits,), float("-inf"), dtype=torch.float64)
+        best = (0.0, operate(scores, only_first, exit_flops))
     return best
 
 
-def budget_auc(logits: torch.Tensor, targets: torch.Tensor, exit_flops: Sequence[int]) -> float:
+def budget_auc(scores: ExitScores, exit_flops: Sequence[int]) -> float:
     """One number for a whole budgeted curve, the objective `boostpipe tune` maximises: the
     mean, over budgets B from the first exit's cost to the last's, of the best top-1 (%) that
     thresholds fitted on this split reach at an average cost within B. Equal to the area under
@@ -157,8 +185,8 @@ def budget_auc(logits: torch.Tensor, targets: torch.Tensor, exit_flops: Sequence
     first_only = torch.full((n_exits,), float("-inf"), dtype=torch.float64)
     last_only = torch.full((n_exits,), float("inf"), dtype=torch.float64)
     last_only[-1] = float("-inf")
-    points = [operate(logits, targets, t, exit_flops) for t in (first_only, last_only)]
-    points += [point for _, point in sweep(logits, targets, exit_flops)]
+    points = [operate(scores, t, exit_flops) for t in (first_only, last_only)]
+    points += [point for _, point in sweep(scores, exit_flops)]
     points.sort(key=lambda point: point.expected_flops)
     low, high = float(exit_flops[0]), float(exit_flops[-1])
     area, best = 0.0, float("-inf")

@@ -8,6 +8,7 @@ line: ``<file>: <key>: <problem>``.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.datasets import DATASETS, DatasetSpec
+from pipeline.datasets import DATASETS, FOLDER_DATASETS, DatasetSpec, folder_spec
 
 
 class ConfigError(ValueError):
@@ -41,15 +42,53 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagenet"] = "fashion-mnist"
+    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagenet", "imagefolder"] = (
+        "fashion-mnist"
+    )
     root: str | None = None  # None: the dataset's usual locations (see the prepare stage)
     val_size: Count = 5000  # images held out of the training split for selection and calibration
     train_subset: Count | None = None  # quick runs: train on this many images only
     test_subset: Count | None = None
+    image_size: Count | None = None  # folder datasets: training crop and evaluation side
+    resize: Count | None = None  # folder datasets: evaluation resize before the centre crop
+    skip_bad: bool = False  # folder datasets: skip (and count) unreadable images, else stop
+
+    @model_validator(mode="after")
+    def _check_folder_keys(self) -> DataConfig:
+        if self.dataset in FOLDER_DATASETS:  # data.root is checked by prepare, which reads it
+            if self.dataset == "imagefolder" and self.image_size is None:
+                raise _KeyError("data.image_size", "is required for imagefolder")
+            if self.resize is not None and self.resize < self.spec.image_size:
+                raise _KeyError(
+                    "data.resize",
+                    f"is {self.resize}, below data.image_size ({self.spec.image_size})",
+                )
+            return self
+        for key in ("image_size", "resize"):
+            if getattr(self, key) is not None:
+                raise _KeyError(f"data.{key}", f"applies to folder datasets, not {self.dataset}")
+        if self.skip_bad:
+            raise _KeyError("data.skip_bad", f"applies to folder datasets, not {self.dataset}")
+        return self
+
+    @property
+    def is_folder(self) -> bool:
+        return self.dataset in FOLDER_DATASETS
 
     @property
     def spec(self) -> DatasetSpec:
-        return DATASETS[self.dataset]
+        if self.dataset == "imagefolder":
+            return folder_spec(self.image_size, None)
+        spec = DATASETS[self.dataset]
+        if self.image_size is not None:
+            return dataclasses.replace(spec, image_size=self.image_size)
+        return spec
+
+    @property
+    def eval_resize(self) -> int:
+        """Evaluation resizes the shorter side to this, then centre-crops image_size (8/7:
+        256 for 224, as in the ImageNet reference recipe)."""
+        return self.resize or round(self.spec.image_size * 8 / 7)
 
 
 class MSDNetConfig(_Section):
@@ -172,7 +211,7 @@ class BoostConfig(_Section):
 class ScalingConfig(_Section):
     """How many Ray Train workers, and on what (`auto`: GPU when the cluster has one)."""
 
-    workers: Count = 1
+    workers: Literal["auto"] | Count = "auto"  # auto: one per GPU, else the 2-worker CPU layout
     use_gpu: Literal["auto"] | bool = "auto"
     cpus_per_worker: Positive = 2
     sync_bn: bool = False
@@ -191,6 +230,8 @@ class TrainConfig(_Section):
     augment: Literal["none", "crop-flip", "random-resized-crop"] = "crop-flip"
     amp: bool = True  # bfloat16 autocast when training on CUDA; ignored on CPU
     eval_batch_size: Count = 512  # scoring the held-out split after every epoch
+    # Folder datasets: decoding processes per Ray worker (None: the worker's CPUs minus one).
+    loader_workers: Annotated[int, Field(strict=True, ge=0)] | None = None
     scaling: ScalingConfig = ScalingConfig()
 
 
@@ -313,8 +354,13 @@ class Params(_Section):
             ("model.in_channels", self.model.in_channels, spec.channels),
             ("model.num_classes", self.model.num_classes, spec.num_classes),
         ):
-            if given is not None and given != expected:
+            if given is not None and expected is not None and given != expected:
                 raise _KeyError(key, f"is {given} but {self.data.dataset} has {expected}")
+        if self.train.augment == "random-resized-crop" and not self.data.is_folder:
+            raise _KeyError(
+                "train.augment",
+                f"random-resized-crop needs a folder dataset, not {self.data.dataset}",
+            )
         if self.train.schedule == "multistep" and sorted(self.train.milestones) != list(
             self.train.milestones
         ):
@@ -327,7 +373,27 @@ class Params(_Section):
 
     @property
     def num_classes(self) -> int:
-        return self.model.num_classes or self.data.spec.num_classes
+        n = self.model.num_classes or self.data.spec.num_classes
+        if n is None:
+            raise ConfigError(
+                "model.num_classes: imagefolder counts its classes in prepare; "
+                "run `dvc repro prepare` first (data/dataset.json)"
+            )
+        return n
+
+    def with_dataset(self, info: dict[str, Any]) -> Params:
+        """These params with the class count prepare found in the folder (data/dataset.json),
+        so users never count classes; a model.num_classes that disagrees is refused."""
+        found = info.get("num_classes")
+        if found is None or self.data.spec.num_classes is not None:
+            return self
+        if self.model.num_classes not in (None, found):
+            raise ConfigError(
+                f"model.num_classes: is {self.model.num_classes} but data.root has {found} classes"
+            )
+        return self.model_copy(
+            update={"model": self.model.model_copy(update={"num_classes": found})}
+        )
 
 
 class _KeyError(ValueError):

@@ -1,8 +1,10 @@
 """Find a dataset, load it with torchvision's loaders, and split off a held-out validation set.
 
-The prepared splits are uint8 tensors kept in memory by the training workers: Fashion-MNIST and
-CIFAR fit in a few hundred MB, and batched tensor augmentation (pipeline/augment.py) then needs no
-loader processes competing with training for the CPU.
+Two kinds of split share one file (data/prepared.npz) and one interface (`load_split`, `subset`,
+`len`, `targets`): the small built-in datasets are uint8 tensors kept in memory by the training
+workers (Fashion-MNIST and CIFAR fit in a few hundred MB, and batched tensor augmentation then
+needs no loader processes competing with training for the CPU); folder datasets (ImageNet layout)
+are a manifest of file paths relative to data.root, decoded while training (pipeline/inputs.py).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.config import ConfigError, DataConfig
+from pipeline.folders import listing_fingerprint, scan
 from pipeline.io import load_arrays, save_arrays
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -44,19 +48,67 @@ class Split:
         return Split(self.images[index], self.targets[index])
 
 
-def save_splits(path: Path, splits: dict[str, Split]) -> None:
+@dataclass
+class FileSplit:
+    """A folder dataset's split: image paths relative to data.root, decoded when read."""
+
+    files: np.ndarray  # str [n]
+    targets: torch.Tensor  # int64 [n]
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def subset(self, index: torch.Tensor) -> FileSplit:
+        return FileSplit(self.files[index.numpy()], self.targets[index])
+
+
+AnySplit = Split | FileSplit
+
+
+def save_splits(path: Path, splits: dict[str, AnySplit]) -> None:
     arrays = {}
     for name, split in splits.items():
-        arrays[f"{name}_images"] = split.images.numpy()
+        if isinstance(split, FileSplit):
+            arrays[f"{name}_files"] = split.files.astype(str)
+        else:
+            arrays[f"{name}_images"] = split.images.numpy()
         arrays[f"{name}_targets"] = split.targets.numpy()
     save_arrays(path, arrays)
 
 
-def load_split(path: Path, name: str) -> Split:
+def load_split(path: Path, name: str) -> AnySplit:
     arrays = load_arrays(path)
-    return Split(
-        torch.from_numpy(arrays[f"{name}_images"]), torch.from_numpy(arrays[f"{name}_targets"])
+    targets = torch.from_numpy(arrays[f"{name}_targets"])
+    if f"{name}_files" in arrays:
+        return FileSplit(arrays[f"{name}_files"], targets)
+    return Split(torch.from_numpy(arrays[f"{name}_images"]), targets)
+
+
+@dataclass(frozen=True)
+class FolderDataset:
+    """What prepare learns from a folder dataset's listing (no pixels read)."""
+
+    train: FileSplit
+    test: FileSplit
+    root: Path
+    classes: list[str]
+    fingerprint: str
+
+
+def list_folder_dataset(config: DataConfig) -> FolderDataset:
+    """train/ and val/ (the test split) of data.root, listed and fingerprinted."""
+    if config.root is None:
+        raise DatasetNotFound(f"data.root: is required for {config.dataset} (the dataset folder)")
+    root = Path(config.root).resolve()
+    classes, listings = scan(root)
+    train, test = (
+        FileSplit(
+            np.array(listings[name].files, dtype=str),
+            torch.tensor(listings[name].labels, dtype=torch.int64),
+        )
+        for name in ("train", "val")
     )
+    return FolderDataset(train, test, root, classes, listing_fingerprint(classes, listings))
 
 
 def _fashion_mnist_dir(candidate: Path) -> Path | None:
@@ -132,10 +184,7 @@ def load_dataset(config: DataConfig, download_dir: Path) -> tuple[Split, Split, 
             how = "data.root" if config.root else "torchvision download"
             looked.append(f"{root} ({how}: {exc.__class__.__name__}: {exc})")
     else:
-        raise DatasetNotFound(
-            f"data.dataset: {config.dataset} is not loaded into memory by prepare; "
-            "ImageFolder training is not supported yet"
-        )
+        raise ValueError(f"data.dataset: {config.dataset} is a folder dataset, not in-memory")
     raise DatasetNotFound(f"{config.dataset} not found; looked in: " + "; ".join(looked))
 
 
@@ -149,10 +198,10 @@ def fingerprint(*splits: Split) -> str:
 
 
 def split_holdout(
-    train: Split, test: Split, config: DataConfig, seed: int
-) -> tuple[Split, Split, Split]:
+    train: AnySplit, test: AnySplit, config: DataConfig, seed: int
+) -> tuple[AnySplit, AnySplit, AnySplit]:
     """(train, validation, test): a seeded permutation of the training set; its last
-    `val_size` images are never trained on (SPEC section 5). Subsets shrink train and test."""
+    `val_size` images are never trained on. Subsets shrink train and test."""
     if config.val_size >= len(train):
         raise ConfigError(
             f"data.val_size: {config.val_size} leaves no training images out of {len(train)}"

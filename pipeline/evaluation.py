@@ -1,12 +1,15 @@
-"""Scoring a trained BoostNet: every exit's logits, anytime accuracy, and real early exit.
+"""Scoring a trained BoostNet: every exit's scores, anytime accuracy, and real early exit.
 
-`early_exit` runs the test set block by block and removes samples from the batch as they exit
-(SPEC section 6), so measured wall time shows the saving that expected FLOPs only predict.
+`early_exit` runs the test set block by block and removes samples from the batch as they exit,
+so measured wall time shows the saving that expected FLOPs only predict. Splits are streamed in
+batches (folder datasets decoded by loader processes), and only per-exit scores are kept.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,99 +17,122 @@ import torch
 
 from pipeline.augment import normalise
 from pipeline.boosting import BoostNet
-from pipeline.config import Params
-from pipeline.data import Split
-from pipeline.datasets import DatasetSpec
+from pipeline.calibration import ExitScores
+from pipeline.config import DataConfig, Params
+from pipeline.data import AnySplit
 from pipeline.flops import count_exit_costs
+from pipeline.inputs import check_bad, default_loader_workers, eval_batches
 
 # Inference runs channels-last: on CPU it makes MSDNet's small convolutions ~1.5x faster (in
 # training the batch-norm backward pass loses that gain again).
 CHANNELS_LAST = torch.channels_last
 
 
-def _batches(split: Split, batch_size: int, spec: DatasetSpec, device: torch.device):
-    for start in range(0, len(split), batch_size):
-        images = split.images[start : start + batch_size].to(device)
-        yield start, normalise(images, spec.mean, spec.std).contiguous(memory_format=CHANNELS_LAST)
+@dataclass(frozen=True)
+class Source:
+    """Where evaluation reads a split from: the split, how to decode it (folder datasets: the
+    files under `root`, with `workers` loader processes) and the batch size."""
+
+    split: AnySplit
+    data: DataConfig
+    batch_size: int
+    root: Path | None = None
+    workers: int = 0
+
+    def batches(
+        self, device: torch.device, skipped: list[int] | None = None
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(normalised channels-last inputs on `device`, targets); unreadable files stop it
+        unless data.skip_bad, and are then counted into `skipped[0]`."""
+        spec = self.data.spec
+        for images, targets, bad in eval_batches(
+            self.split, self.data, self.batch_size, self.root, self.workers
+        ):
+            count = check_bad(bad, self.data)
+            if skipped is not None:
+                skipped[0] += count
+            if len(targets):
+                x = normalise(images.to(device, non_blocking=True), spec.mean, spec.std)
+                yield x.contiguous(memory_format=CHANNELS_LAST), targets
 
 
 @torch.no_grad()
-def collect_logits(
-    net: BoostNet, split: Split, spec: DatasetSpec, batch_size: int, device: torch.device
-) -> torch.Tensor:
-    """Every exit's logits on `split`, shape [n_exits, n_samples, n_classes] (float32, CPU)."""
+def collect_scores(net: BoostNet, source: Source, device: torch.device) -> tuple[ExitScores, int]:
+    """Every exit's scores on the split, and how many unreadable files were skipped."""
     net.eval()
+    skipped = [0]
     parts = [
-        torch.stack(net(x)).float().cpu() for _, x in _batches(split, batch_size, spec, device)
+        ExitScores.from_logits(torch.stack(net(x)).float().cpu(), targets)
+        for x, targets in source.batches(device, skipped)
     ]
-    return torch.cat(parts, dim=1)
-
-
-def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, k: int) -> list[float]:
-    """Per-exit top-k accuracy in % from [n_exits, n, C] logits."""
-    k = min(k, logits.shape[-1])
-    hits = (logits.topk(k, dim=-1).indices == targets[None, :, None]).any(dim=-1)
-    return (100.0 * hits.float().mean(dim=1)).tolist()
+    return ExitScores.cat(parts, net.n_exits), skipped[0]
 
 
 @dataclass(frozen=True)
 class EarlyExitRun:
     predictions: torch.Tensor  # [n] predicted class
     exits: torch.Tensor  # [n] 0-based exit each sample left at
+    targets: torch.Tensor  # [n] (without any skipped unreadable files)
     seconds: float
 
 
 @torch.no_grad()
 def early_exit(
-    net: BoostNet,
-    split: Split,
-    thresholds: list[float],
-    spec: DatasetSpec,
-    batch_size: int,
-    device: torch.device,
+    net: BoostNet, source: Source, thresholds: list[float], device: torch.device
 ) -> EarlyExitRun:
     """Budgeted inference for real: a sample leaves at the first exit whose max softmax
     probability reaches that exit's threshold, and later blocks never see it. `thresholds`
     ends with -inf, so the last exit takes whatever is left."""
     net.eval()
-    n = len(split)
-    predictions = torch.empty(n, dtype=torch.int64)
-    exits = torch.empty(n, dtype=torch.int64)
+    predictions, exits, all_targets = [], [], []
     start_time = time.perf_counter()
-    for start, x in _batches(split, batch_size, spec, device):
-        remaining = torch.arange(start, start + len(x))
+    for x, targets in source.batches(device):
+        batch_predictions = torch.empty(len(x), dtype=torch.int64)
+        batch_exits = torch.empty(len(x), dtype=torch.int64)
+        remaining = torch.arange(len(x))
         runner = net.start(x)
         for index in range(net.n_exits):
             logits = runner.step()
             confidence, predicted = logits.softmax(dim=1).max(dim=1)
             leaving = confidence >= thresholds[index]  # the last threshold is -inf
             if leaving.all():
-                predictions[remaining] = predicted.cpu()
-                exits[remaining] = index
+                batch_predictions[remaining] = predicted.cpu()
+                batch_exits[remaining] = index
                 break
             if leaving.any():
                 gone = leaving.cpu()
-                predictions[remaining[gone]] = predicted[leaving].cpu()
-                exits[remaining[gone]] = index
+                batch_predictions[remaining[gone]] = predicted[leaving].cpu()
+                batch_exits[remaining[gone]] = index
                 remaining = remaining[~gone]
                 runner.keep(~leaving)
+        predictions.append(batch_predictions)
+        exits.append(batch_exits)
+        all_targets.append(targets)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return EarlyExitRun(predictions, exits, time.perf_counter() - start_time)
+    seconds = time.perf_counter() - start_time
+    return EarlyExitRun(torch.cat(predictions), torch.cat(exits), torch.cat(all_targets), seconds)
 
 
 @torch.no_grad()
-def time_all_exits(
-    net: BoostNet, split: Split, spec: DatasetSpec, batch_size: int, device: torch.device
-) -> float:
+def time_all_exits(net: BoostNet, source: Source, device: torch.device) -> float:
     """Wall time of running every exit on every sample: the reference for measured speedups."""
     net.eval()
     start_time = time.perf_counter()
-    for _, x in _batches(split, batch_size, spec, device):
+    for x, _ in source.batches(device):
         net(x)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter() - start_time
+
+
+def eval_source(params: Params, split: AnySplit, batch_size: int) -> Source:
+    """How a stage outside Ray reads `split`: folder datasets from data.root with the loader
+    processes this machine's CPUs allow (train.loader_workers overrides)."""
+    if not params.data.is_folder:
+        return Source(split, params.data, batch_size)
+    workers = default_loader_workers(os.cpu_count() or 1, params.train.loader_workers)
+    return Source(split, params.data, batch_size, Path(params.data.root), workers)
 
 
 def load_model(params: Params, path: Path, device: torch.device) -> BoostNet:

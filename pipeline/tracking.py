@@ -264,6 +264,8 @@ def log_training(
                     yield f"{key}_exit_{index}", value, step
             for key in ("val_mean_top1", "lr", "images_per_second", "epoch_seconds"):
                 yield key, record[key], step
+            if "skipped_images" in record:  # folder datasets: unreadable files left out
+                yield "skipped_images", record["skipped_images"], step
 
     log_metrics(run_id, per_epoch())
     client = MlflowClient()

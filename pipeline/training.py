@@ -32,8 +32,9 @@ from rich.console import Console
 
 from pipeline.augment import normalise, random_crop_flip
 from pipeline.boosting import BoostNet, effective_samples
-from pipeline.config import Params, TrainConfig
-from pipeline.data import Split, load_split
+from pipeline.config import ConfigError, Params, TrainConfig
+from pipeline.data import AnySplit, FileSplit, load_split
+from pipeline.inputs import BadImage, check_bad, default_loader_workers, eval_batches, file_loader
 from pipeline.io import load_checkpoint
 
 SELECTION_METRIC = "val_mean_top1"
@@ -70,25 +71,42 @@ def make_scheduler(
 def augment(images: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
     if config.augment == "crop-flip":
         return random_crop_flip(images, padding=4, generator=generator)
-    if config.augment == "none":
-        return images
-    raise ValueError(f"train.augment: {config.augment} needs the ImageFolder data path")
+    return images  # none, or random-resized-crop (already cropped by the loader processes)
+
+
+def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host-to-device copy that overlaps compute on CUDA (pinned source), channels-last there."""
+    images = images.to(device, non_blocking=True)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
 
 
 @torch.no_grad()
 def exit_correct(
-    net: torch.nn.Module, split: Split, params: Params, device: torch.device
+    net: torch.nn.Module,
+    split: AnySplit,
+    params: Params,
+    device: torch.device,
+    root: Path | None = None,
+    loader_workers: int = 0,
 ) -> torch.Tensor:
-    """Top-1 hits of every exit on `split`, shape [n_exits] (a sum, for all-reduce)."""
+    """Top-1 hits of every exit on `split`, shape [n_exits] (a sum, for all-reduce); for folder
+    datasets one more entry counts the unreadable files skipped."""
     net.eval()
     spec = params.data.spec
-    correct = torch.zeros(params.model.n_exits, dtype=torch.int64, device=device)
-    for start in range(0, len(split), params.train.eval_batch_size):
-        images = split.images[start : start + params.train.eval_batch_size].to(device)
-        targets = split.targets[start : start + params.train.eval_batch_size].to(device)
-        for index, logits in enumerate(net(normalise(images, spec.mean, spec.std))):
+    correct = torch.zeros(params.model.n_exits + 1, dtype=torch.int64, device=device)
+    batch_size = params.train.eval_batch_size
+    for images, targets, bad in eval_batches(split, params.data, batch_size, root, loader_workers):
+        correct[-1] += check_bad(bad, params.data)
+        if not len(targets):
+            continue
+        targets = targets.to(device)
+        for index, logits in enumerate(
+            net(normalise(_to_device(images, device), spec.mean, spec.std))
+        ):
             correct[index] += (logits.argmax(dim=1) == targets).sum()
-    return correct
+    return correct if isinstance(split, FileSplit) else correct[:-1]
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
@@ -155,10 +173,53 @@ class Fit:
     net: torch.nn.Module
     optimiser: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    train_split: Split
+    train_split: AnySplit
     device: torch.device
     rank: int = 0
     world: int = 1
+    root: Path | None = None  # folder datasets: data.root, resolved by the driver
+    loader_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.loader = None
+        if isinstance(self.train_split, FileSplit):
+            # Each rank decodes only its shard; drop_last keeps the shards (so DDP steps) equal.
+            self.sampler = torch.utils.data.DistributedSampler(
+                self.train_split, self.world, self.rank, seed=self.params.seed, drop_last=True
+            )
+            self.loader = ray.train.torch.prepare_data_loader(
+                file_loader(
+                    self.train_split,
+                    self.root,
+                    self.params.data,
+                    self.params.train.batch_size,
+                    train=self.params.train.augment == "random-resized-crop",
+                    workers=self.loader_workers,
+                    sampler=self.sampler,
+                    pin_memory=self.device.type == "cuda",
+                ),
+                add_dist_sampler=False,
+            )
+
+    def batches(self, epoch: int) -> Any:
+        """This rank's (uint8 images, targets, unreadable files) for one epoch."""
+        if self.loader is not None:
+            self.sampler.set_epoch(epoch)
+            yield from self.loader
+            return
+        config = self.params.train
+        n = len(self.train_split) // self.world * self.world  # equal shards: < world images wait
+        order = torch.randperm(
+            len(self.train_split),
+            generator=torch.Generator().manual_seed(self.params.seed * 100_003 + epoch),
+        )[:n][self.rank :: self.world]
+        generator = torch.Generator().manual_seed(
+            self.params.seed * 100_003 + epoch * 1_009 + self.rank
+        )
+        for step in range(steps_per_epoch(len(self.train_split), self.params, self.world)):
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            images = augment(self.train_split.images[index], config, generator)
+            yield images, self.train_split.targets[index], []
 
     def state(self, epoch: int, **extra: Any) -> dict[str, Any]:
         """What resuming after `epoch` needs (tensors and plain containers only)."""
@@ -184,23 +245,18 @@ def train_epoch(fit: Fit, epoch: int, progress: _Progress | None = None) -> dict
     params, device, world = fit.params, fit.device, fit.world
     config, spec = params.train, params.data.spec
     start = time.perf_counter()
-    n = len(fit.train_split) // world * world  # equal shards: at most world-1 images wait
-    order = torch.randperm(
-        len(fit.train_split),
-        generator=torch.Generator().manual_seed(params.seed * 100_003 + epoch),
-    )[:n][fit.rank :: world]
-    generator = torch.Generator().manual_seed(params.seed * 100_003 + epoch * 1_009 + fit.rank)
     steps = steps_per_epoch(len(fit.train_split), params, world)
     loss_sum = torch.zeros(params.model.n_exits, device=device)
     effective_sum = torch.zeros(params.model.n_exits, device=device)
     amp = device.type == "cuda" and config.amp
     boostnet = _unwrap(fit.net)
     fit.net.train()
-    seen = 0
-    for step in range(steps):
-        index = order[step * config.batch_size : (step + 1) * config.batch_size]
-        images = augment(fit.train_split.images[index], config, generator).to(device)
-        targets = fit.train_split.targets[index].to(device)
+    seen = skipped = 0
+    for step, (batch, batch_targets, bad) in enumerate(fit.batches(epoch)):
+        skipped += check_bad(bad, params.data)
+        if isinstance(fit.train_split, FileSplit):
+            batch = augment(batch, config, generator=None)
+        images, targets = _to_device(batch, device), batch_targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = fit.net(normalise(images, spec.mean, spec.std))
             losses = boostnet.exit_losses([z.float() for z in logits], targets)
@@ -214,21 +270,37 @@ def train_epoch(fit: Fit, epoch: int, progress: _Progress | None = None) -> dict
         fractions, mean_losses = effective_samples(losses)
         loss_sum += mean_losses
         effective_sum += fractions
-        seen += len(index)
+        seen += len(targets)
         if progress:
             rate = seen * world / (time.perf_counter() - start)
             progress.step(epoch, step + 1, steps, loss_sum / (step + 1), rate)
     train_stats = _all_reduce(torch.stack([loss_sum, effective_sum]) / steps) / world
-    return {
+    stats = {
         "train_loss": train_stats[0].tolist(),
         "effective_samples": train_stats[1].tolist(),
         "lr": fit.optimiser.param_groups[0]["lr"],
         "images_per_second": seen * world / (time.perf_counter() - start),
     }
+    if fit.loader is not None:
+        stats["skipped_images"] = int(_all_reduce(torch.tensor([skipped], device=device)).item())
+    return stats
 
 
 def _worker_loop(config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker."""
+    """Runs in every Ray Train worker. An unreadable image is a deterministic error: it is
+    written down for the driver, and Ray's restarts after it (FailureConfig) stop at once
+    instead of training up to the same file again."""
+    marker = Path(config["bad_image_marker"])
+    if marker.exists():
+        raise BadImage(marker.read_text())
+    try:
+        _train_worker(config)
+    except BadImage as exc:
+        marker.write_text(str(exc))
+        raise
+
+
+def _train_worker(config: dict[str, Any]) -> None:
     params = Params.model_validate(config["params"])
     train_cfg = params.train
     context = ray.train.get_context()
@@ -240,8 +312,12 @@ def _worker_loop(config: dict[str, Any]) -> None:
     train_split = load_split(Path(config["prepared"]), "train")
     val_split = load_split(Path(config["prepared"]), "val")
     val_shard = val_split.subset(torch.arange(rank, len(val_split), world))
+    root = Path(config["root"]) if config["root"] else None
+    loaders = default_loader_workers(train_cfg.scaling.cpus_per_worker, train_cfg.loader_workers)
 
     net = BoostNet.from_params(params)
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
     if train_cfg.scaling.sync_bn and world > 1:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     # MSDNet's last block may still compute finer scales that no head reads (as in the paper's
@@ -257,7 +333,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
         optimiser, train_cfg, steps_per_epoch(len(train_split), params, world)
     )
 
-    fit = Fit(params, net, optimiser, scheduler, train_split, device, rank, world)
+    fit = Fit(params, net, optimiser, scheduler, train_split, device, rank, world, root, loaders)
     start_epoch, history, best = 0, [], {"score": -1.0, "epoch": 0, "state": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -277,7 +353,10 @@ def _worker_loop(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, train_cfg.epochs):
         epoch_start = time.perf_counter()
         stats = train_epoch(fit, epoch, progress)
-        correct = _all_reduce(exit_correct(net, val_shard, params, device))
+        correct = _all_reduce(exit_correct(net, val_shard, params, device, root, loaders))
+        if isinstance(val_split, FileSplit):  # the last entry counts unreadable files skipped
+            stats["skipped_images"] += int(correct[-1])
+            correct = correct[:-1]
         val_top1 = (100.0 * correct.float() / len(val_split)).tolist()
         record = {
             "epoch": epoch + 1,
@@ -331,25 +410,69 @@ class TrainOutcome:
     device: str
 
 
-def _use_gpu(params: Params) -> bool:
-    setting = params.train.scaling.use_gpu
-    if setting == "auto":
-        return ray.cluster_resources().get("GPU", 0) > 0
-    return bool(setting)
+AUTO_CPU_WORKERS = 2  # two 1-thread DDP workers beat one 2-thread worker on 2 cores
 
 
-def train(params: Params, prepared: Path, storage: Path, name: str) -> TrainOutcome:
-    """Fit on Ray Train (Ray must be initialised) and return the selected weights."""
+def require_resources(
+    what: str, key: str, workers: int, per_worker: float, kind: str, have: float, extra: float = 0
+) -> None:
+    """A Ray job asking for more than the whole cluster has would wait forever: refuse it at
+    once, naming the key that asked and what the cluster holds."""
+    needed = workers * per_worker + extra
+    if needed > have + 1e-9:
+        raise ConfigError(
+            f"{key}: {what} needs {needed:g} {kind}s ({workers} worker(s) x {per_worker:g}) "
+            f"but the Ray cluster has {have:g}"
+        )
+
+
+@dataclass(frozen=True)
+class Layout:
+    workers: int
+    use_gpu: bool
+
+
+def worker_layout(params: Params, cluster: dict[str, float]) -> Layout:
+    """Resolve `auto` against the cluster: one worker per GPU when it has GPUs, else the CPU
+    layout; then refuse any layout the cluster cannot hold (training would hang in Ray)."""
     scaling = params.train.scaling
-    use_gpu = _use_gpu(params)
+    gpus = cluster.get("GPU", 0.0)
+    use_gpu = gpus > 0 if scaling.use_gpu == "auto" else bool(scaling.use_gpu)
+    workers = scaling.workers
+    if workers == "auto":
+        fit_cpus = int(cluster.get("CPU", 0.0) // scaling.cpus_per_worker)
+        workers = max(1, int(gpus) if use_gpu else min(AUTO_CPU_WORKERS, fit_cpus))
+    key = "train.scaling.workers" if scaling.workers != "auto" else "train.scaling.use_gpu"
+    if use_gpu:
+        require_resources("training", key, workers, 1, "GPU", gpus)
+    cpu_key = "train.scaling.cpus_per_worker" if scaling.workers == "auto" else key
+    require_resources(
+        "training", cpu_key, workers, scaling.cpus_per_worker, "CPU", cluster.get("CPU", 0.0)
+    )
+    return Layout(workers, use_gpu)
+
+
+def train(
+    params: Params, prepared: Path, storage: Path, name: str, root: Path | None = None
+) -> TrainOutcome:
+    """Fit on Ray Train (Ray must be initialised) and return the selected weights. `root`:
+    where a folder dataset's files are (the manifest in `prepared` is relative to it)."""
+    scaling = params.train.scaling
+    layout = worker_layout(params, ray.cluster_resources())
+    use_gpu = layout.use_gpu
+    storage.mkdir(parents=True, exist_ok=True)
+    bad_image_marker = storage / f"{name}.bad-image"
+    bad_image_marker.unlink(missing_ok=True)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
             "params": params.model_dump(mode="json"),
             "prepared": str(prepared.resolve()),
+            "root": str(root.resolve()) if root else None,
+            "bad_image_marker": str(bad_image_marker.resolve()),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.workers,
+            num_workers=layout.workers,
             use_gpu=use_gpu,
             resources_per_worker={
                 "CPU": scaling.cpus_per_worker,
@@ -363,7 +486,14 @@ def train(params: Params, prepared: Path, storage: Path, name: str) -> TrainOutc
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except Exception:
+        if bad_image_marker.exists():  # one line naming the file, not Ray's wrapped traceback
+            message = bad_image_marker.read_text()
+            bad_image_marker.unlink()
+            raise BadImage(message) from None
+        raise
     with result.checkpoint.as_directory() as folder:
         state = load_checkpoint(Path(folder) / "state.pt")
         best = load_checkpoint(Path(folder) / "best.pt")

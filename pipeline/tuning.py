@@ -140,14 +140,13 @@ def _trial_data(params: Params, prepared: Path) -> tuple[Any, Any]:
 def _score(net: torch.nn.Module, val: Any, params: Params, exit_flops: list[int]) -> dict:
     """The held-out metrics a trial reports after every epoch."""
     from pipeline.calibration import budget_auc
-    from pipeline.evaluation import collect_logits, topk_accuracy
+    from pipeline.evaluation import Source, collect_scores
 
-    logits = collect_logits(
-        net, val, params.data.spec, params.train.eval_batch_size, torch.device("cpu")
-    )
-    top1 = topk_accuracy(logits, val.targets, 1)
+    source = Source(val, params.data, params.train.eval_batch_size)
+    scores, _ = collect_scores(net, source, torch.device("cpu"))
+    top1 = scores.top1()
     return {
-        "val_budget_auc": budget_auc(logits, val.targets, exit_flops),
+        "val_budget_auc": budget_auc(scores, exit_flops),
         "val_mean_top1": sum(top1) / len(top1),
         "val_final_top1": top1[-1],
         **{f"val_top1_exit_{k}": v for k, v in enumerate(top1, start=1)},
@@ -468,16 +467,20 @@ def run_search(
 
 def check_fits(config: TuneConfig, cluster: dict[str, float]) -> None:
     """A trial that asks for more than the whole cluster has would wait forever: say so."""
+    from pipeline.training import require_resources
+
     workers = config.workers_per_trial
     extra = 0.01 if workers > 1 else 0.0  # the trial's own process beside its Train workers
     for kind, per_worker in (("CPU", config.cpus_per_trial), ("GPU", config.gpus_per_trial)):
-        needed = workers * per_worker + (extra if kind == "CPU" else 0.0)
-        if needed > cluster.get(kind, 0.0) + 1e-9:
-            raise ConfigError(
-                f"tune.{kind.lower()}s_per_trial: a trial needs {needed:g} {kind}s "
-                f"({workers} worker(s) x {per_worker:g}) but the Ray cluster has "
-                f"{cluster.get(kind, 0.0):g}"
-            )
+        require_resources(
+            "a trial",
+            f"tune.{kind.lower()}s_per_trial",
+            workers,
+            per_worker,
+            kind,
+            cluster.get(kind, 0.0),
+            extra if kind == "CPU" else 0.0,
+        )
 
 
 def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:

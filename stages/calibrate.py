@@ -11,22 +11,25 @@ from pipeline.calibration import sweep, thresholds_for_budget
 from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.data import load_split
-from pipeline.evaluation import collect_logits, exit_costs, load_model
-from pipeline.io import write_json
+from pipeline.evaluation import collect_scores, eval_source, exit_costs, load_model
+from pipeline.io import read_json, write_json
 
 
 @stage_main
 def main() -> None:
-    params = load_params(paths.PARAMS)
+    params = load_params(paths.PARAMS).with_dataset(read_json(paths.DATASET_INFO))
     device = torch.device("cpu")
     net = load_model(params, paths.MODEL, device)
     val = load_split(paths.PREPARED, "val")
-    logits = collect_logits(net, val, params.data.spec, params.evaluate.batch_size, device)
+    source = eval_source(params, val, params.evaluate.batch_size)
+    scores, skipped = collect_scores(net, source, device)
+    if skipped:
+        print(f"skipped {skipped} unreadable image(s) of the held-out split (data.skip_bad)")
     flops = exit_costs(net, params)
-    grid = [{"p": p, **vars(point)} for p, point in sweep(logits, val.targets, flops)]
+    grid = [{"p": p, **vars(point)} for p, point in sweep(scores, flops)]
     budgets = []
     for budget in params.calibrate.budgets:
-        p, point = thresholds_for_budget(logits, val.targets, flops, budget)
+        p, point = thresholds_for_budget(scores, flops, budget)
         budgets.append({"budget": budget, "p": p, **vars(point)})
     write_json(paths.THRESHOLDS, {"exit_flops": flops, "grid": grid, "budgets": budgets})
     run_id = tracking.resume_run(paths.MLFLOW_RUN)

@@ -11,32 +11,30 @@ from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.data import load_split
 from pipeline.evaluation import (
-    collect_logits,
+    collect_scores,
     early_exit,
+    eval_source,
     exit_costs,
     load_model,
     time_all_exits,
-    topk_accuracy,
 )
 from pipeline.io import read_json, write_json
 
 
 @stage_main
 def main() -> None:
-    params = load_params(paths.PARAMS)
-    spec, batch_size, repeats = (
-        params.data.spec,
-        params.evaluate.batch_size,
-        params.evaluate.timing_repeats,
-    )
+    params = load_params(paths.PARAMS).with_dataset(read_json(paths.DATASET_INFO))
+    repeats = params.evaluate.timing_repeats
     device = torch.device("cpu")
     net = load_model(params, paths.MODEL, device)
-    test = load_split(paths.PREPARED, "test")
+    test = eval_source(params, load_split(paths.PREPARED, "test"), params.evaluate.batch_size)
     calibration = read_json(paths.THRESHOLDS)
     flops = exit_costs(net, params)
 
-    logits = collect_logits(net, test, spec, batch_size, device)
-    top1, top5 = topk_accuracy(logits, test.targets, 1), topk_accuracy(logits, test.targets, 5)
+    scores, skipped = collect_scores(net, test, device)
+    top1, top5 = scores.top1(), scores.top5_accuracy()
+    if skipped:
+        print(f"skipped {skipped} unreadable image(s) of the test split (data.skip_bad)")
     anytime = [
         {"exit": k + 1, "mflops": flops[k] / 1e6, "top1": top1[k], "top5": top5[k]}
         for k in range(len(flops))
@@ -45,9 +43,7 @@ def main() -> None:
     curve = [
         (
             row,
-            operate(
-                logits, test.targets, torch.tensor(row["thresholds"], dtype=torch.float64), flops
-            ),
+            operate(scores, torch.tensor(row["thresholds"], dtype=torch.float64), flops),
         )
         for row in calibration["grid"]
     ]
@@ -71,24 +67,24 @@ def main() -> None:
     all_exit_times: list[float] = []
     runs: dict[int, list] = {i: [] for i in range(len(calibration["budgets"]))}
     for _ in range(repeats):
-        all_exit_times.append(time_all_exits(net, test, spec, batch_size, device))
+        all_exit_times.append(time_all_exits(net, test, device))
         for i, row in enumerate(calibration["budgets"]):
-            runs[i].append(early_exit(net, test, row["thresholds"], spec, batch_size, device))
+            runs[i].append(early_exit(net, test, row["thresholds"], device))
     all_exits_seconds = statistics.median(all_exit_times)
     budgets = {}
     for i, row in enumerate(calibration["budgets"]):
         thresholds = torch.tensor(row["thresholds"], dtype=torch.float64)
-        expected = operate(logits, test.targets, thresholds, flops)
+        expected = operate(scores, thresholds, flops)
         seconds = statistics.median(run.seconds for run in runs[i])
         measured, predicted = all_exits_seconds / seconds, flops[-1] / expected.expected_flops
-        hits = runs[i][0].predictions == test.targets
+        hits = runs[i][0].predictions == runs[i][0].targets
         budgets[f"{row['budget']:.4g}"] = {
             "target_mflops": row["budget"] / 1e6,
             "expected_mflops": expected.expected_flops / 1e6,
             "top1": expected.top1,
             "early_exit_top1": 100.0 * float(hits.double().mean()),
             "seconds": seconds,
-            "images_per_second": len(test) / seconds,
+            "images_per_second": len(scores.targets) / seconds,
             "speedup_measured": measured,
             "speedup_predicted": predicted,
             "speedup_ratio": measured / predicted,
@@ -103,7 +99,7 @@ def main() -> None:
         "mean_top1": sum(top1) / len(top1),
         "all_exits": {
             "seconds": all_exits_seconds,
-            "images_per_second": len(test) / all_exits_seconds,
+            "images_per_second": len(scores.targets) / all_exits_seconds,
         },
         "budgets": budgets,
     }

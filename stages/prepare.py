@@ -1,30 +1,42 @@
-"""DVC stage `prepare`: load the dataset, hold out a seeded validation split, fingerprint it."""
+"""DVC stage `prepare`: load (or, for folder datasets, list) the dataset, hold out a seeded
+validation split, fingerprint it."""
 
 from pipeline import paths
 from pipeline.cli import stage_main
 from pipeline.config import load_params
-from pipeline.data import fingerprint, load_dataset, save_splits, split_holdout
+from pipeline.data import fingerprint, list_folder_dataset, load_dataset, save_splits, split_holdout
 from pipeline.io import write_json
 
 
 @stage_main
 def main() -> None:
     params = load_params(paths.PARAMS)
-    train, test, source = load_dataset(params.data, paths.DOWNLOADS)
-    digest = fingerprint(train, test)
+    folder = None
+    if params.data.is_folder:
+        folder = list_folder_dataset(params.data)
+        train, test, source, digest = (
+            folder.train,
+            folder.test,
+            str(folder.root),
+            folder.fingerprint,
+        )
+    else:
+        train, test, source = load_dataset(params.data, paths.DOWNLOADS)
+        digest = fingerprint(train, test)
     train, val, test = split_holdout(train, test, params.data, params.seed)
     save_splits(paths.PREPARED, {"train": train, "val": val, "test": test})
-    write_json(
-        paths.DATASET_INFO,
-        {
-            "dataset": params.data.dataset,
-            "source": source,
-            "fingerprint": digest,
-            "train": len(train),
-            "val": len(val),
-            "test": len(test),
-        },
-    )
+    info = {
+        "dataset": params.data.dataset,
+        "source": source,
+        "fingerprint": digest,
+        "train": len(train),
+        "val": len(val),
+        "test": len(test),
+    }
+    if folder is not None:  # train/calibrate/evaluate size the model's classifier from this
+        info |= {"root": str(folder.root), "num_classes": len(folder.classes)}
+        info["classes"] = folder.classes
+    write_json(paths.DATASET_INFO, info)
     print(
         f"prepared {params.data.dataset}: {len(train)} train / {len(val)} val / "
         f"{len(test)} test images, fingerprint {digest}"

@@ -1,5 +1,7 @@
 """DVC stage `train`: BoostNet on Ray Train workers; keeps the weights best on held-out data."""
 
+from pathlib import Path
+
 import mlflow
 import torch
 
@@ -13,8 +15,8 @@ from pipeline.training import ray_init_kwargs, run_name, train
 
 @stage_main
 def main() -> None:
-    params = load_params(paths.PARAMS)
     dataset = read_json(paths.DATASET_INFO)
+    params = load_params(paths.PARAMS).with_dataset(dataset)
     name = run_name(params, dataset["fingerprint"])
     # Created (or, after an interruption, reopened) before training: an unreachable store
     # fails here, not after an hour of training.
@@ -24,7 +26,8 @@ def main() -> None:
 
     ray.init(**ray_init_kwargs())
     try:
-        outcome = train(params, paths.PREPARED, paths.RAY_STORAGE, name)
+        root = Path(params.data.root) if params.data.is_folder else None
+        outcome = train(params, paths.PREPARED, paths.RAY_STORAGE, name, root)
     finally:
         ray.shutdown()
     with atomic_path(paths.MODEL) as tmp:
@@ -46,6 +49,9 @@ def main() -> None:
             "epochs": outcome.history,
         },
     )
+    skipped = outcome.history[-1].get("skipped_images")
+    if skipped:
+        print(f"skipped {skipped} unreadable image(s) per epoch (data.skip_bad: true)")
     write_json(paths.MLFLOW_RUN, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()})
     run_file.unlink(missing_ok=True)
     net = BoostNet.from_params(params)

@@ -80,3 +80,29 @@ def grey_ranet(**overrides: Any) -> RANet:
         stem="small",
     )
     return RANet(RANetSpec(**{**spec, **overrides}))
+
+
+def write_image_folder(
+    root: Path, classes: int = 3, per_class: int = 12, val_per_class: int = 4, seed: int = 0
+) -> Path:
+    """A small ImageNet-layout dataset of real JPEGs of varying sizes (root/{train,val}/<wnid>/),
+    each class a different mean colour so a model can learn something; one PNG and one WebP per
+    split, and a non-image file that must be ignored."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", per_class), ("val", val_per_class)):
+        for label in range(classes):
+            folder = root / split / f"n{label:08d}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                height, width = (int(v) for v in rng.integers(40, 120, size=2))
+                base = np.zeros(3)
+                base[label % 3] = 200
+                pixels = base + rng.normal(0, 40, size=(height, width, 3))
+                image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+                suffix = {0: ".png", 1: ".webp"}.get(i, ".JPEG") if label == 0 else ".JPEG"
+                image.save(folder / f"{split}_{label}_{i}{suffix}")
+        (root / split / "n00000000" / "notes.txt").write_text("not an image\n")
+    return root

@@ -7,6 +7,7 @@ import torch
 
 from pipeline.calibration import (
     P_GRID,
+    ExitScores,
     assign_exits,
     exit_distribution,
     fit_thresholds,
@@ -67,7 +68,7 @@ def test_operate_counts_accuracy_cost_and_exit_fractions():
     confident = torch.tensor([[True, False, True, False], [True, True, True, True]])
     logits = _logits_for(predicted, confident)
     thresholds = torch.tensor([0.9, -INF], dtype=torch.float64)
-    point = operate(logits, targets, thresholds, exit_flops=[10, 30])
+    point = operate(ExitScores.from_logits(logits, targets), thresholds, exit_flops=[10, 30])
     # samples 0 and 2 leave at exit 1 (both right); 1 and 3 go on and exit 2 gets them right
     assert point.top1 == 100.0
     assert point.exit_fractions == [0.5, 0.5]
@@ -91,13 +92,13 @@ def _random_problem(seed=0, n=500, n_exits=4, classes=5):
         torch.randn(n_exits, n, classes, generator=generator)
         * torch.linspace(1, 4, n_exits)[:, None, None]
     )
-    return logits, torch.randint(0, classes, (n,), generator=generator)
+    return ExitScores.from_logits(logits, torch.randint(0, classes, (n,), generator=generator))
 
 
 def test_sweep_spans_the_exit_costs_and_fits_the_target_fractions():
-    logits, targets = _random_problem()
+    scores = _random_problem()
     flops = [100, 200, 300, 400]
-    points = sweep(logits, targets, flops)
+    points = sweep(scores, flops)
     assert len(points) == 39
     for p, point in points:
         assert 100 <= point.expected_flops <= 400
@@ -110,14 +111,14 @@ def test_sweep_spans_the_exit_costs_and_fits_the_target_fractions():
 
 @pytest.mark.parametrize("budget", [120, 180, 250, 330, 400, 1000])
 def test_thresholds_for_budget_meet_the_budget_on_validation(budget):
-    logits, targets = _random_problem(seed=1)
+    scores = _random_problem(seed=1)
     flops = [100, 200, 300, 400]
-    _, point = thresholds_for_budget(logits, targets, flops, budget)
+    _, point = thresholds_for_budget(scores, flops, budget)
     assert point.expected_flops <= budget
     assert point.expected_flops >= min(budget, 400) - 40  # and uses most of it
 
 
 def test_an_impossible_budget_is_a_clear_error():
-    logits, targets = _random_problem()
+    scores = _random_problem()
     with pytest.raises(ConfigError, match=r"calibrate\.budgets: 50 FLOPs is below"):
-        thresholds_for_budget(logits, targets, [100, 200, 300, 400], 50)
+        thresholds_for_budget(scores, [100, 200, 300, 400], 50)

@@ -4,9 +4,16 @@ import torch
 from conftest import compose
 
 from pipeline.boosting import BoostNet
-from pipeline.calibration import assign_exits, confidences, exit_distribution, fit_thresholds
+from pipeline.calibration import (
+    ExitScores,
+    accuracy,
+    assign_exits,
+    exit_distribution,
+    fit_thresholds,
+    topk_hits,
+)
 from pipeline.data import Split
-from pipeline.evaluation import collect_logits, early_exit, topk_accuracy
+from pipeline.evaluation import Source, collect_scores, early_exit
 
 DEVICE = torch.device("cpu")
 
@@ -23,24 +30,27 @@ def _problem():
 
 def test_early_exit_predicts_and_exits_as_the_thresholds_say():
     params, net, split = _problem()
-    spec = params.data.spec
-    logits = collect_logits(net, split, spec, batch_size=64, device=DEVICE)
-    assert logits.shape == (params.model.n_exits, 300, 10)
-    thresholds = fit_thresholds(confidences(logits), exit_distribution(0.7, params.model.n_exits))
-    expected_exits = assign_exits(confidences(logits), thresholds)
+    source = Source(split, params.data, batch_size=64)
+    scores, skipped = collect_scores(net, source, DEVICE)
+    assert scores.confidence.shape == (params.model.n_exits, 300) and skipped == 0
+    thresholds = fit_thresholds(scores.confidence, exit_distribution(0.7, params.model.n_exits))
+    expected_exits = assign_exits(scores.confidence, thresholds)
     assert len(expected_exits.unique()) > 1  # the thresholds really split the batch
 
-    run = early_exit(net, split, thresholds.tolist(), spec, batch_size=64, device=DEVICE)
+    run = early_exit(net, source, thresholds.tolist(), DEVICE)
     agree = (run.exits == expected_exits).float().mean()
     assert agree > 0.98  # subsets may round differently right at a threshold
     same = run.exits == expected_exits
-    expected_predictions = logits.argmax(-1)[expected_exits, torch.arange(300)]
+    expected_predictions = scores.prediction[expected_exits, torch.arange(300)]
     assert torch.equal(run.predictions[same], expected_predictions[same])
+    assert torch.equal(run.targets, split.targets)
     assert run.seconds > 0
 
 
 def test_topk_accuracy_counts_hits_per_exit():
     logits = torch.tensor([[[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]], [[1.0, 3.0, 2.0], [3.0, 2.0, 1.0]]])
     targets = torch.tensor([1, 2])
-    assert topk_accuracy(logits, targets, 1) == [50.0, 50.0]
-    assert topk_accuracy(logits, targets, 2) == [100.0, 50.0]
+    assert accuracy(topk_hits(logits, targets, 1)) == [50.0, 50.0]
+    assert accuracy(topk_hits(logits, targets, 2)) == [100.0, 50.0]
+    scores = ExitScores.from_logits(logits, targets)
+    assert scores.top1() == [50.0, 50.0] and scores.top5_accuracy() == [100.0, 100.0]

@@ -17,7 +17,7 @@ import torch
 import yaml
 from conftest import ROOT, compose
 
-from pipeline.calibration import budget_auc
+from pipeline.calibration import ExitScores, budget_auc
 from pipeline.config import ConfigError, load_params, write_overrides
 from pipeline.data import DEBIAN_FASHION_MNIST
 from pipeline.io import read_json
@@ -66,13 +66,13 @@ def test_the_first_trial_is_the_params_file(tmp_path):
 def test_budget_auc_is_the_mean_accuracy_over_the_cost_range():
     targets = torch.arange(200) % 10
     perfect = torch.nn.functional.one_hot(targets, 10).float()[None].repeat(3, 1, 1) * 9
-    assert budget_auc(perfect, targets, [1, 2, 3]) == pytest.approx(100.0)
+    assert budget_auc(ExitScores.from_logits(perfect, targets), [1, 2, 3]) == pytest.approx(100.0)
     # Exit 1 always wrong, exits 2-3 always right and the last exit costs 3: at budgets below
     # exit 2's cost (the first half of [1, 3]) no threshold choice is right more often than
     # the share it sends past exit 1, so the mean lies strictly between 0 and 100.
     wrong_first = perfect.clone()
     wrong_first[0] = torch.roll(perfect[0], 1, dims=-1)
-    score = budget_auc(wrong_first, targets, [1, 2, 3])
+    score = budget_auc(ExitScores.from_logits(wrong_first, targets), [1, 2, 3])
     assert 40 < score < 100
 
 
