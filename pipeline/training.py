@@ -2,7 +2,8 @@
 
 Each epoch every worker trains on its shard of a seeded permutation, the held-out split is scored
 (sharded, counts summed across workers), and rank 0 reports a checkpoint holding the latest state
-and the best weights so far. Selection uses the held-out split only: the mean top-1 over all exits.
+and the weights `train.select` keeps: the last epoch's, or the best so far on the held-out split
+(never the test split) by `train.select_metric`, the mean top-1 over exits or the last exit's.
 
 Resuming: Ray Train keeps the reported checkpoints under `<storage>/<run name>`, and the run name
 is a hash of everything that shapes training (params and data fingerprint). After a crash, even a
@@ -36,7 +37,17 @@ from pipeline.config import Params, TrainConfig
 from pipeline.data import Split, load_split
 from pipeline.io import load_checkpoint
 
-SELECTION_METRIC = "val_mean_top1"
+
+def selection_score(config: TrainConfig, val_top1: list[float]) -> float:
+    """What `train.select: best` maximises over epochs; NaN without a held-out split."""
+    if not val_top1:
+        return math.nan
+    return val_top1[-1] if config.select_metric == "last-exit" else sum(val_top1) / len(val_top1)
+
+
+def keeps(config: TrainConfig, score: float, kept_score: float) -> bool:
+    """Whether this epoch's weights replace the kept ones (`last`: always; ties go to later)."""
+    return config.select == "last" or score >= kept_score
 
 
 def run_name(params: Params, data_fingerprint: str) -> str:
@@ -134,7 +145,7 @@ class _Progress:
         )
 
     def epoch(self, record: dict[str, Any]) -> None:
-        accuracy = " ".join(f"{v:.2f}" for v in record["val_top1"])
+        accuracy = " ".join(f"{v:.2f}" for v in record["val_top1"]) or "- (no held-out split)"
         self.console.print(
             f"[bold green]epoch {record['epoch']}[/] val top-1/exit [green]{accuracy}[/] "
             f"({record['epoch_seconds']:.1f}s)"
@@ -277,20 +288,23 @@ def _worker_loop(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, train_cfg.epochs):
         epoch_start = time.perf_counter()
         stats = train_epoch(fit, epoch, progress)
-        correct = _all_reduce(exit_correct(net, val_shard, params, device))
-        val_top1 = (100.0 * correct.float() / len(val_split)).tolist()
+        val_top1 = []  # data.val_size 0: nothing held out to score
+        if len(val_split):
+            correct = _all_reduce(exit_correct(net, val_shard, params, device))
+            val_top1 = (100.0 * correct.float() / len(val_split)).tolist()
         record = {
             "epoch": epoch + 1,
             **stats,
             "val_top1": val_top1,
-            SELECTION_METRIC: sum(val_top1) / len(val_top1),
+            **({"val_mean_top1": sum(val_top1) / len(val_top1)} if val_top1 else {}),
             "epoch_seconds": time.perf_counter() - epoch_start,
             "nodes": nodes,
         }
         history.append(record)
-        if record[SELECTION_METRIC] >= best["score"]:
+        score = selection_score(train_cfg, val_top1)
+        if keeps(train_cfg, score, best["score"]):
             best = {
-                "score": record[SELECTION_METRIC],
+                "score": score,
                 "epoch": epoch + 1,
                 "state": {
                     k: v.detach().cpu().clone() for k, v in _unwrap(net).state_dict().items()
