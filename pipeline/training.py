@@ -250,7 +250,7 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
     train_split = load_split(Path(config["prepared"]), "train")
     val_split = load_split(Path(config["prepared"]), "val")
-    val_shard = val_split.subset(torch.arange(rank, len(val_split), world))
+    val_shard = val_split.subset(torch.arange(len(val_split))[rank::world])  # may be empty
 
     net = BoostNet.from_params(params)
     if train_cfg.scaling.sync_bn and world > 1:
