@@ -33,6 +33,16 @@ def random_crop_flip(
     ]
 
 
+def batch_augment(
+    images: torch.Tensor, kind: str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """`train.augment` on a uint8 batch: crop-flip here; random-resized-crop happens per image
+    in the loader processes (folder datasets), so it and `none` leave the batch as it is."""
+    if kind == "crop-flip":
+        return random_crop_flip(images, padding=4, generator=generator)
+    return images
+
+
 def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 [B, C, H, W] -> float32, scaled to [0, 1] and standardised per channel."""
     mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)

@@ -195,8 +195,14 @@ def runs(params_path: Path, limit: int) -> None:
     show_default=True,
     help="PNG with every run's exit-accuracy and budget curves.",
 )
+@click.option(
+    "--paper",
+    metavar="SETTING",
+    help="Compare one run with the published numbers of SETTING (e.g. cifar100-msdnet-anytime), "
+    "or `auto`: the setting matching the run's dataset, architecture and exits.",
+)
 @exits_on_config_error
-def compare(refs: tuple[str, ...], params_path: Path, output: Path) -> None:
+def compare(refs: tuple[str, ...], params_path: Path, output: Path, paper: str | None) -> None:
     """Per-exit and per-budget test top-1 of several runs: a table, and one PNG.
 
     REFS are MLflow run ids or prefixes (as `boostpipe runs` prints), run names, or DVC
@@ -208,12 +214,18 @@ def compare(refs: tuple[str, ...], params_path: Path, output: Path) -> None:
 
     client, experiment_id = _client(params_path)
     try:
-        found = [curves(client, find_run(client, experiment_id, ref)) for ref in refs]
+        runs = [find_run(client, experiment_id, ref) for ref in refs]
     except RunNotFound as exc:
         raise click.ClickException(str(exc)) from None
+    found = [curves(client, run) for run in runs]
     for run in found:
         if not run.exit_top1:
             raise click.ClickException(f"{run.label}: has no evaluation logged (unfinished run?)")
+    if paper is not None:
+        if len(runs) != 1:
+            raise click.ClickException("--paper: give exactly one run")
+        _compare_with_paper(runs[0].data.params, found[0], paper, output)
+        return
     table = Table(title="test top-1 (%)")
     table.add_column("")
     for run in found:
@@ -228,6 +240,32 @@ def compare(refs: tuple[str, ...], params_path: Path, output: Path) -> None:
         table.add_row(f"budget {budget:g} MFLOPs", *cells)
     Console().print(table)
     compare_runs(output, found)
+    click.echo(f"wrote {output}")
+
+
+def _compare_with_paper(run_params: dict[str, str], run: Any, setting: str, output: Path) -> None:
+    """The run's top-1 beside the published numbers, with differences, and both in one PNG."""
+    from pipeline.paper import NoPaperNumbers, compare_rows, guess_setting
+    from pipeline.plots import paper_overlay
+
+    try:
+        if setting == "auto":
+            setting = guess_setting(run_params, len(run.exit_top1))
+        boosted = run_params.get("boost.enabled", "True") == "True"
+        rows = compare_rows(run, setting, boosted, run_params.get("model.arch", "msdnet"))
+    except NoPaperNumbers as exc:
+        click.echo(str(exc))
+        return
+    method = "BoostNet" if boosted else "baseline"
+    table = Table(title=f"test top-1 (%): {run.label} vs published {method}, {setting}")
+    for column in ("", "MFLOPs", "ours", "paper", "ours - paper"):
+        table.add_column(column, justify="left" if not column else "right")
+    for row in rows:
+        ours = "-" if row.ours is None else f"{row.ours:.2f}"
+        diff = "-" if row.difference is None else f"{row.difference:+.2f}"
+        table.add_row(row.label, f"{row.mflops:.2f}", ours, f"{row.paper:.2f}", diff)
+    Console().print(table)
+    paper_overlay(output, run, rows, f"published {method} ({setting})")
     click.echo(f"wrote {output}")
 
 

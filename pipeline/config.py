@@ -46,7 +46,9 @@ class DataConfig(_Section):
         "fashion-mnist"
     )
     root: str | None = None  # None: the dataset's usual locations (see the prepare stage)
-    val_size: Count = 5000  # images held out of the training split for selection and calibration
+    # Images held out of the training split for selection and calibration; 0 trains on every
+    # image (the paper's anytime setting), leaving nothing to select or calibrate on.
+    val_size: Annotated[int, Field(strict=True, ge=0)] = 5000
     train_subset: Count | None = None  # quick runs: train on this many images only
     test_subset: Count | None = None
     image_size: Count | None = None  # folder datasets: training crop and evaluation side
@@ -109,6 +111,9 @@ class MSDNetConfig(_Section):
     in_channels: Count | None = None  # None: from the dataset
     num_classes: Count | None = None  # None: from the dataset
     head_channels: Count | None = None  # None: 128, or the input width with the ImageNet stem
+    # he: He (fan_out) convs, unit BN, zero biases; torch-default: PyTorch's own layer defaults,
+    # which is what the reference implementation effectively runs (its init loop reaches no conv).
+    init: Literal["he", "torch-default"] = "he"
 
     @property
     def n_exits(self) -> int:
@@ -229,6 +234,10 @@ class TrainConfig(_Section):
     gamma: Positive = 0.1
     augment: Literal["none", "crop-flip", "random-resized-crop"] = "crop-flip"
     amp: bool = True  # bfloat16 autocast when training on CUDA; ignored on CPU
+    # Which epoch's weights the run keeps: the last, or the best on the held-out split by
+    # `select_metric` (mean top-1 over exits, or the last exit's top-1 as the reference does).
+    select: Literal["last", "best"] = "best"
+    select_metric: Literal["mean", "last-exit"] = "mean"
     eval_batch_size: Count = 512  # scoring the held-out split after every epoch
     # Folder datasets: decoding processes per Ray worker (None: the worker's CPUs minus one).
     loader_workers: Annotated[int, Field(strict=True, ge=0)] | None = None
@@ -238,6 +247,9 @@ class TrainConfig(_Section):
 class CalibrateConfig(_Section):
     # Target average FLOPs per test image; calibrate finds thresholds meeting each on validation.
     budgets: list[Positive] = []
+    # true: calibrate on held-out images with the training augmentation, as the reference does
+    # (its held-out loader reads the augmented training set); false: clean images (ours).
+    augment: bool = False
 
 
 class EvaluateConfig(_Section):
@@ -365,6 +377,12 @@ class Params(_Section):
             self.train.milestones
         ):
             raise _KeyError("train.milestones", "must be in increasing order")
+        if self.data.val_size == 0 and self.train.select == "best":
+            raise _KeyError(
+                "data.val_size",
+                "is 0 but train.select is best, which needs a held-out split; "
+                "set train.select: last or hold images out",
+            )
         return self
 
     @property

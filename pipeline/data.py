@@ -201,13 +201,15 @@ def split_holdout(
     train: AnySplit, test: AnySplit, config: DataConfig, seed: int
 ) -> tuple[AnySplit, AnySplit, AnySplit]:
     """(train, validation, test): a seeded permutation of the training set; its last
-    `val_size` images are never trained on. Subsets shrink train and test."""
+    `val_size` images are never trained on; with 0 the validation split is
+    empty and every image is trained on. Subsets shrink train and test."""
     if config.val_size >= len(train):
         raise ConfigError(
             f"data.val_size: {config.val_size} leaves no training images out of {len(train)}"
         )
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
-    fit, held_out = order[: -config.val_size], order[-config.val_size :]
+    cut = len(train) - config.val_size
+    fit, held_out = order[:cut], order[cut:]
     if config.train_subset is not None:
         fit = fit[: config.train_subset]
     test_index = torch.arange(len(test))

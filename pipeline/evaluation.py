@@ -38,6 +38,8 @@ class Source:
     batch_size: int
     root: Path | None = None
     workers: int = 0
+    augment: str = "none"  # a train.augment kind: calibrate.augment scores augmented images
+    seed: int = 0
 
     def batches(
         self, device: torch.device, skipped: list[int] | None = None
@@ -46,7 +48,7 @@ class Source:
         unless data.skip_bad, and are then counted into `skipped[0]`."""
         spec = self.data.spec
         for images, targets, bad in eval_batches(
-            self.split, self.data, self.batch_size, self.root, self.workers
+            self.split, self.data, self.batch_size, self.root, self.workers, self.augment, self.seed
         ):
             count = check_bad(bad, self.data)
             if skipped is not None:
@@ -126,13 +128,16 @@ def time_all_exits(net: BoostNet, source: Source, device: torch.device) -> float
     return time.perf_counter() - start_time
 
 
-def eval_source(params: Params, split: AnySplit, batch_size: int) -> Source:
+def eval_source(params: Params, split: AnySplit, batch_size: int, augment: bool = False) -> Source:
     """How a stage outside Ray reads `split`: folder datasets from data.root with the loader
-    processes this machine's CPUs allow (train.loader_workers overrides)."""
+    processes this machine's CPUs allow (train.loader_workers overrides); `augment` applies the
+    training augmentation (seeded), as the reference's calibration effectively does."""
+    kind = params.train.augment if augment else "none"
     if not params.data.is_folder:
-        return Source(split, params.data, batch_size)
+        return Source(split, params.data, batch_size, augment=kind, seed=params.seed)
     workers = default_loader_workers(os.cpu_count() or 1, params.train.loader_workers)
-    return Source(split, params.data, batch_size, Path(params.data.root), workers)
+    root = Path(params.data.root)
+    return Source(split, params.data, batch_size, root, workers, kind, params.seed)
 
 
 def load_model(params: Params, path: Path, device: torch.device) -> BoostNet:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 
+from pipeline.augment import batch_augment
 from pipeline.config import DataConfig
 from pipeline.data import AnySplit, FileSplit
 from pipeline.folders import DatasetError
@@ -109,15 +110,25 @@ def file_loader(
 
 
 def eval_batches(
-    split: AnySplit, data: DataConfig, batch_size: int, root: Path | None, workers: int = 0
+    split: AnySplit,
+    data: DataConfig,
+    batch_size: int,
+    root: Path | None,
+    workers: int = 0,
+    augment: str = "none",
+    seed: int = 0,
 ) -> Iterator[Batch]:
-    """Every sample in order, as evaluation sees it (no augmentation)."""
+    """Every sample in order, as evaluation sees it: clean, or with the training augmentation
+    `augment` (seeded; `calibrate.augment` asks for it)."""
     if isinstance(split, FileSplit):
-        yield from file_loader(split, root, data, batch_size, workers=workers)
+        train = augment != "none"
+        yield from file_loader(split, root, data, batch_size, train=train, workers=workers)
         return
+    generator = torch.Generator().manual_seed(seed)
     for start in range(0, len(split), batch_size):
         end = start + batch_size
-        yield split.images[start:end], split.targets[start:end], []
+        images = batch_augment(split.images[start:end], augment, generator)
+        yield images, split.targets[start:end], []
 
 
 def check_bad(bad: list[str], data: DataConfig) -> int:

@@ -35,12 +35,15 @@ def accuracy_vs_flops(
     for index, (x, y) in enumerate(zip(exit_mflops, exit_top1, strict=True), start=1):
         anytime.annotate(str(index), (x, y), textcoords="offset points", xytext=(4, -10))
     anytime.set(title="anytime prediction", xlabel="MFLOPs", ylabel="test top-1 (%)")
-    order = sorted(range(len(budget_mflops)), key=budget_mflops.__getitem__)
-    xs = [budget_mflops[i] for i in order]
-    budgeted.plot(xs, [budget_top1[i] for i in order], ".", alpha=0.6, label="raw")
-    budgeted.plot(xs, [budget_flat[i] for i in order], "-", label="flat envelope")
     budgeted.set(title="budgeted batch", xlabel="average MFLOPs", ylabel="test top-1 (%)")
-    budgeted.legend()
+    if budget_mflops:
+        order = sorted(range(len(budget_mflops)), key=budget_mflops.__getitem__)
+        xs = [budget_mflops[i] for i in order]
+        budgeted.plot(xs, [budget_top1[i] for i in order], ".", alpha=0.6, label="raw")
+        budgeted.plot(xs, [budget_flat[i] for i in order], "-", label="flat envelope")
+        budgeted.legend()
+    else:  # data.val_size 0: no held-out split to calibrate thresholds on
+        budgeted.text(0.5, 0.5, "not calibrated\n(no held-out split)", ha="center", va="center")
     for axes in (anytime, budgeted):
         axes.grid(alpha=0.3)
     figure.suptitle(title)
@@ -74,6 +77,27 @@ def compare_runs(path: Path, runs: Sequence[RunCurves]) -> None:
     for axes in (anytime, budgeted):
         axes.grid(alpha=0.3)
     figure.legend(loc="lower center", ncol=min(len(runs), 3), bbox_to_anchor=(0.5, -0.08))
+    _save(figure, path)
+
+
+def paper_overlay(path: Path, run: RunCurves, rows: Sequence, paper_label: str) -> None:
+    """One run's curves with the published points (rows of pipeline.paper.compare_rows) on top."""
+    figure, (anytime, budgeted) = plt.subplots(1, 2, figsize=(12, 4.5))
+    anytime.plot(run.exit_mflops, run.exit_top1, "o-", label=run.label)
+    budgeted.plot(run.budget_mflops, run.budget_top1, "-", label=run.label)
+    exits = [r for r in rows if r.label.startswith("exit")]
+    budgets = [r for r in rows if r.label.startswith("budget")]
+    for axes, points in ((anytime, exits), (budgeted, budgets)):
+        if points:
+            xs, ys = [r.mflops for r in points], [r.paper for r in points]
+            axes.plot(xs, ys, "s--", color="black", label=paper_label)
+    anytime.set(title="anytime prediction (per exit)", xlabel="MFLOPs", ylabel="test top-1 (%)")
+    budgeted.set(
+        title="budgeted batch (flat envelope)", xlabel="average MFLOPs", ylabel="test top-1 (%)"
+    )
+    for axes in (anytime, budgeted):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
     _save(figure, path)
 
 

@@ -263,7 +263,8 @@ def log_training(
                 for index, value in enumerate(record[key], start=1):
                     yield f"{key}_exit_{index}", value, step
             for key in ("val_mean_top1", "lr", "images_per_second", "epoch_seconds"):
-                yield key, record[key], step
+                if key in record:  # no val_mean_top1 without a held-out split
+                    yield key, record[key], step
             if "skipped_images" in record:  # folder datasets: unreadable files left out
                 yield "skipped_images", record["skipped_images"], step
 

@@ -2,7 +2,8 @@
 
 Each epoch every worker trains on its shard of a seeded permutation, the held-out split is scored
 (sharded, counts summed across workers), and rank 0 reports a checkpoint holding the latest state
-and the best weights so far. Selection uses the held-out split only: the mean top-1 over all exits.
+and the weights `train.select` keeps: the last epoch's, or the best so far on the held-out split
+(never the test split) by `train.select_metric`, the mean top-1 over exits or the last exit's.
 
 Resuming: Ray Train keeps the reported checkpoints under `<storage>/<run name>`, and the run name
 is a hash of everything that shapes training (params and data fingerprint). After a crash, even a
@@ -30,14 +31,24 @@ import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 from rich.console import Console
 
-from pipeline.augment import normalise, random_crop_flip
+from pipeline.augment import batch_augment, normalise
 from pipeline.boosting import BoostNet, effective_samples
 from pipeline.config import ConfigError, Params, TrainConfig
 from pipeline.data import AnySplit, FileSplit, load_split
 from pipeline.inputs import BadImage, check_bad, default_loader_workers, eval_batches, file_loader
 from pipeline.io import load_checkpoint
 
-SELECTION_METRIC = "val_mean_top1"
+
+def selection_score(config: TrainConfig, val_top1: list[float]) -> float:
+    """What `train.select: best` maximises over epochs; NaN without a held-out split."""
+    if not val_top1:
+        return math.nan
+    return val_top1[-1] if config.select_metric == "last-exit" else sum(val_top1) / len(val_top1)
+
+
+def keeps(config: TrainConfig, score: float, kept_score: float) -> bool:
+    """Whether this epoch's weights replace the kept ones (`last`: always; ties go to later)."""
+    return config.select == "last" or score >= kept_score
 
 
 def run_name(params: Params, data_fingerprint: str) -> str:
@@ -66,12 +77,6 @@ def make_scheduler(
         milestones = [m * steps_per_epoch for m in config.milestones]
         return torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, config.gamma)
     return torch.optim.lr_scheduler.ConstantLR(optimiser, factor=1.0)
-
-
-def augment(images: torch.Tensor, config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    if config.augment == "crop-flip":
-        return random_crop_flip(images, padding=4, generator=generator)
-    return images  # none, or random-resized-crop (already cropped by the loader processes)
 
 
 def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -152,7 +157,7 @@ class _Progress:
         )
 
     def epoch(self, record: dict[str, Any]) -> None:
-        accuracy = " ".join(f"{v:.2f}" for v in record["val_top1"])
+        accuracy = " ".join(f"{v:.2f}" for v in record["val_top1"]) or "- (no held-out split)"
         self.console.print(
             f"[bold green]epoch {record['epoch']}[/] val top-1/exit [green]{accuracy}[/] "
             f"({record['epoch_seconds']:.1f}s)"
@@ -218,7 +223,7 @@ class Fit:
         )
         for step in range(steps_per_epoch(len(self.train_split), self.params, self.world)):
             index = order[step * config.batch_size : (step + 1) * config.batch_size]
-            images = augment(self.train_split.images[index], config, generator)
+            images = batch_augment(self.train_split.images[index], config.augment, generator)
             yield images, self.train_split.targets[index], []
 
     def state(self, epoch: int, **extra: Any) -> dict[str, Any]:
@@ -255,7 +260,7 @@ def train_epoch(fit: Fit, epoch: int, progress: _Progress | None = None) -> dict
     for step, (batch, batch_targets, bad) in enumerate(fit.batches(epoch)):
         skipped += check_bad(bad, params.data)
         if isinstance(fit.train_split, FileSplit):
-            batch = augment(batch, config, generator=None)
+            batch = batch_augment(batch, config.augment)
         images, targets = _to_device(batch, device), batch_targets.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits = fit.net(normalise(images, spec.mean, spec.std))
@@ -311,7 +316,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     train_split = load_split(Path(config["prepared"]), "train")
     val_split = load_split(Path(config["prepared"]), "val")
-    val_shard = val_split.subset(torch.arange(rank, len(val_split), world))
+    val_shard = val_split.subset(torch.arange(len(val_split))[rank::world])  # may be empty
     root = Path(config["root"]) if config["root"] else None
     loaders = default_loader_workers(train_cfg.scaling.cpus_per_worker, train_cfg.loader_workers)
 
@@ -353,23 +358,26 @@ def _train_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, train_cfg.epochs):
         epoch_start = time.perf_counter()
         stats = train_epoch(fit, epoch, progress)
-        correct = _all_reduce(exit_correct(net, val_shard, params, device, root, loaders))
-        if isinstance(val_split, FileSplit):  # the last entry counts unreadable files skipped
-            stats["skipped_images"] += int(correct[-1])
-            correct = correct[:-1]
-        val_top1 = (100.0 * correct.float() / len(val_split)).tolist()
+        val_top1 = []  # data.val_size 0: nothing held out to score
+        if len(val_split):
+            correct = _all_reduce(exit_correct(net, val_shard, params, device, root, loaders))
+            if isinstance(val_split, FileSplit):  # the last entry counts unreadable files skipped
+                stats["skipped_images"] += int(correct[-1])
+                correct = correct[:-1]
+            val_top1 = (100.0 * correct.float() / len(val_split)).tolist()
         record = {
             "epoch": epoch + 1,
             **stats,
             "val_top1": val_top1,
-            SELECTION_METRIC: sum(val_top1) / len(val_top1),
+            **({"val_mean_top1": sum(val_top1) / len(val_top1)} if val_top1 else {}),
             "epoch_seconds": time.perf_counter() - epoch_start,
             "nodes": nodes,
         }
         history.append(record)
-        if record[SELECTION_METRIC] >= best["score"]:
+        score = selection_score(train_cfg, val_top1)
+        if keeps(train_cfg, score, best["score"]):
             best = {
-                "score": record[SELECTION_METRIC],
+                "score": score,
                 "epoch": epoch + 1,
                 "state": {
                     k: v.detach().cpu().clone() for k, v in _unwrap(net).state_dict().items()

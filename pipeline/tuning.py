@@ -417,6 +417,8 @@ def run_search(
     from pipeline.training import ray_init_kwargs
     from pipeline.tune_callbacks import LiveTrialTable, MlflowTrials
 
+    if params.data.val_size == 0:
+        raise ConfigError("data.val_size: is 0, but tune scores trials on the held-out split")
     config = params.tune
     name = search_name(params, dataset["fingerprint"])
     folder, marker = storage / name, storage / f"{name}.mlflow-run"

@@ -1,5 +1,6 @@
 """DVC stage `evaluate`: anytime and budgeted accuracy against FLOPs on the test split, and real
-early-exit inference timed against running every exit."""
+early-exit inference timed against running every exit. Without calibrated thresholds
+(`data.val_size: 0`) the budgeted half is empty and the metrics say why."""
 
 import statistics
 
@@ -102,6 +103,7 @@ def main() -> None:
             "images_per_second": len(scores.targets) / all_exits_seconds,
         },
         "budgets": budgets,
+        "calibrated": calibration["calibrated"],
     }
     write_json(paths.ANYTIME, anytime)
     write_json(paths.BUDGET_CURVE, budget_curve)
@@ -130,6 +132,8 @@ def main() -> None:
         "the evaluation",
     )
     print("test top-1 per exit: " + " ".join(f"{v:.2f}" for v in top1))
+    if not calibration["calibrated"]:
+        print(f"budgeted evaluation skipped: {calibration['reason']}")
     for name, row in budgets.items():
         print(
             f"budget {name}: top-1 {row['top1']:.2f}%, {row['images_per_second']:.0f} img/s, "

@@ -1,4 +1,5 @@
-"""DVC stage `train`: BoostNet on Ray Train workers; keeps the weights best on held-out data."""
+"""DVC stage `train`: BoostNet on Ray Train workers; keeps the weights `train.select` picks (the
+last epoch's, or the best on held-out data)."""
 
 from pathlib import Path
 
@@ -45,7 +46,8 @@ def main() -> None:
         {
             "run": name,
             "device": outcome.device,
-            "best_epoch": outcome.best_epoch,
+            "best_epoch": outcome.best_epoch,  # the epoch whose weights model.pt holds
+            "select": params.train.select,
             "epochs": outcome.history,
         },
     )

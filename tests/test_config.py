@@ -41,6 +41,14 @@ BAD_PARAMS = {
     "class count": ({"model.num_classes": 100}, "model.num_classes: is 100"),
     "bn_factor length": ({"model.bn_factor": [1, 2]}, "model.bn_factor:"),
     "too few scales": ({"model.gr_factor": [1, 2], "model.bn_factor": [1, 2]}, "model.gr_factor:"),
+    "select best without held-out split": (
+        {"data.val_size": 0},
+        "data.val_size: is 0 but train.select is best, which needs a held-out split",
+    ),
+    "negative val_size": ({"data.val_size": -1}, "data.val_size:"),
+    "unknown selection": ({"train.select": "first"}, "train.select:"),
+    "unknown selection metric": ({"train.select_metric": "top5"}, "train.select_metric:"),
+    "unknown init": ({"model.init": "xavier"}, "model.init:"),
     "too many scales": (
         {"model.gr_factor": [1, 2, 4, 4], "model.bn_factor": [1, 2, 4, 4]},
         "model.gr_factor:",

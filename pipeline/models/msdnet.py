@@ -37,6 +37,7 @@ class MSDNetSpec:
     num_classes: int
     stem: str  # "small" | "imagenet"
     head_channels: int | None = None  # None: 128 (small stem) or the head's input width (ImageNet)
+    init: str = "he"  # "he" | "torch-default" (see init_weights)
 
     @property
     def n_scales(self) -> int:
@@ -222,7 +223,8 @@ class MSDNet(MultiExitBackbone):
             heads.append(build_head(c_head, spec.num_classes, spec.stem, spec.head_channels))
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
-        self.apply(init_weights)
+        if spec.init == "he":
+            self.apply(init_weights)
 
     def run_head(self, index: int, state: BlockState) -> torch.Tensor:
         return self.heads[index](state[-1])
@@ -235,7 +237,11 @@ class MSDNet(MultiExitBackbone):
 
 
 def init_weights(module: nn.Module) -> None:
-    """He init on convs, unit BN, zero biases: the initialisation MSDNet was published with."""
+    """He (fan_out) init on convs, unit BN, zero linear biases: what MSDNet's published code
+    intends. That code (and BoostNet's reference, which inherits it) applies it only to the direct
+    children of each block and head, none of which is a conv or linear layer, so the published
+    models effectively train from PyTorch's default init; `model.init: torch-default` runs that
+    (conv weights about a quarter of He's scale)."""
     if isinstance(module, nn.Conv2d):
         nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
     elif isinstance(module, nn.BatchNorm2d):
