@@ -4,6 +4,7 @@ from conftest import ROOT, compose
 
 from pipeline.boosting import BoostNet
 from pipeline.config import load_params
+from pipeline.evaluation import exit_costs
 from pipeline.models import msdnet_spec
 from pipeline.models.msdnet import block_lengths, plan_blocks
 
@@ -73,3 +74,14 @@ def test_incremental_runner_on_a_shrinking_batch_matches_the_full_forward():
             keep[keep.nonzero()[0]] = False
         with pytest.raises(IndexError):
             runner.step()
+
+
+def test_a_narrow_first_head_makes_exit_1_cheaper_and_leaves_the_others_alone():
+    wide = compose(**{"model.head_channels": 32, "model.first_head_channels": None})
+    narrow = compose(**{"model.head_channels": 32, "model.first_head_channels": 8})
+    heads = [BoostNet.from_params(p).backbone.heads for p in (wide, narrow)]
+    assert [h[0][0].out_channels for h in heads[1]] == [8] + [32] * (len(heads[1]) - 1)
+    assert [h[0][0].out_channels for h in heads[0]] == [32] * len(heads[0])
+    costs = [exit_costs(BoostNet.from_params(p), p) for p in (wide, narrow)]
+    saved = [w - n for w, n in zip(*costs, strict=True)]  # an exit's cost includes earlier heads
+    assert saved[0] > 0 and saved == [saved[0]] * len(saved)

@@ -37,6 +37,7 @@ class MSDNetSpec:
     num_classes: int
     stem: str  # "small" | "imagenet"
     head_channels: int | None = None  # None: 128 (small stem) or the head's input width (ImageNet)
+    first_head_channels: int | None = None  # None: as head_channels
 
     @property
     def n_scales(self) -> int:
@@ -189,9 +190,11 @@ class Transition(nn.Module):
         return [conv(x) for conv, x in zip(self.convs, maps, strict=True)]
 
 
-def build_head(spec: MSDNetSpec, c_in: int) -> nn.Sequential:
-    """Two stride-2 3x3 convs, 2x2 average pooling, linear."""
-    width = spec.head_channels or (c_in if spec.stem == "imagenet" else 128)
+def build_head(spec: MSDNetSpec, c_in: int, first: bool) -> nn.Sequential:
+    """Two stride-2 3x3 convs, 2x2 average pooling, linear. The first exit's may be narrower:
+    a cheap exit that is genuinely weaker than the later ones."""
+    width = (first and spec.first_head_channels) or spec.head_channels
+    width = width or (c_in if spec.stem == "imagenet" else 128)
     return nn.Sequential(
         conv_bn_relu(c_in, width, 3, 2),
         conv_bn_relu(width, width, 3, 2),
@@ -217,7 +220,7 @@ class MSDNet(MultiExitBackbone):
                     layers.append(Transition(spec, width, new_width, plan.out_scales))
                     width = new_width
             blocks.append(nn.Sequential(*layers))
-            heads.append(build_head(spec, width * spec.gr_factor[-1]))
+            heads.append(build_head(spec, width * spec.gr_factor[-1], first=index == 0))
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
         self.apply(_init_weights)
