@@ -193,7 +193,8 @@ def runs(params_path: Path, limit: int) -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     default="compare.png",
     show_default=True,
-    help="PNG with every run's exit-accuracy and budget curves.",
+    help="PNG with every run's exit-accuracy and budget curves; the effective-sample "
+    "diagnostic of every run, side by side, goes next to it (<name>-effective-samples.png).",
 )
 @click.option(
     "--paper",
@@ -203,13 +204,14 @@ def runs(params_path: Path, limit: int) -> None:
 )
 @exits_on_config_error
 def compare(refs: tuple[str, ...], params_path: Path, output: Path, paper: str | None) -> None:
-    """Per-exit and per-budget test top-1 of several runs: a table, and one PNG.
+    """Per-exit and per-budget test top-1 of several runs: a table, one PNG of the curves, and
+    one of the effective-sample diagnostic (paper Fig. 3) per run side by side.
 
     REFS are MLflow run ids or prefixes (as `boostpipe runs` prints), run names, or DVC
     experiments / git revisions / `workspace` (the run their train stage logged), e.g.
     `boostpipe compare workspace baseline-seed0`.
     """
-    from pipeline.plots import compare_runs
+    from pipeline.plots import compare_effective_samples, compare_runs
     from pipeline.runs import RunNotFound, curves, find_run
 
     client, experiment_id = _client(params_path)
@@ -241,6 +243,11 @@ def compare(refs: tuple[str, ...], params_path: Path, output: Path, paper: str |
     Console().print(table)
     compare_runs(output, found)
     click.echo(f"wrote {output}")
+    trained = [run for run in found if run.epochs]
+    if trained:
+        diagnostic = output.with_name(f"{output.stem}-effective-samples{output.suffix}")
+        compare_effective_samples(diagnostic, trained)
+        click.echo(f"wrote {diagnostic}")
 
 
 def _compare_with_paper(run_params: dict[str, str], run: Any, setting: str, output: Path) -> None:

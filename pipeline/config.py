@@ -111,6 +111,7 @@ class MSDNetConfig(_Section):
     in_channels: Count | None = None  # None: from the dataset
     num_classes: Count | None = None  # None: from the dataset
     head_channels: Count | None = None  # None: 128, or the input width with the ImageNet stem
+    first_head_channels: Count | None = None  # None: head_channels (a narrow one: a weak exit 1)
     # he: He (fan_out) convs, unit BN, zero biases; torch-default: PyTorch's own layer defaults,
     # which is what the reference implementation effectively runs (its init loop reaches no conv).
     init: Literal["he", "torch-default"] = "he"
@@ -229,7 +230,8 @@ class TrainConfig(_Section):
     lr: Positive = 0.1
     momentum: NonNegative = 0.9
     weight_decay: NonNegative = 1e-4
-    schedule: Literal["multistep", "cosine", "constant"] = "multistep"
+    # onecycle: warm up to lr over the first 30 % of steps, then anneal (short runs)
+    schedule: Literal["multistep", "cosine", "onecycle", "constant"] = "multistep"
     milestones: list[Count] = []  # epochs at which multistep multiplies the lr by gamma
     gamma: Positive = 0.1
     augment: Literal["none", "crop-flip", "random-resized-crop"] = "crop-flip"

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 from pipeline.io import atomic_path
 from pipeline.runs import RunCurves
@@ -50,18 +51,40 @@ def accuracy_vs_flops(
     _save(figure, path)
 
 
+def _draw_effective_samples(
+    axes: plt.Axes, epochs: Sequence[int], per_exit: Sequence[Sequence[float]], title: str
+) -> None:
+    for index, fractions in enumerate(per_exit, start=1):
+        axes.plot(epochs, fractions, "o-", label=f"exit {index}")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs, even when there are two
+    axes.set(xlabel="epoch", ylabel="effective sample fraction", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+
+
 def effective_samples(path: Path, history: Sequence[dict]) -> None:
     """Fraction of each batch whose loss exceeds exit 1's 10th percentile, per exit and epoch."""
     figure, axes = plt.subplots(figsize=(6, 4))
+    per_exit = list(zip(*(record["effective_samples"] for record in history), strict=True))
     epochs = [record["epoch"] for record in history]
-    n_exits = len(history[0]["effective_samples"])
-    for index in range(n_exits):
-        fractions = [record["effective_samples"][index] for record in history]
-        axes.plot(epochs, fractions, "o-", label=f"exit {index + 1}")
-    axes.set(xlabel="epoch", ylabel="effective sample fraction", title="effective training samples")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    _draw_effective_samples(axes, epochs, per_exit, "effective training samples")
     _save(figure, path)
+
+
+def effective_samples_figure(runs: Sequence[RunCurves]) -> plt.Figure:
+    """The effective-sample diagnostic (paper Fig. 3) of several runs side by side, on one
+    y scale: boosting keeps later exits training on more of each batch than joint training."""
+    figure, panels = plt.subplots(
+        1, len(runs), figsize=(5 * len(runs), 4), sharey=True, squeeze=False
+    )
+    for axes, run in zip(panels[0], runs, strict=True):
+        _draw_effective_samples(axes, run.epochs, run.effective_samples, run.label)
+    figure.suptitle("effective training samples")
+    return figure
+
+
+def compare_effective_samples(path: Path, runs: Sequence[RunCurves]) -> None:
+    _save(effective_samples_figure(runs), path)
 
 
 def compare_runs(path: Path, runs: Sequence[RunCurves]) -> None:

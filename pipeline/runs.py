@@ -32,6 +32,8 @@ class RunCurves:
     budget_mflops: list[float]
     budget_top1: list[float]  # the flat (monotone) envelope, as the paper plots it
     top1_at_budget: dict[float, float]  # target MFLOPs of calibrate.budgets -> test top-1
+    epochs: list[int]
+    effective_samples: list[list[float]]  # per exit, per epoch: the paper's Fig. 3 diagnostic
 
 
 def _by_step(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -43,6 +45,10 @@ def curves(client: MlflowClient, run: Run) -> RunCurves:
     exits = _by_step(client, run_id, "test_top1_by_exit")
     costs = dict(_by_step(client, run_id, "mflops_by_exit"))
     budget = _by_step(client, run_id, "budget_top1_flat_by_kflops")
+    effective = [
+        _by_step(client, run_id, f"effective_samples_exit_{index}")
+        for index in range(1, len(exits) + 1)
+    ]
     return RunCurves(
         label=f"{run.info.run_name} ({run_id[:8]})",
         run_id=run_id,
@@ -55,6 +61,8 @@ def curves(client: MlflowClient, run: Run) -> RunCurves:
             for key, value in run.data.metrics.items()
             if (match := re.fullmatch(r"budget_([0-9.e+-]+)M_top1", key))
         },
+        epochs=[step for step, _ in effective[0]] if effective else [],
+        effective_samples=[[value for _, value in history] for history in effective],
     )
 
 

@@ -73,6 +73,9 @@ def make_scheduler(
     if config.schedule == "cosine":
         total = config.epochs * steps_per_epoch
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=total)
+    if config.schedule == "onecycle":
+        total = config.epochs * steps_per_epoch
+        return torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=config.lr, total_steps=total)
     if config.schedule == "multistep":
         milestones = [m * steps_per_epoch for m in config.milestones]
         return torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, config.gamma)

@@ -21,7 +21,9 @@ def test_temperature_pair_is_spaced_linearly_from_first_to_last_exit():
 
 
 def test_scalar_and_per_exit_lists_are_accepted():
-    params = compose(**{"boost.temperature": [0.1, 0.2, 0.3, 0.4], "boost.loss_weights": 2})
+    params = compose(
+        **{"model.n_blocks": 4, "boost.temperature": [0.1, 0.2, 0.3, 0.4], "boost.loss_weights": 2}
+    )
     assert params.boost.temperatures(4) == [0.1, 0.2, 0.3, 0.4]
     assert params.boost.weights(4) == [2.0] * 4
 

@@ -4,6 +4,7 @@ from conftest import ROOT, compose
 
 from pipeline.boosting import BoostNet
 from pipeline.config import load_params
+from pipeline.evaluation import exit_costs
 from pipeline.models import msdnet_spec, ranet_spec
 from pipeline.models.msdnet import block_lengths, plan_blocks
 from pipeline.models.ranet import RANetState, plan_flows
@@ -142,3 +143,14 @@ def test_ranet_bottlenecks_after_or_before_batch_norm():
     net = BoostNet.from_params(compose(RANET, **{"model.bn_after": False})).eval()
     with torch.no_grad():
         assert all(torch.isfinite(z).all() for z in net(torch.randn(2, 1, 28, 28)))
+
+
+def test_a_narrow_first_head_makes_exit_1_cheaper_and_leaves_the_others_alone():
+    wide = compose(**{"model.head_channels": 32, "model.first_head_channels": None})
+    narrow = compose(**{"model.head_channels": 32, "model.first_head_channels": 8})
+    heads = [BoostNet.from_params(p).backbone.heads for p in (wide, narrow)]
+    assert [h[0][0].out_channels for h in heads[1]] == [8] + [32] * (len(heads[1]) - 1)
+    assert [h[0][0].out_channels for h in heads[0]] == [32] * len(heads[0])
+    costs = [exit_costs(BoostNet.from_params(p), p) for p in (wide, narrow)]
+    saved = [w - n for w, n in zip(*costs, strict=True)]  # an exit's cost includes earlier heads
+    assert saved[0] > 0 and saved == [saved[0]] * len(saved)

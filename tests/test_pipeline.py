@@ -307,8 +307,12 @@ def test_compare_draws_the_runs_in_one_png(project, baseline_run):
     )
     assert result.returncode == 0, result.stderr
     assert "boostnet-fashion-mnist-seed0" in result.stdout and "baseline" in result.stdout
-    assert "exit 4" in result.stdout and "budget 2.5 MFLOPs" in result.stdout
-    assert (project / "cmp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    last_exit = f"exit {params['model']['n_blocks']}"
+    first_budget = f"budget {params['calibrate']['budgets'][0] / 1e6:g} MFLOPs"
+    assert last_exit in result.stdout and first_budget in result.stdout
+    for name in ("cmp.png", "cmp-effective-samples.png"):
+        assert (project / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     missing = _run(["boostpipe", "compare", "no-such-run"], project)
     assert missing.returncode != 0 and "no-such-run" in missing.stderr
 

@@ -42,6 +42,7 @@ needs_data = pytest.mark.skipif(
 def test_the_space_samples_temperatures_as_asked_and_becomes_valid_params(per, keys):
     params = compose(
         **{
+            "model.n_blocks": 4,
             "tune.space.temperature.per": per,
             "tune.space.lr": {"low": 0.01, "high": 0.3, "log": True},
         }

@@ -26,6 +26,7 @@ def msdnet_spec(params: Params) -> MSDNetSpec:
         num_classes=params.num_classes,
         stem=params.data.spec.stem,
         head_channels=m.head_channels,
+        first_head_channels=m.first_head_channels,
         init=m.init,
     )
 

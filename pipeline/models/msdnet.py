@@ -37,6 +37,7 @@ class MSDNetSpec:
     num_classes: int
     stem: str  # "small" | "imagenet"
     head_channels: int | None = None  # None: 128 (small stem) or the head's input width (ImageNet)
+    first_head_channels: int | None = None  # None: as head_channels
     init: str = "he"  # "he" | "torch-default" (see init_weights)
 
     @property
@@ -220,7 +221,8 @@ class MSDNet(MultiExitBackbone):
                     width = new_width
             blocks.append(nn.Sequential(*layers))
             c_head = width * spec.gr_factor[-1]
-            heads.append(build_head(c_head, spec.num_classes, spec.stem, spec.head_channels))
+            head_width = (index == 0 and spec.first_head_channels) or spec.head_channels
+            heads.append(build_head(c_head, spec.num_classes, spec.stem, head_width))
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleList(heads)
         if spec.init == "he":

@@ -1,0 +1,137 @@
+"""BoostNet against the joint-training baseline (boost.enabled false) over seeds, on params.yaml
+(or params.yaml with `--set key=value` overrides): per exit and per calibrated budget, the mean
++- std test top-1 of each and the paired difference (BoostNet - baseline, same seed) with a 95 %
+t confidence interval.
+
+    python benchmarks/boost_vs_baseline.py --seeds 0 1 2 3 4 [--set model.n_blocks=6 ...]
+    python benchmarks/boost_vs_baseline.py --table benchmarks/results/boost_vs_baseline.json
+
+Every run is the pipeline's own code in-process (benchmarks/inprocess.py: `pipeline.training.train`
+on Ray Train with params.yaml's DDP workers, then the calibrate and evaluate stages' functions),
+without DVC and MLflow. The seed sets initialisation, data order and augmentation; the held-out
+split is the prepared one (data/prepared.npz from `dvc repro prepare`) for every run, so each pair
+differs only in the loss. Results are appended to the JSON file after every run (a killed study
+keeps what it finished; re-running skips runs already there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmarks.inprocess import compose, train_and_score
+from pipeline.io import write_json
+
+RESULTS = Path("benchmarks/results/boost_vs_baseline.json")
+# Two-sided 95 % quantiles of Student's t, by degrees of freedom (df > 30: the normal's 1.96).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+        9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
+        17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}  # fmt: skip
+VARIANTS = {"boostnet": True, "baseline": False}
+
+
+def t_quantile(df: int) -> float:
+    if df > 30:
+        return 1.96
+    return T975[max(d for d in T975 if d <= df)]  # a lower df is the conservative side
+
+
+def mean_std(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):6.2f}+-{spread:4.2f}"
+
+
+def paired(boost: list[float], base: list[float]) -> str:
+    diffs = [b - a for b, a in zip(boost, base, strict=True)]
+    mean = statistics.mean(diffs)
+    if len(diffs) < 2:
+        return f"{mean:+6.2f}"
+    half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return f"{mean:+6.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+
+
+def table(results: dict[str, Any]) -> str:
+    runs = results["runs"]
+    seeds = sorted({r["seed"] for r in runs if r["variant"] == "boostnet"} & {
+        r["seed"] for r in runs if r["variant"] == "baseline"})  # fmt: skip
+    by = {(r["variant"], r["seed"]): r for r in runs}
+    first = by["boostnet", seeds[0]]
+    lines = [
+        f"{len(seeds)} paired seeds {seeds}; overrides {results['overrides'] or 'none'}",
+        f"{'':22s} {'BoostNet':>12s} {'baseline':>12s}   BoostNet - baseline [95% CI]",
+    ]
+    rows = [(f"exit {k + 1} ({m:.2f} MFLOPs)", "exit_top1", k) for k, m in
+            enumerate(first["exit_mflops"])]  # fmt: skip
+    rows += [(f"budget {b / 1e6:.2f} MFLOPs", "budget_top1", k) for k, b in
+             enumerate(results["budgets"])]  # fmt: skip
+    for label, key, k in rows:
+        boost = [by["boostnet", s][key][k] for s in seeds]
+        base = [by["baseline", s][key][k] for s in seeds]
+        lines.append(f"{label:22s} {mean_std(boost)} {mean_std(base)}   {paired(boost, base)}")
+    for variant in VARIANTS:
+        spent = [by[variant, s]["budget_mflops"] for s in seeds]
+        cost = " / ".join(f"{statistics.mean(c):.2f}" for c in zip(*spent, strict=True))
+        seconds = statistics.mean(by[variant, s]["train_seconds"] for s in seeds)
+        lines.append(f"{variant}: test MFLOPs at the budgets {cost}; train {seconds:.0f} s/run")
+    return "\n".join(lines)
+
+
+def study(seeds: list[int], overrides: dict[str, Any], path: Path) -> None:
+    import ray
+
+    from pipeline.training import ray_init_kwargs
+
+    results = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    if results["runs"] and results.get("overrides") != overrides:
+        raise SystemExit(f"{path} holds a study with overrides {results['overrides']}; use --out")
+    done = {(r["variant"], r["seed"]) for r in results["runs"]}
+    ray.init(**ray_init_kwargs())
+    try:
+        for seed in seeds:
+            for variant, enabled in VARIANTS.items():
+                if (variant, seed) in done:
+                    continue
+                params = compose({**overrides, "seed": seed, "boost.enabled": enabled})
+                scored = train_and_score(params)
+                results.update(overrides=overrides, budgets=params.calibrate.budgets)
+                results["runs"].append({"variant": variant, "seed": seed, **{
+                    k: v for k, v in vars(scored).items() if k != "history"}})  # fmt: skip
+                write_json(path, results)
+                print(
+                    f"{variant} seed {seed}: {scored.train_seconds:.0f} s, top-1 per exit "
+                    + " ".join(f"{v:.2f}" for v in scored.exit_top1)
+                    + ", per budget "
+                    + " ".join(f"{v:.2f}" for v in scored.budget_top1),
+                    flush=True,
+                )
+    finally:
+        ray.shutdown()
+    print(table(results))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="overrides, values in YAML"
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--table", type=Path, help="only print the table of a results file")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(args.table.read_text())))
+        return
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    study(args.seeds, overrides, args.out)
+
+
+if __name__ == "__main__":
+    main()
