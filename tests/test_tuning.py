@@ -60,8 +60,9 @@ def test_the_space_samples_temperatures_as_asked_and_becomes_valid_params(per, k
 
 def test_the_first_trial_is_the_params_file(tmp_path):
     params = compose(**{"boost.temperature": [0.2, 0.8], "tune.space.temperature.per": "pair"})
-    point = default_point(params, search_space(params.tune, params.model.n_exits))
-    assert point == {"t_first": 0.2, "t_last": 0.8, "w_1": 1.0, "w_2": 1.0, "w_3": 1.0, "w_4": 1.0}
+    n = params.model.n_exits
+    point = default_point(params, search_space(params.tune, n))
+    assert point == {"t_first": 0.2, "t_last": 0.8, **{f"w_{k}": 1.0 for k in range(1, n + 1)}}
 
 
 def test_budget_auc_is_the_mean_accuracy_over_the_cost_range():
@@ -80,11 +81,12 @@ def test_budget_auc_is_the_mean_accuracy_over_the_cost_range():
 def test_write_overrides_keeps_comments_and_validates(tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text((ROOT / "params.yaml").read_text())
-    write_overrides(path, {"boost.temperature": [0.3], "boost.loss_weights": [1, 2, 1, 0.5]})
+    weights = [1, 2, 1, 0.5, 1.5, 0.7][: load_params(path).model.n_exits]
+    write_overrides(path, {"boost.temperature": [0.3], "boost.loss_weights": weights})
     text = path.read_text()
     assert "# t_n: one value" in text
     params = load_params(path)
-    assert params.boost.temperature == [0.3] and params.boost.loss_weights == [1, 2, 1, 0.5]
+    assert params.boost.temperature == [0.3] and params.boost.loss_weights == weights
     with pytest.raises(ConfigError):
         write_overrides(path, {"boost.temperature": [-1.0]})
     assert load_params(path).boost.temperature == [0.3]  # the bad write never landed
@@ -180,7 +182,8 @@ def test_a_small_search_records_every_trial_in_mlflow(workdir):
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"search_summary.png", "best_trial_exits.png", "best_params.json"} <= artifacts
     by_exit = client.get_metric_history(parent.info.run_id, "best_val_top1_by_exit")
-    assert sorted(m.step for m in by_exit) == [1, 2, 3, 4]
+    n_exits = load_params(workdir / "params.yaml").model.n_exits
+    assert sorted(m.step for m in by_exit) == list(range(1, n_exits + 1))
 
 
 def _failing_on_trial_one(sampled, base, prepared):
