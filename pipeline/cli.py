@@ -17,6 +17,7 @@ from rich.table import Table
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.data import DatasetNotFound
 from pipeline.folders import DatasetError
+from pipeline.locks import Busy
 from pipeline.tracking import TrackingUnavailable
 
 PARAMS_OPTION = click.option(
@@ -31,7 +32,8 @@ PARAMS_OPTION = click.option(
 
 def exits_on_config_error(command: Callable[..., Any]) -> Callable[..., Any]:
     """Bad params end the command with one line on stderr and exit code 2, no traceback;
-    a missing dataset, a bad dataset folder or image likewise with exit code 1."""
+    a missing dataset, a bad dataset folder or image, or a search another process runs
+    likewise with exit code 1."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -40,7 +42,7 @@ def exits_on_config_error(command: Callable[..., Any]) -> Callable[..., Any]:
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
-        except (DatasetNotFound, DatasetError, TrackingUnavailable) as exc:
+        except (DatasetNotFound, DatasetError, TrackingUnavailable, Busy) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
 

@@ -410,7 +410,24 @@ def run_search(
     trainable: Callable | None = None,
 ) -> SearchOutcome:
     """Run (or resume) the search with MLflow tracking: a parent run for the search, a child
-    per trial, and the summary on the parent. Ray must not be initialised yet."""
+    per trial, and the summary on the parent. Ray must not be initialised yet. One process at
+    a time owns a search's folder: a second one raises `locks.Busy` before touching it."""
+    from pipeline.locks import exclusive
+
+    name = search_name(params, dataset["fingerprint"])
+    with exclusive(storage / f"{name}.lock", f"search {name}"):
+        return _search(params, prepared, dataset, storage, name, resume, trainable)
+
+
+def _search(
+    params: Params,
+    prepared: Path,
+    dataset: dict[str, Any],
+    storage: Path,
+    name: str,
+    resume: bool,
+    trainable: Callable | None,
+) -> SearchOutcome:
     import ray
 
     from pipeline import tracking
@@ -418,7 +435,6 @@ def run_search(
     from pipeline.tune_callbacks import LiveTrialTable, MlflowTrials
 
     config = params.tune
-    name = search_name(params, dataset["fingerprint"])
     folder, marker = storage / name, storage / f"{name}.mlflow-run"
     if resume and not (folder / "tuner.pkl").exists():
         raise SearchNotFound(f"--resume: no interrupted search {name} under {storage}")

@@ -301,6 +301,51 @@ def test_kill_9_then_resume_runs_only_unfinished_trials(workdir):
 
 
 @needs_data
+def test_a_second_identical_search_is_refused_and_the_first_finishes_untouched(workdir):
+    """Two `boostpipe tune` with the same params: the second names the running one in one line
+    and exits non-zero without touching its folder; the first ends with all its trials."""
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["tracking"]["experiment"] = "twice"
+    raw["tune"].update(trials=2, epochs=1, scheduler="fifo")
+    (workdir / "twice.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    first = subprocess.Popen(
+        ["boostpipe", "tune", "--params", "twice.yaml"],
+        cwd=workdir,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        storage = workdir / ".boostpipe/tune"
+        while not list(storage.glob("tune-*/tuner.pkl")) or not list(storage.glob("*.mlflow-run")):
+            assert first.poll() is None and time.monotonic() < deadline, "the search never began"
+            time.sleep(0.2)
+        second = _tune(["--params", "twice.yaml"], workdir)
+        assert second.returncode == 1, second.stdout + second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"PID {first.pid}, started " in lines[0], second.stderr
+        assert "is already running" in lines[0]
+        out, err = first.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0, out + err
+    assert "2 trials: 2 finished, 0 stopped early, 0 failed" in out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("twice").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and len(runs) == 3
+
+
+@needs_data
 def test_trials_can_be_ray_train_ddp_jobs(workdir):
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
     raw["tracking"]["experiment"] = "ddp"
