@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError, Params, TuneConfig, parse_params
+from pipeline.io import read_json, write_json
 
 MODE = "max"  # every objective is an accuracy
 
@@ -414,6 +416,8 @@ def run_search(
     a time owns a search's folder: a second one raises `locks.Busy` before touching it."""
     from pipeline.locks import exclusive
 
+    if resume:
+        params = resumable(params, dataset["fingerprint"], storage)
     name = search_name(params, dataset["fingerprint"])
     with exclusive(storage / f"{name}.lock", f"search {name}"):
         return _search(params, prepared, dataset, storage, name, resume, trainable)
@@ -431,7 +435,7 @@ def _search(
     import ray
 
     from pipeline import tracking
-    from pipeline.training import ray_init_kwargs
+    from pipeline.training import ray_session
     from pipeline.tune_callbacks import LiveTrialTable, MlflowTrials
 
     config = params.tune
@@ -443,6 +447,7 @@ def _search(
 
         shutil.rmtree(folder, ignore_errors=True)
         marker.unlink(missing_ok=True)
+        write_json(_saved_params(storage, name), params.model_dump(mode="json"))
     parent = tracking.start_run(params, dataset["fingerprint"], dataset["source"], marker, name)
     import mlflow
 
@@ -453,16 +458,14 @@ def _search(
         LiveTrialTable(config.metric, config.epochs),
     ]
     quiet_ray_tune()
-    ray.init(**ray_init_kwargs())
     try:
-        check_fits(config, ray.cluster_resources())
-        setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
-        results = make_tuner(setup, resume, trainable).fit()
+        with ray_session():
+            check_fits(config, ray.cluster_resources())
+            setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
+            results = make_tuner(setup, resume, trainable).fit()
     except ConfigError:
         tracking.retry(lambda: mlflow.MlflowClient().set_terminated(parent, "FAILED"))
         raise
-    finally:
-        ray.shutdown()
     # After Ctrl-C Tune saves its state and returns as if done; the child runs say which
     # trials really ended (finished, stopped by the scheduler, or failed), resumes included.
     ended = callbacks[0].ended()
@@ -479,6 +482,44 @@ def _search(
     tracking.log_search(parent, outcome, params, storage / f"{name}-summary")
     marker.unlink(missing_ok=True)
     return outcome
+
+
+def _saved_params(storage: Path, name: str) -> Path:
+    return storage / f"{name}.params.json"
+
+
+def resumable(params: Params, fingerprint: str, storage: Path) -> Params:
+    """What `--resume` continues: the search these params name if it is unfinished, else the
+    most recently started unfinished one (with the params it was started with). A search
+    is unfinished while its MLflow marker file exists (removed when its summary is logged)."""
+    name = search_name(params, fingerprint)
+    if (storage / name / "tuner.pkl").exists():
+        if (storage / f"{name}.mlflow-run").exists():
+            return params
+        raise SearchFinished(
+            f"search {name} has finished: nothing to resume (`boostpipe tune` without --resume "
+            "runs it again)"
+        )
+    waiting = sorted(
+        (
+            marker
+            for marker in storage.glob("tune-*.mlflow-run")
+            if (storage / marker.stem / "tuner.pkl").exists()
+            and _saved_params(storage, marker.stem).exists()
+        ),
+        key=lambda marker: marker.stat().st_mtime,
+    )
+    if not waiting:
+        raise SearchNotFound(f"--resume: no interrupted search under {storage}")
+    latest = waiting[-1].stem
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(waiting[-1].stat().st_mtime))
+    others = [marker.stem for marker in waiting[:-1]]
+    print(
+        f"resuming {latest}, the latest interrupted search (started {started})"
+        + (f"; also interrupted: {', '.join(others)}" if others else ""),
+        file=sys.stderr,
+    )
+    return Params.model_validate(read_json(_saved_params(storage, latest)))
 
 
 def check_fits(config: TuneConfig, cluster: dict[str, float]) -> None:
@@ -505,10 +546,14 @@ def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
+class SearchFinished(RuntimeError):
+    """`--resume` on a search that already ended; nothing is changed."""
+
+
 class SearchNotFound(FileNotFoundError):
     """`--resume` without an interrupted search; the message is one line."""
 
 
-class SearchInterrupted(RuntimeError):
-    """The search stopped before every trial ended; its state and MLflow run wait for
-    `--resume`."""
+class SearchInterrupted(KeyboardInterrupt):
+    """The search stopped before every trial ended (Ctrl-C, or SIGTERM in a stage); its state
+    and MLflow run wait for `--resume`."""

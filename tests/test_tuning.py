@@ -275,8 +275,12 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
         return sorted(m.step for m in client.get_metric_history(run_id, "val_budget_auc"))
 
     before = {r.info.run_id: (r.info.end_time, epochs(r.info.run_id)) for r in ended}
-    result = _tune(["--params", params_file.name, "--resume"], workdir)
+    # After Ctrl-C `--resume` alone finds it (the workdir's params.yaml names another search).
+    found_by = ["--resume"] if stop == signal.SIGINT else ["--params", params_file.name, "--resume"]
+    result = _tune(found_by, workdir)
     assert result.returncode == 0, result.stdout + result.stderr
+    if stop == signal.SIGINT:
+        assert "resuming tune-" in result.stderr and "latest interrupted search" in result.stderr
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     runs = client.search_runs([experiment_id], max_results=100)
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -288,6 +292,14 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
         assert epochs(run_id) == trained == [1, 2]  # no epoch trained twice
         if stop == signal.SIGINT:  # Tune saved their state: not even reopened
             assert client.get_run(run_id).info.end_time == end_time
+    # Resuming the finished search says so, exits 0 and changes nothing.
+    storage = workdir / ".boostpipe/tune"
+    state = {path: path.stat().st_mtime_ns for path in storage.rglob("*") if path.is_file()}
+    again = _tune(["--params", params_file.name, "--resume"], workdir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "has finished: nothing to resume" in again.stdout
+    assert len(client.search_runs([experiment_id], max_results=100)) == len(runs)
+    assert {p: p.stat().st_mtime_ns for p in storage.rglob("*") if p.is_file()} == state
 
 
 @needs_data
