@@ -63,8 +63,8 @@ def _checksums(repo: Path) -> dict[str, str]:
 @pytest.mark.slow
 def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
     """`kill <dvc pid>` during training: the stage stops as on Ctrl-C (PR_SET_PDEATHSIG), Ray
-    goes with it within 15 s, no output is written, Ray's session folder is removed, and the
-    next `dvc repro` resumes from the checkpoint."""
+    goes with it within 15 s, no output is written, Ray's session folder is removed; Ctrl-C to
+    the stage exits 130; and the next `dvc repro` resumes from the checkpoint."""
     repo = _shrunk_copy(tmp_path)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["train_subset"] = 4000
@@ -104,6 +104,31 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(dvc.pid, signal.SIGKILL)
         log.close()
+
+    # Ctrl-C to the stage alone while it trains again: exit 130 with one line, nothing written.
+    stage_log = tmp_path / "stage.log"
+    with stage_log.open("w") as out:
+        train = subprocess.Popen(
+            [sys.executable, "-m", "stages.train"],
+            cwd=repo,
+            env=_env(),
+            start_new_session=True,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while "resuming after epoch" not in stage_log.read_text():
+            assert train.poll() is None and time.monotonic() < deadline, stage_log.read_text()
+            time.sleep(0.2)
+        os.kill(train.pid, signal.SIGINT)
+        assert train.wait(timeout=60) == 130, stage_log.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(train.pid, signal.SIGKILL)
+    lines = stage_log.read_text().splitlines()
+    assert "stages.train: interrupted by SIGINT; no outputs written" in "\n".join(lines[-5:])
+    assert _checksums(repo) == before
 
     second = _run(["dvc", "repro"], repo)
     assert second.returncode == 0, second.stdout + second.stderr
