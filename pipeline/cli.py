@@ -69,7 +69,7 @@ def stage_main(command: Callable[..., Any]) -> Callable[..., Any]:
             stage = spec.name if spec else command.__module__  # stages.x, also as __main__
             click.echo(
                 f"{stage}: interrupted by {signal.Signals(code - 128).name}; "
-                "no outputs written, `dvc repro` continues (training from its last checkpoint)",
+                "`dvc repro` runs it again (training resumes from its last checkpoint)",
                 err=True,
             )
             sys.exit(code)
