@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from rich.table import Table
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.data import DatasetNotFound
 from pipeline.folders import DatasetError
+from pipeline.locks import Busy
 from pipeline.tracking import TrackingUnavailable
 
 PARAMS_OPTION = click.option(
@@ -31,7 +33,8 @@ PARAMS_OPTION = click.option(
 
 def exits_on_config_error(command: Callable[..., Any]) -> Callable[..., Any]:
     """Bad params end the command with one line on stderr and exit code 2, no traceback;
-    a missing dataset, a bad dataset folder or image likewise with exit code 1."""
+    a missing dataset, a bad dataset folder or image, or a search another process runs
+    likewise with exit code 1."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -40,14 +43,38 @@ def exits_on_config_error(command: Callable[..., Any]) -> Callable[..., Any]:
         except ConfigError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
-        except (DatasetNotFound, DatasetError, TrackingUnavailable) as exc:
+        except (DatasetNotFound, DatasetError, TrackingUnavailable, Busy) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
 
     return wrapper
 
 
-stage_main = exits_on_config_error  # DVC stage entry points report errors the same way
+def stage_main(command: Callable[..., Any]) -> Callable[..., Any]:
+    """A DVC stage's entry: errors reported as by the commands; it stops as on Ctrl-C when
+    its parent (DVC) goes away or sends SIGTERM, and an interruption exits 128 + the signal
+    (130 for Ctrl-C) with one line instead of a traceback."""
+    from pipeline import interrupts
+
+    reporting = exits_on_config_error(command)
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        interrupts.stop_with_parent()
+        try:
+            return reporting(*args, **kwargs)
+        except KeyboardInterrupt:
+            code = interrupts.exit_code()
+            spec = getattr(sys.modules[command.__module__], "__spec__", None)
+            stage = spec.name if spec else command.__module__  # stages.x, also as __main__
+            click.echo(
+                f"{stage}: interrupted by {signal.Signals(code - 128).name}; "
+                "`dvc repro` runs it again (training resumes from its last checkpoint)",
+                err=True,
+            )
+            sys.exit(code)
+
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -127,13 +154,31 @@ def ui(params_path: Path, port: int) -> None:
     ]
     if uri.startswith("sqlite:"):
         command += ["--default-artifact-root", (project_root() / "mlruns").as_uri()]
+    _require_free_port(port)
     click.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
     server = subprocess.Popen(command, env=env)
     try:
-        server.wait()
+        code = server.wait()
     except KeyboardInterrupt:
         server.terminate()
         server.wait(timeout=30)
+        return
+    if code != 0:
+        raise click.ClickException(f"the MLflow UI server exited with {code}")
+
+
+def _require_free_port(port: int) -> None:
+    """Bind as the server will (SO_REUSEADDR), so a taken port fails before the URL banner."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise click.ClickException(
+                f"127.0.0.1:{port} is in use; stop what listens there or pick --port"
+            ) from None
 
 
 def _client(params_path: Path) -> tuple[Any, str]:
@@ -337,7 +382,11 @@ def _exp_run_line(dotted: dict[str, Any]) -> str:
 @click.option("--gpus-per-trial", type=float, help="Fractions share a GPU.")
 @click.option("--workers-per-trial", type=int, help=">1: each trial is a Ray Train DDP job.")
 @click.option("--address", help="An existing Ray cluster (default: $RAY_ADDRESS, else local).")
-@click.option("--resume", is_flag=True, help="Continue the interrupted search.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the interrupted search these params name, else the latest interrupted one.",
+)
 @click.option("--apply", is_flag=True, help="Write the best values into the params file.")
 @exits_on_config_error
 def tune(params_path: Path, address: str | None, resume: bool, apply: bool, **options: Any) -> None:
@@ -351,7 +400,7 @@ def tune(params_path: Path, address: str | None, resume: bool, apply: bool, **op
     from pipeline import paths
     from pipeline.config import write_overrides
     from pipeline.io import read_json
-    from pipeline.tuning import SearchInterrupted, SearchNotFound, run_search
+    from pipeline.tuning import SearchFinished, SearchInterrupted, SearchNotFound, run_search
 
     params = _tune_params(params_path, {k: v for k, v in options.items() if v is not None})
     if not paths.PREPARED.exists() or not paths.DATASET_INFO.exists():
@@ -364,6 +413,9 @@ def tune(params_path: Path, address: str | None, resume: bool, apply: bool, **op
         )
     except SearchNotFound as exc:
         raise click.ClickException(str(exc)) from None
+    except SearchFinished as exc:
+        click.echo(str(exc))
+        return
     except SearchInterrupted as exc:
         click.echo(str(exc), err=True)
         sys.exit(130)

@@ -19,8 +19,12 @@ import json
 import math
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -499,6 +503,8 @@ def train(
     )
     try:
         result = trainer.fit()
+    except SystemExit:  # how fit() ends after Train's Ctrl-C handler aborted the run
+        raise KeyboardInterrupt from None
     except Exception:
         if bad_image_marker.exists():  # one line naming the file, not Ray's wrapped traceback
             message = bad_image_marker.read_text()
@@ -510,6 +516,37 @@ def train(
         best = load_checkpoint(Path(folder) / "best.pt")
     shutil.rmtree(storage / name, ignore_errors=True)  # stage outputs now hold what matters
     return TrainOutcome(best["model"], best["epoch"], state["history"], state["device"])
+
+
+@contextmanager
+def ray_session() -> Iterator[None]:
+    """Ray for a stage or a search, until the block ends however it ends: SIGTERM stays Ctrl-C
+    while Ray runs (`ray.init` would make it a bare exit), `ray.shutdown()` runs on an
+    interruption too (so the cluster's processes go with us), and the session folder of a
+    local cluster we started (under /tmp/ray) is removed after it stops."""
+    from pipeline.interrupts import as_ctrl_c
+
+    kwargs = ray_init_kwargs()
+    previous = signal.getsignal(signal.SIGTERM)
+    session = ray.init(**kwargs).address_info.get("session_dir")
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:
+        signal.signal(signal.SIGTERM, as_ctrl_c)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if session and "address" not in kwargs:  # never another cluster's folder
+            _remove_session(Path(session))
+
+
+def _remove_session(session: Path) -> None:
+    latest = session.parent / "session_latest"
+    if latest.is_symlink() and latest.resolve() == session.resolve():
+        latest.unlink(missing_ok=True)
+    shutil.rmtree(session, ignore_errors=True)
 
 
 def ray_init_kwargs() -> dict[str, Any]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError, Params, TuneConfig, parse_params
+from pipeline.io import read_json, write_json
 
 MODE = "max"  # every objective is an accuracy
 
@@ -410,17 +412,35 @@ def run_search(
     trainable: Callable | None = None,
 ) -> SearchOutcome:
     """Run (or resume) the search with MLflow tracking: a parent run for the search, a child
-    per trial, and the summary on the parent. Ray must not be initialised yet."""
+    per trial, and the summary on the parent. Ray must not be initialised yet. One process at
+    a time owns a search's folder: a second one raises `locks.Busy` before touching it."""
+    from pipeline.locks import exclusive
+
+    if resume:
+        params = resumable(params, dataset["fingerprint"], storage)
+    name = search_name(params, dataset["fingerprint"])
+    with exclusive(storage / f"{name}.lock", f"search {name}"):
+        return _search(params, prepared, dataset, storage, name, resume, trainable)
+
+
+def _search(
+    params: Params,
+    prepared: Path,
+    dataset: dict[str, Any],
+    storage: Path,
+    name: str,
+    resume: bool,
+    trainable: Callable | None,
+) -> SearchOutcome:
     import ray
 
     from pipeline import tracking
-    from pipeline.training import ray_init_kwargs
+    from pipeline.training import ray_session
     from pipeline.tune_callbacks import LiveTrialTable, MlflowTrials
 
     if params.data.val_size == 0:
         raise ConfigError("data.val_size: is 0, but tune scores trials on the held-out split")
     config = params.tune
-    name = search_name(params, dataset["fingerprint"])
     folder, marker = storage / name, storage / f"{name}.mlflow-run"
     if resume and not (folder / "tuner.pkl").exists():
         raise SearchNotFound(f"--resume: no interrupted search {name} under {storage}")
@@ -429,6 +449,7 @@ def run_search(
 
         shutil.rmtree(folder, ignore_errors=True)
         marker.unlink(missing_ok=True)
+        write_json(_saved_params(storage, name), params.model_dump(mode="json"))
     parent = tracking.start_run(params, dataset["fingerprint"], dataset["source"], marker, name)
     import mlflow
 
@@ -439,16 +460,14 @@ def run_search(
         LiveTrialTable(config.metric, config.epochs),
     ]
     quiet_ray_tune()
-    ray.init(**ray_init_kwargs())
     try:
-        check_fits(config, ray.cluster_resources())
-        setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
-        results = make_tuner(setup, resume, trainable).fit()
+        with ray_session():
+            check_fits(config, ray.cluster_resources())
+            setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
+            results = make_tuner(setup, resume, trainable).fit()
     except ConfigError:
         tracking.retry(lambda: mlflow.MlflowClient().set_terminated(parent, "FAILED"))
         raise
-    finally:
-        ray.shutdown()
     # After Ctrl-C Tune saves its state and returns as if done; the child runs say which
     # trials really ended (finished, stopped by the scheduler, or failed), resumes included.
     ended = callbacks[0].ended()
@@ -465,6 +484,44 @@ def run_search(
     tracking.log_search(parent, outcome, params, storage / f"{name}-summary")
     marker.unlink(missing_ok=True)
     return outcome
+
+
+def _saved_params(storage: Path, name: str) -> Path:
+    return storage / f"{name}.params.json"
+
+
+def resumable(params: Params, fingerprint: str, storage: Path) -> Params:
+    """What `--resume` continues: the search these params name if it is unfinished, else the
+    most recently started unfinished one (with the params it was started with). A search
+    is unfinished while its MLflow marker file exists (removed when its summary is logged)."""
+    name = search_name(params, fingerprint)
+    if (storage / name / "tuner.pkl").exists():
+        if (storage / f"{name}.mlflow-run").exists():
+            return params
+        raise SearchFinished(
+            f"search {name} has finished: nothing to resume (`boostpipe tune` without --resume "
+            "runs it again)"
+        )
+    waiting = sorted(
+        (
+            marker
+            for marker in storage.glob("tune-*.mlflow-run")
+            if (storage / marker.stem / "tuner.pkl").exists()
+            and _saved_params(storage, marker.stem).exists()
+        ),
+        key=lambda marker: marker.stat().st_mtime,
+    )
+    if not waiting:
+        raise SearchNotFound(f"--resume: no interrupted search under {storage}")
+    latest = waiting[-1].stem
+    started = time.strftime("%Y-%m-%d %H:%M", time.localtime(waiting[-1].stat().st_mtime))
+    others = [marker.stem for marker in waiting[:-1]]
+    print(
+        f"resuming {latest}, the latest interrupted search (started {started})"
+        + (f"; also interrupted: {', '.join(others)}" if others else ""),
+        file=sys.stderr,
+    )
+    return Params.model_validate(read_json(_saved_params(storage, latest)))
 
 
 def check_fits(config: TuneConfig, cluster: dict[str, float]) -> None:
@@ -491,10 +548,14 @@ def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
     )
 
 
+class SearchFinished(RuntimeError):
+    """`--resume` on a search that already ended; nothing is changed."""
+
+
 class SearchNotFound(FileNotFoundError):
     """`--resume` without an interrupted search; the message is one line."""
 
 
-class SearchInterrupted(RuntimeError):
-    """The search stopped before every trial ended; its state and MLflow run wait for
-    `--resume`."""
+class SearchInterrupted(KeyboardInterrupt):
+    """The search stopped before every trial ended (Ctrl-C, or SIGTERM in a stage); its state
+    and MLflow run wait for `--resume`."""

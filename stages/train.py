@@ -11,7 +11,7 @@ from pipeline.boosting import BoostNet
 from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.io import atomic_path, read_json, write_json
-from pipeline.training import ray_init_kwargs, run_name, train
+from pipeline.training import ray_session, run_name, train
 
 
 @stage_main
@@ -23,14 +23,9 @@ def main() -> None:
     # fails here, not after an hour of training.
     run_file = paths.RAY_STORAGE / f"{name}.mlflow-run"
     run_id = tracking.start_run(params, dataset["fingerprint"], dataset["source"], run_file)
-    import ray  # not at the top: `pipeline` must set Ray's loopback switch before Ray loads
-
-    ray.init(**ray_init_kwargs())
-    try:
+    with ray_session():
         root = Path(params.data.root) if params.data.is_folder else None
         outcome = train(params, paths.PREPARED, paths.RAY_STORAGE, name, root)
-    finally:
-        ray.shutdown()
     with atomic_path(paths.MODEL) as tmp:
         torch.save(
             {

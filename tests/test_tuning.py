@@ -279,8 +279,12 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
         return sorted(m.step for m in client.get_metric_history(run_id, "val_budget_auc"))
 
     before = {r.info.run_id: (r.info.end_time, epochs(r.info.run_id)) for r in ended}
-    result = _tune(["--params", params_file.name, "--resume"], workdir)
+    # After Ctrl-C `--resume` alone finds it (the workdir's params.yaml names another search).
+    found_by = ["--resume"] if stop == signal.SIGINT else ["--params", params_file.name, "--resume"]
+    result = _tune(found_by, workdir)
     assert result.returncode == 0, result.stdout + result.stderr
+    if stop == signal.SIGINT:
+        assert "resuming tune-" in result.stderr and "latest interrupted search" in result.stderr
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     runs = client.search_runs([experiment_id], max_results=100)
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -292,6 +296,14 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
         assert epochs(run_id) == trained == [1, 2]  # no epoch trained twice
         if stop == signal.SIGINT:  # Tune saved their state: not even reopened
             assert client.get_run(run_id).info.end_time == end_time
+    # Resuming the finished search says so, exits 0 and changes nothing.
+    storage = workdir / ".boostpipe/tune"
+    state = {path: path.stat().st_mtime_ns for path in storage.rglob("*") if path.is_file()}
+    again = _tune(["--params", params_file.name, "--resume"], workdir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "has finished: nothing to resume" in again.stdout
+    assert len(client.search_runs([experiment_id], max_results=100)) == len(runs)
+    assert {p: p.stat().st_mtime_ns for p in storage.rglob("*") if p.is_file()} == state
 
 
 @needs_data
@@ -302,6 +314,51 @@ def test_ctrl_c_then_resume_runs_only_unfinished_trials(workdir):
 @needs_data
 def test_kill_9_then_resume_runs_only_unfinished_trials(workdir):
     _interrupt_and_resume(workdir, "killed", signal.SIGKILL)
+
+
+@needs_data
+def test_a_second_identical_search_is_refused_and_the_first_finishes_untouched(workdir):
+    """Two `boostpipe tune` with the same params: the second names the running one in one line
+    and exits non-zero without touching its folder; the first ends with all its trials."""
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["tracking"]["experiment"] = "twice"
+    raw["tune"].update(trials=2, epochs=1, scheduler="fifo")
+    (workdir / "twice.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    first = subprocess.Popen(
+        ["boostpipe", "tune", "--params", "twice.yaml"],
+        cwd=workdir,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        storage = workdir / ".boostpipe/tune"
+        while not list(storage.glob("tune-*/tuner.pkl")) or not list(storage.glob("*.mlflow-run")):
+            assert first.poll() is None and time.monotonic() < deadline, "the search never began"
+            time.sleep(0.2)
+        second = _tune(["--params", "twice.yaml"], workdir)
+        assert second.returncode == 1, second.stdout + second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"PID {first.pid}, started " in lines[0], second.stderr
+        assert "is already running" in lines[0]
+        out, err = first.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0, out + err
+    assert "2 trials: 2 finished, 0 stopped early, 0 failed" in out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("twice").experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "FINISHED" and len(runs) == 3
 
 
 @needs_data

@@ -1,0 +1,47 @@
+"""Stopping a stage the same way whatever stopped it: Ctrl-C, SIGTERM, or its parent going away.
+
+DVC runs each stage as a child process. If DVC itself is killed (a process manager, `kill
+<pid>`), a stage left alone would keep training under PID 1 and later write outputs behind DVC's
+back. So a stage asks the kernel for SIGTERM when its parent dies (Linux `PR_SET_PDEATHSIG`),
+and SIGTERM is handled as Ctrl-C: the stage unwinds (Ray shut down on the way, checkpoints
+kept, no outputs written) and exits 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+from types import FrameType
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+_received: list[int] = []
+
+
+def as_ctrl_c(signum: int, frame: FrameType | None) -> None:
+    """A SIGTERM handler that does what Ctrl-C does at this moment: whatever SIGINT handler
+    is installed (Ray Tune's saves the search), else KeyboardInterrupt."""
+    _received.append(signum)
+    handler = signal.getsignal(signal.SIGINT)
+    if not callable(handler):
+        raise KeyboardInterrupt
+    handler(signal.SIGINT, frame)
+
+
+def stop_with_parent() -> None:
+    """SIGTERM is Ctrl-C from now on, and arrives when the parent process dies (Linux)."""
+    signal.signal(signal.SIGTERM, as_ctrl_c)
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return  # not allowed here: the stage still stops on SIGTERM and Ctrl-C
+    if os.getppid() == 1:  # the parent was gone before we asked
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def exit_code() -> int:
+    """After an interruption: 128 + the signal that caused it (130 for Ctrl-C)."""
+    return 128 + (_received[-1] if _received else signal.SIGINT)

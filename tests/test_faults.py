@@ -1,0 +1,157 @@
+"""Faults on the real pipeline (real DVC, Ray, MLflow store, Fashion-MNIST, shrunk params): what
+a process manager, a busy port or a killed parent does, and that nothing is lost, nothing is left
+running (checked by PID) and each failure ends in one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+from conftest import ROOT
+from test_pipeline import _run, _sha, _shrunk_copy
+
+from pipeline.data import DEBIAN_FASHION_MNIST
+from pipeline.io import read_json
+
+needs_data = pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
+)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _sessions(processes: list[psutil.Process]) -> set[Path]:
+    """The Ray session folders named on these processes' command lines."""
+    found = set()
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            for match in re.findall(r"(/[\w/.-]*/session_[\d_-]+)", " ".join(process.cmdline())):
+                found.add(Path(match))
+    return found
+
+
+def _checksums(repo: Path) -> dict[str, str]:
+    """Every output, the prepared data and dvc.lock: what a stopped stage must leave alone."""
+    files = [repo / "dvc.lock", repo / "data/prepared.npz"]
+    files += [path for path in (repo / "outputs").rglob("*") if path.is_file()]
+    return {str(path.relative_to(repo)): _sha(path) for path in files}
+
+
+@needs_data
+@pytest.mark.slow
+def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
+    """`kill <dvc pid>` during training: the stage stops as on Ctrl-C (PR_SET_PDEATHSIG), Ray
+    goes with it within 15 s, no output is written, Ray's session folder is removed; Ctrl-C to
+    the stage exits 130; and the next `dvc repro` resumes from the checkpoint."""
+    repo = _shrunk_copy(tmp_path)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["data"]["train_subset"] = 4000
+    params["train"]["epochs"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    log = (tmp_path / "repro.log").open("w")
+    dvc = subprocess.Popen(
+        ["dvc", "repro"], cwd=repo, env=_env(), start_new_session=True, stdout=log, stderr=log
+    )
+    children: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 600
+        while not list((repo / ".boostpipe/ray").glob("train-*/checkpoint_*")):
+            assert dvc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.2)
+        before = _checksums(repo)
+        children = psutil.Process(dvc.pid).children(recursive=True)
+        stage = [p for p in children if "stages.train" in " ".join(p.cmdline())]
+        assert stage, [p.cmdline() for p in children]
+        sessions = _sessions(children)
+        assert sessions and all(s.exists() for s in sessions)
+
+        os.kill(dvc.pid, signal.SIGTERM)  # DVC alone, as a process manager would
+        dvc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(_alive(p.pid) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [p.pid for p in children if _alive(p.pid)]
+        assert not left, f"still running 15 s after DVC was killed: {left}"
+        assert not any(s.exists() for s in sessions), sessions
+        assert "stages.train: interrupted by SIGTERM" in (tmp_path / "repro.log").read_text()
+        assert _checksums(repo) == before
+    finally:
+        for process in children:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(dvc.pid, signal.SIGKILL)
+        log.close()
+
+    # Ctrl-C to the stage alone while it trains again: exit 130 with one line, nothing written.
+    stage_log = tmp_path / "stage.log"
+    with stage_log.open("w") as out:
+        train = subprocess.Popen(
+            [sys.executable, "-m", "stages.train"],
+            cwd=repo,
+            env=_env(),
+            start_new_session=True,
+            stdout=out,
+            stderr=out,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while "resuming after epoch" not in stage_log.read_text():
+            assert train.poll() is None and time.monotonic() < deadline, stage_log.read_text()
+            time.sleep(0.2)
+        os.kill(train.pid, signal.SIGINT)
+        assert train.wait(timeout=60) == 130, stage_log.read_text()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(train.pid, signal.SIGKILL)
+    lines = stage_log.read_text().splitlines()
+    assert "stages.train: interrupted by SIGINT; `dvc repro` runs" in "\n".join(lines[-5:])
+    assert _checksums(repo) == before
+
+    second = _run(["dvc", "repro"], repo)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "resuming after epoch" in second.stdout + second.stderr
+    history = read_json(repo / "outputs/train/history.json")
+    assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3]
+
+
+def test_ui_fails_when_its_port_is_taken(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+        result = subprocess.run(
+            ["boostpipe", "ui", "--port", str(port)],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"127.0.0.1:{port} is in use" in lines[0], result.stderr
+    assert "http://" not in result.stdout  # no URL banner for a server that never ran
