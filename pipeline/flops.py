@@ -1,4 +1,4 @@
-"""Per-exit cumulative cost, counted the way the early-exit literature does (SPEC section 4).
+"""Per-exit cumulative cost, counted the way MSDNet and BoostNet count it in their papers.
 
 One forward pass of a single zero image; each leaf module adds its multiply-accumulates:
 conv = Cin*Cout*kh*kw*Hout*Wout/groups (bias ignored), ReLU = one per element, average/max pooling =

@@ -1,4 +1,4 @@
-"""Threshold calibration and budgeted classification (SPEC section 6) on hand-made tensors."""
+"""Threshold calibration and budgeted classification on hand-made tensors."""
 
 import math
 

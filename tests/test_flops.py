@@ -93,7 +93,7 @@ REFERENCE = json.loads((ROOT / "tests" / "data" / "reference_costs.json").read_t
 
 @pytest.mark.parametrize("name", sorted(REFERENCE))
 def test_paper_configs_agree_with_the_reference_counter(name):
-    """Within 0.5% per exit of the reference implementation's own counter (SPEC section 4);
+    """Within 0.5% per exit of the reference implementation's own counter;
     exactly for RANet, whose layers the reference counts with the same rules as ours."""
     from pipeline.boosting import BoostNet
     from pipeline.config import load_params

@@ -1,4 +1,4 @@
-"""MSDNet: Multi-Scale Dense Networks (Huang et al., ICLR 2018), as configured in SPEC section 3.
+"""MSDNet: Multi-Scale Dense Networks (Huang et al., ICLR 2018), as BoostNet's experiments use it.
 
 S scales run side by side, finest first. Each layer appends new feature maps at every active scale,
 computed from the same scale and (strided) from the next finer one, DenseNet-style. As depth grows
