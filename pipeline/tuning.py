@@ -492,16 +492,13 @@ def _saved_params(storage: Path, name: str) -> Path:
 
 def resumable(params: Params, fingerprint: str, storage: Path) -> Params:
     """What `--resume` continues: the search these params name if it is unfinished, else the
-    most recently started unfinished one (with the params it was started with). A search
+    most recently started unfinished one (with the params it was started with); a finished
+    search is reported only when nothing else is left to resume. A search
     is unfinished while its MLflow marker file exists (removed when its summary is logged)."""
     name = search_name(params, fingerprint)
-    if (storage / name / "tuner.pkl").exists():
-        if (storage / f"{name}.mlflow-run").exists():
-            return params
-        raise SearchFinished(
-            f"search {name} has finished: nothing to resume (`boostpipe tune` without --resume "
-            "runs it again)"
-        )
+    named_started = (storage / name / "tuner.pkl").exists()
+    if named_started and (storage / f"{name}.mlflow-run").exists():
+        return params
     waiting = sorted(
         (
             marker
@@ -511,13 +508,19 @@ def resumable(params: Params, fingerprint: str, storage: Path) -> Params:
         ),
         key=lambda marker: marker.stat().st_mtime,
     )
+    if not waiting and named_started:
+        raise SearchFinished(
+            f"search {name} has finished: nothing to resume (`boostpipe tune` without --resume "
+            "runs it again)"
+        )
     if not waiting:
         raise SearchNotFound(f"--resume: no interrupted search under {storage}")
     latest = waiting[-1].stem
     started = time.strftime("%Y-%m-%d %H:%M", time.localtime(waiting[-1].stat().st_mtime))
     others = [marker.stem for marker in waiting[:-1]]
     print(
-        f"resuming {latest}, the latest interrupted search (started {started})"
+        (f"search {name} has finished; " if named_started else "")
+        + f"resuming {latest}, the latest interrupted search (started {started})"
         + (f"; also interrupted: {', '.join(others)}" if others else ""),
         file=sys.stderr,
     )
