@@ -22,7 +22,7 @@ from pipeline.boosting import BoostNet
 from pipeline.calibration import operate, thresholds_for_budget
 from pipeline.config import Params, parse_params
 from pipeline.data import load_split
-from pipeline.evaluation import collect_logits, exit_costs, topk_accuracy
+from pipeline.evaluation import collect_scores, eval_source, exit_costs
 from pipeline.io import read_json
 from pipeline.training import run_name, train
 
@@ -54,20 +54,19 @@ class Scored:
 
 def score(net: BoostNet, params: Params) -> tuple[list[float], ...]:
     """Per-exit MFLOPs and test top-1, and test (MFLOPs, top-1) at every calibrated budget."""
-    spec, batch = params.data.spec, params.evaluate.batch_size
-    cpu = torch.device("cpu")
+    batch, cpu = params.evaluate.batch_size, torch.device("cpu")
     val, test = load_split(paths.PREPARED, "val"), load_split(paths.PREPARED, "test")
-    val_logits = collect_logits(net, val, spec, batch, cpu)
-    test_logits = collect_logits(net, test, spec, batch, cpu)
+    val_scores, _ = collect_scores(net, eval_source(params, val, batch), cpu)
+    test_scores, _ = collect_scores(net, eval_source(params, test, batch), cpu)
     flops = exit_costs(net, params)
     budget_mflops, budget_top1 = [], []
     for budget in params.calibrate.budgets:
-        _, point = thresholds_for_budget(val_logits, val.targets, flops, budget)
+        _, point = thresholds_for_budget(val_scores, flops, budget)
         thresholds = torch.tensor(point.thresholds, dtype=torch.float64)
-        on_test = operate(test_logits, test.targets, thresholds, flops)
+        on_test = operate(test_scores, thresholds, flops)
         budget_mflops.append(on_test.expected_flops / 1e6)
         budget_top1.append(on_test.top1)
-    exit_top1 = topk_accuracy(test_logits, test.targets, 1)
+    exit_top1 = test_scores.top1()
     return [f / 1e6 for f in flops], exit_top1, budget_mflops, budget_top1
 
 
