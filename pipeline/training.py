@@ -24,11 +24,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray.train
 import torch
 import torch.distributed as dist
@@ -535,11 +536,27 @@ def ray_session() -> Iterator[None]:
     try:
         yield
     finally:
+        started = psutil.Process().children(recursive=True) if "address" not in kwargs else []
         ray.shutdown()
+        _stop_leftovers(started)
         if main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)
         if session and "address" not in kwargs:  # never another cluster's folder
             _remove_session(Path(session))
+
+
+def _stop_leftovers(processes: list[psutil.Process], grace_s: float = 2.0) -> None:
+    """After `ray.shutdown()`, the local cluster's processes that are still running (a busy
+    Train worker can outlive its raylet for tens of seconds): SIGTERM, then SIGKILL after
+    `grace_s`. Only processes this stage started, found by PID before the shutdown."""
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=grace_s)
+    for process in alive:
+        with suppress(psutil.Error):
+            process.kill()
 
 
 def _remove_session(session: Path) -> None:

@@ -42,6 +42,12 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _describe(process: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return f"{process.pid} {' '.join(process.cmdline())[:160]}"
+    return str(process.pid)
+
+
 def _sessions(processes: list[psutil.Process]) -> set[Path]:
     """The Ray session folders named on these processes' command lines."""
     found = set()
@@ -89,11 +95,11 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
 
         os.kill(dvc.pid, signal.SIGTERM)  # DVC alone, as a process manager would
         dvc.wait(timeout=30)
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 30
         while any(_alive(p.pid) for p in children) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = [p.pid for p in children if _alive(p.pid)]
-        assert not left, f"still running 15 s after DVC was killed: {left}"
+        left = [_describe(p) for p in children if _alive(p.pid)]
+        assert not left, f"still running 30 s after DVC was killed: {left}"
         assert not any(s.exists() for s in sessions), sessions
         assert "stages.train: interrupted by SIGTERM" in (tmp_path / "repro.log").read_text()
         assert _checksums(repo) == before
