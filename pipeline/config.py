@@ -236,6 +236,9 @@ class TrainConfig(_Section):
     gamma: Positive = 0.1
     augment: Literal["none", "crop-flip", "random-resized-crop"] = "crop-flip"
     amp: bool = True  # bfloat16 autocast when training on CUDA; ignored on CPU
+    # torch.compile the training step: true, false, or auto (on CUDA, and on CPU for runs of 20
+    # epochs or more, where the minutes of compilation pay for themselves).
+    compile: bool | Literal["auto"] = "auto"
     # Which epoch's weights the run keeps: the last, or the best on the held-out split by
     # `select_metric` (mean top-1 over exits, or the last exit's top-1 as the reference does).
     select: Literal["last", "best"] = "best"

@@ -262,8 +262,14 @@ def log_training(
             for key in ("train_loss", "val_top1", "effective_samples"):
                 for index, value in enumerate(record[key], start=1):
                     yield f"{key}_exit_{index}", value, step
-            for key in ("val_mean_top1", "lr", "images_per_second", "epoch_seconds"):
-                if key in record:  # no val_mean_top1 without a held-out split
+            for key in (
+                "val_mean_top1",
+                "lr",
+                "images_per_second",
+                "epoch_seconds",
+                "compile_seconds",
+            ):
+                if key in record:  # no val_mean_top1 without a held-out split; compile once
                     yield key, record[key], step
             if "skipped_images" in record:  # folder datasets: unreadable files left out
                 yield "skipped_images", record["skipped_images"], step

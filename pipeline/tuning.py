@@ -166,6 +166,7 @@ def _trial_loop(params: Params, prepared: Path, report: Callable, rank: int, wor
     from pipeline.io import load_checkpoint
     from pipeline.training import (
         Fit,
+        compiles,
         make_optimizer,
         make_scheduler,
         steps_per_epoch,
@@ -184,7 +185,8 @@ def _trial_loop(params: Params, prepared: Path, report: Callable, rank: int, wor
         )
     optimiser = make_optimizer(net, params.train)
     scheduler = make_scheduler(optimiser, params.train, steps_per_epoch(len(train), params, world))
-    fit = Fit(params, net, optimiser, scheduler, train, device, rank, world)
+    compile_step = compiles(params.train, device, params.tune.epochs)
+    fit = Fit(params, net, optimiser, scheduler, train, device, rank, world, compile=compile_step)
     start = 0
     checkpoint = ray.tune.get_checkpoint() if world == 1 else None
     if checkpoint is not None:
