@@ -7,11 +7,11 @@ training set, crop+flip when the params ask for it, normalisation); and with `--
 (a checkout of the BoostNet authors' code, SHI-Labs/Boosted-Dynamic-Networks; skipped when
 absent) the reference's own step on the same batch: its MSDNet (`msdnet_ge` when
 `boost.grad_rescale`) or RANet, its ensemble wrapper and boosted loss loop, the same SGD. On
-CUDA (`--device cuda`) our steps run channels-last, as training does, in fp32 and with bf16
-autocast (`train.amp`; compiled with it), and `--reference-amp` gives the reference autocast.
+CUDA (`--device cuda`) our steps run channels-last, as training does, in fp32 and (`--bf16`)
+with bf16 autocast (`train.amp`); `--reference-amp` gives the reference autocast too.
 Repeats of all variants are interleaved and the medians reported (the machine is shared).
-Run: `python benchmarks/train_step.py [--threads 2] [--device cpu] [--reference /tmp/bdn]
-[--no-compile] [PARAMS ...]`.
+Run: `python benchmarks/train_step.py [--threads 2] [--device cpu|cuda] [--bf16]
+[--reference /tmp/bdn] [--compile-modes default reduce-overhead] [PARAMS ...]`.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def our_step(
     batch_size: int,
     device: torch.device,
     with_data: bool,
-    compiled: bool,
+    compiled: str | None,
     amp: bool = False,
 ) -> Step:
     """The step `pipeline.training.train_epoch` takes: channels-last on CUDA, bf16 autocast
@@ -93,12 +93,14 @@ def our_step(
     cuda = device.type == "cuda"
     if cuda:
         net = net.to(memory_format=torch.channels_last)
-    forward = torch.compile(net) if compiled else net
+    forward = torch.compile(net, mode=compiled) if compiled else net
     optimiser = _sgd(params, net)
     next_batch = _data(params, batch_size, device)
     amp = cuda and amp
 
     def step() -> None:
+        if compiled == "reduce-overhead":  # CUDA graphs: this step's outputs replace the last's
+            torch.compiler.cudagraph_mark_step_begin()
         x, y = next_batch(with_data)
         if cuda:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -229,7 +231,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--reference", type=Path, default=Path("/tmp/bdn"))
     parser.add_argument("--reference-amp", action="store_true", help="bf16 autocast for it too")
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
+    parser.add_argument(
+        "--compile-modes",
+        nargs="*",
+        default=["default"],
+        help="torch.compile modes to time (none: eager only); reduce-overhead = CUDA graphs",
+    )
+    parser.add_argument("--bf16", action="store_true", help="CUDA: bf16 autocast variants too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -242,14 +250,15 @@ def main() -> None:
     for path in args.params:
         params = load_params(path)
         size, cuda = args.batch_size, device.type == "cuda"
-        steps = {"eager": our_step(params, size, device, with_data=False, compiled=False)}
-        if cuda:  # what training runs there with `train.amp: true`
-            steps["eager bf16"] = our_step(params, size, device, False, compiled=False, amp=True)
-        if not args.no_compile:
-            name = "compiled bf16" if cuda else "compiled"
-            steps[name] = our_step(params, size, device, False, compiled=True, amp=cuda)
+        precisions = [False, True] if cuda and args.bf16 else [False]
+        steps = {}
+        for mode in [None, *args.compile_modes]:
+            for amp in precisions:  # bf16: what training runs on CUDA with `train.amp: true`
+                name = "eager" if mode is None else f"compiled {mode}"
+                name += " bf16" if amp else ""
+                steps[name] = our_step(params, size, device, False, compiled=mode, amp=amp)
         if not cuda:
-            steps["eager + data"] = our_step(params, size, device, with_data=True, compiled=False)
+            steps["eager + data"] = our_step(params, size, device, with_data=True, compiled=None)
         reference = reference_step(params, size, args.reference, device, args.reference_amp)
         if reference is not None:
             steps["reference"] = reference
@@ -257,8 +266,8 @@ def main() -> None:
         for variant, rate in rates.items():
             print(f"{path:40s} {variant:13s} {rate:9.1f} images/s (warm-up {warmup[variant]:.1f}s)")
         if reference is not None:
-            for variant in ("eager", "eager bf16", "compiled", "compiled bf16"):
-                if variant in rates:
+            for variant in rates:
+                if variant != "reference":
                     ratio = rates[variant] / rates["reference"]
                     print(f"{path:40s} {variant} / reference: {ratio:.2f}x")
 
