@@ -50,11 +50,10 @@ class MlflowTrials(Callback):
         return self._client
 
     def _timed(self, action: Any) -> Any:
-        from pipeline.tracking import retry
-
+        """MLflow's own HTTP retries (bounded by `tracking.bound_waits`), no more of ours."""
         start = time.perf_counter()
         try:
-            return retry(action)
+            return action()
         finally:
             self.seconds += time.perf_counter() - start
 
