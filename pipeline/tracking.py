@@ -68,13 +68,15 @@ def bound_waits(kind: str = "stage") -> None:
 
 def describe(exc: BaseException) -> str:
     """An MLflow failure as a short phrase: the cause of a failed HTTP request, else the first
-    line of the message."""
+    line of the innermost error (a database's own message, not its wrappers')."""
     text = str(exc).strip()
     cause = re.search(r"(\[Errno -?\d+\] [^'\")]+|Read timed out|Connection aborted)", text)
     if "Max retries exceeded" in text or (cause and "API request" in text):
         return f"no answer ({cause.group(1) if cause else 'after retries'})"
-    first = text.splitlines()[0] if text else ""
-    return f"{exc.__class__.__name__}: {first[:200]}" if first else exc.__class__.__name__
+    while exc.__cause__ or exc.__context__:
+        exc = exc.__cause__ or exc.__context__
+    lines = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {lines[0][:200]}" if lines else exc.__class__.__name__
 
 
 def _check_server(uri: str) -> None:
