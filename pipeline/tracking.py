@@ -371,7 +371,8 @@ def log_evaluation(
     log_metrics(run_id, values())
     log_artifacts(run_id, files)
     _terminate(run_id, "FINISHED")
-    _opened.remove(run_id)
+    if run_id in _opened:
+        _opened.remove(run_id)  # finished: not ended again by the stage's status_of
 
 
 def resume_run(record: Path) -> str:
