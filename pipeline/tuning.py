@@ -486,6 +486,8 @@ def _fit(
     # After Ctrl-C Tune saves its state and returns as if done; the child runs say which
     # trials really ended (finished, stopped by the scheduler, or failed), resumes included.
     ended = callbacks[0].ended()
+    if ended is None:  # the store failed during the search: Tune's own record of the trials
+        ended = sum(1 for r in results if r.error or (r.metrics or {}).get("done"))
     if ended < config.trials:
         raise SearchInterrupted(
             f"interrupted after {ended} of {config.trials} trials; "

@@ -291,3 +291,26 @@ def test_truncated_files_are_named_in_one_line(tmp_path):
     (tmp_path / "flipped.npz").write_bytes(bytes(data))
     with pytest.raises(CorruptFile, match=r"flipped\.npz"):
         check_archive(tmp_path / "flipped.npz")
+
+
+def test_search_logging_survives_a_dead_store(tmp_path, monkeypatch, capsys):
+    """Trial logging against a closed port: one warning line, later hooks skip MLflow at once,
+    and the search is told the store cannot count ended trials (None)."""
+    from types import SimpleNamespace
+
+    from pipeline.tune_callbacks import MlflowTrials
+
+    for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(tracking, "_failed", [])
+    tracking.bound_waits("stage")
+    trials = MlflowTrials(f"http://127.0.0.1:{_free_port()}", "0", "f" * 32, 1, 4)
+    trial = SimpleNamespace(trial_id="t1", config={}, last_result={"done": True}, error_file=None)
+    start = time.monotonic()
+    trials.on_trial_start(0, [trial], trial)
+    trials.on_trial_result(0, [trial], trial, {"training_iteration": 1, "val_mean_top1": 50.0})
+    trials.on_trial_complete(0, [trial], trial)
+    assert trials.ended() is None
+    assert time.monotonic() - start < 60
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "Connection refused" in warnings[0], warnings
