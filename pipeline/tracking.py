@@ -183,11 +183,7 @@ def log_artifacts(run_id: str, files: Iterable[Path], folder: str | None = None)
 
 
 def start_run(
-    params: Params,
-    fingerprint: str,
-    source: str,
-    previous: Path,
-    name: str | None = None,
+    params: Params, fingerprint: str, source: str, previous: Path, name: str | None = None
 ) -> str:
     """A new run with the whole config as params, or the run an interrupted attempt left in
     `previous` (so a resumed training or search stays one run), marked RUNNING. Both end with a

@@ -171,6 +171,8 @@ def finished(tmp_path_factory) -> Path:
     repo = _shrunk_copy(tmp_path_factory.mktemp("finished"))
     result = _run(["dvc", "repro"], repo)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning:" not in result.stdout + result.stderr  # everything logged
+    _check_run_status(repo, "FINISHED")
     return repo
 
 
