@@ -105,6 +105,9 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
         assert not any(s.exists() for s in sessions), sessions
         assert "stages.train: interrupted by SIGTERM" in (tmp_path / "repro.log").read_text()
         assert _checksums(repo) == before
+        (marker,) = (repo / ".boostpipe/ray").glob("*.mlflow-run")
+        killed = marker.read_text()
+        assert _status(repo, killed) == "KILLED"
     finally:
         for process in children:
             with contextlib.suppress(psutil.Error):
@@ -143,6 +146,8 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
     assert "resuming after epoch" in second.stdout + second.stderr
     history = read_json(repo / "outputs/train/history.json")
     assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3]
+    assert read_json(repo / "outputs/train/mlflow_run.json")["run_id"] == killed
+    _check_run_status(repo, "FINISHED")  # the interrupted run, resumed and evaluated
 
 
 def test_ui_fails_when_its_port_is_taken(tmp_path):
@@ -239,12 +244,15 @@ def test_corrupt_inputs_fail_fast_in_one_line_and_change_nothing(finished):
     _check_run_status(repo, "FAILED")  # evaluate's last attempt failed
 
 
-def _check_run_status(repo: Path, expected: str) -> None:
+def _status(repo: Path, run_id: str) -> str:
     from mlflow import MlflowClient
 
-    record = read_json(repo / "outputs/train/mlflow_run.json")
-    status = MlflowClient(record["tracking_uri"]).get_run(record["run_id"]).info.status
-    assert status == expected
+    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(run_id).info.status
+
+
+def _check_run_status(repo: Path, expected: str) -> None:
+    """The status of the run the train stage's outputs point at."""
+    assert _status(repo, read_json(repo / "outputs/train/mlflow_run.json")["run_id"]) == expected
 
 
 @needs_data
