@@ -141,16 +141,33 @@ except tracking.TrackingUnavailable as exc:
 """
 
 
-@pytest.mark.parametrize("resumed", [False, True], ids=["new", "resumed"])
-def test_a_read_only_store_fails_before_work_in_one_line(store, tmp_path, resumed):
+@contextlib.contextmanager
+def locked(database: Path) -> Iterator[None]:
+    """Another process's exclusive SQLite transaction on the store: no reads, no writes."""
+    import sqlite3
+
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+@pytest.mark.parametrize("fault", ["read-only", "read-only resumed", "locked resumed"])
+def test_a_store_that_cannot_be_written_fails_before_work_in_one_line(store, tmp_path, fault):
     """The pre-flight writes (a tag), so a store that can be read but not written is caught for
-    a resumed run too, in seconds, naming the store. A fresh process, as a stage is."""
+    a resumed run too, in seconds, naming the store; so is a locked one. A fresh process, as a
+    stage is; the run is left as it was."""
     previous = tmp_path / "marker"
     run_id = _start(tmp_path, previous)  # creates the database, experiment and a run
+    resumed = fault.endswith("resumed")
     if not resumed:
         previous.unlink()
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'tests'}")
-    with read_only(store / "mlflow.db", store):
+    database = store / "mlflow.db"
+    with locked(database) if fault.startswith("locked") else read_only(database, store):
         start = time.monotonic()
         result = subprocess.run(
             [sys.executable, "-c", PREFLIGHT, str(previous)],
@@ -163,7 +180,7 @@ def test_a_read_only_store_fails_before_work_in_one_line(store, tmp_path, resume
         assert time.monotonic() - start < 30
     assert result.returncode == 1, result.stderr
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith(f"tracking store sqlite:///{store}/mlflow.db: cannot write")
+    assert message.startswith(f"tracking store sqlite:///{database}: "), message
     assert "OperationalError" in message, message
     assert previous.exists() == resumed and (not resumed or previous.read_text() == run_id)
     assert _status(run_id) == "RUNNING"  # nothing changed

@@ -235,7 +235,7 @@ def test_corrupt_inputs_fail_fast_in_one_line_and_change_nothing(finished):
                 result, seconds = _stage(repo, name)
                 line = _one_error_line(result)
                 assert line.startswith(f"error: {path.relative_to(repo)}: unreadable"), line
-                assert line.endswith(hint), line
+                assert hint in line, line
                 assert seconds < 60, (name, seconds)
                 assert "Retrying" not in result.stdout + result.stderr
                 assert _checksums(repo) == before
