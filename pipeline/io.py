@@ -137,7 +137,9 @@ def check_archive(path: str | Path, remake: str = REMAKE_PREPARED) -> None:
         raise CorruptFile(f"{path}: damaged member {bad}; {remake}")
 
 
-def load_checkpoint(path: str | Path, remake: str = "retrain") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | Path, remake: str = "remove it (or its run's folder) and run again"
+) -> dict[str, Any]:
     """Only tensors and plain containers: never unpickle arbitrary objects. A truncated or
     damaged file is a CorruptFile naming it (`remake`: how to make it again)."""
     try:
