@@ -43,6 +43,10 @@ ONE_LINE_ERRORS = (
 )
 
 
+# What MLflow raises, itself or from its SQL and HTTP layers: a tracking store error.
+TRACKING_MODULES = ("mlflow", "sqlalchemy", "requests", "urllib3")
+
+
 def exits_on_config_error(command: Callable[..., Any]) -> Callable[..., Any]:
     """Bad params end the command with one line on stderr and exit code 2, no traceback;
     a missing dataset, a bad dataset folder, image or file, an unwritable output folder, a
@@ -58,7 +62,7 @@ def exits_on_config_error(command: Callable[..., Any]) -> Callable[..., Any]:
         except ONE_LINE_ERRORS as exc:
             _fail(str(exc), 1)
         except Exception as exc:
-            if not type(exc).__module__.startswith("mlflow"):
+            if not type(exc).__module__.startswith(TRACKING_MODULES):
                 raise
             store = sys.modules["mlflow"].get_tracking_uri()
             _fail(f"tracking store {store}: {describe(exc)}", 1)

@@ -331,3 +331,29 @@ def test_search_logging_survives_a_dead_store(tmp_path, monkeypatch, capsys):
     assert time.monotonic() - start < 60
     warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "Connection refused" in warnings[0], warnings
+
+
+@pytest.mark.slow
+def test_an_mlflow_error_in_a_command_is_one_line_unless_verbose(store, tmp_path):
+    """Whatever MLflow raises (here: SQLite busy under another process's lock, after SQLite's
+    own ~20 s wait) ends a command in one line naming the store, exit 1; BOOSTPIPE_VERBOSE=1
+    adds the traceback."""
+    _start(tmp_path, tmp_path / "marker")
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    database = store / "mlflow.db"
+    with locked(database):
+        for verbose in ("0", "1"):
+            result = subprocess.run(
+                ["boostpipe", "runs"],
+                cwd=tmp_path,
+                env=_env(BOOSTPIPE_VERBOSE=verbose),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert result.returncode == 1, result.stdout + result.stderr
+            lines = result.stderr.strip().splitlines()
+            assert lines[-1].startswith(f"error: tracking store sqlite:///{database}: "), lines
+            assert "locked" in lines[-1]
+            assert (len(lines) == 1) == (verbose == "0"), result.stderr
+            assert ("Traceback" in result.stderr) == (verbose == "1")
