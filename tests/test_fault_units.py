@@ -336,7 +336,7 @@ def test_search_logging_survives_a_dead_store(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_an_mlflow_error_in_a_command_is_one_line_unless_verbose(store, tmp_path):
     """Whatever MLflow raises (here: SQLite busy under another process's lock, after SQLite's
-    own ~20 s wait) ends a command in one line naming the store, exit 1; BOOSTPIPE_VERBOSE=1
+    own busy wait) ends a command in one line naming the store, exit 1; BOOSTPIPE_VERBOSE=1
     adds the traceback."""
     _start(tmp_path, tmp_path / "marker")
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
