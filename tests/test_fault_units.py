@@ -218,18 +218,18 @@ def test_runs_and_compare_give_up_on_a_closed_port_in_one_line(tmp_path):
         assert len(lines) == 1 and f"{uri} is unreachable" in lines[0], result.stderr
 
 
-@pytest.mark.slow
-def test_a_server_that_stops_mid_run_costs_one_warning_within_60_s(tmp_path, monkeypatch):
-    """A real `mlflow server` on loopback, stopped (by PID) after the run was opened: logging
-    gives up within a stage's 60 s with one warning line, and later logging is not retried."""
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real `mlflow server` on 127.0.0.1 (one worker) with its store in `folder`, stopped by
+    its PID (its process group) when the block ends, if the test has not stopped it already."""
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [
             *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"),
             *("--port", str(port), "--workers", "1"),
-            *("--backend-store-uri", f"sqlite:///{tmp_path / 'db.sqlite'}"),
-            *("--artifacts-destination", str(tmp_path / "artifacts")),
+            *("--backend-store-uri", f"sqlite:///{folder / 'db.sqlite'}"),
+            *("--artifacts-destination", str(folder / "artifacts")),
         ],
         env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
         stdout=subprocess.DEVNULL,
@@ -245,6 +245,22 @@ def test_a_server_that_stops_mid_run_costs_one_warning_within_60_s(tmp_path, mon
             except tracking.TrackingUnavailable:
                 assert server.poll() is None and time.monotonic() < deadline, "no server"
                 time.sleep(0.5)
+        yield uri, server
+    finally:
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_server_that_stops_mid_run_costs_one_warning_within_60_s(tmp_path, monkeypatch):
+    """A real `mlflow server` on loopback, stopped (by PID) after the run was opened: logging
+    gives up within a stage's 60 s with one warning line, and later logging is not retried."""
+    with mlflow_server(tmp_path) as (uri, server):
         monkeypatch.chdir(tmp_path)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.setattr(tracking, "_failed", [])
@@ -252,9 +268,7 @@ def test_a_server_that_stops_mid_run_costs_one_warning_within_60_s(tmp_path, mon
             monkeypatch.delenv(key, raising=False)
         run_id = _start(tmp_path, tmp_path / "marker")
         assert _status(run_id) == "RUNNING"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        stop(server)
     start = time.monotonic()
     tracking.best_effort(lambda: tracking.log_metrics(run_id, [("m", 1.0, 1)]), "metrics")
     tracking.best_effort(lambda: tracking.log_metrics(run_id, [("m", 2.0, 2)]), "more")

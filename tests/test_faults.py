@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 from conftest import ROOT
-from test_fault_units import read_only
+from test_fault_units import mlflow_server, read_only, stop
 from test_pipeline import _run, _sha, _shrunk_copy
 
 from pipeline.data import DEBIAN_FASHION_MNIST
@@ -293,3 +293,40 @@ def test_unwritable_outputs_and_a_dead_store(finished, tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
     assert metrics.exists()
     assert seconds < healthy + 60, (seconds, healthy)
+
+
+@needs_data
+@pytest.mark.slow
+def test_a_tracking_server_that_stops_mid_run_costs_each_stage_one_line(tmp_path):
+    """`dvc repro` against a real `mlflow server` on loopback that stops (by PID) once training
+    has opened its run: every stage still writes its outputs and exits 0, and each stage that
+    logs prints one warning line and no traceback."""
+    repo = _shrunk_copy(tmp_path / "repo")
+    log_path = tmp_path / "repro.log"
+    (tmp_path / "store").mkdir()
+    with mlflow_server(tmp_path / "store") as (uri, server), log_path.open("w") as log:
+        dvc = subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=repo,
+            env={**_env(), "MLFLOW_TRACKING_URI": uri},
+            start_new_session=True,
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while not list((repo / ".boostpipe/ray").glob("*.mlflow-run")):
+                assert dvc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+            stop(server)
+            assert dvc.wait(timeout=900) == 0, log_path.read_text()[-5000:]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(dvc.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    warnings = [line for line in output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3, warnings  # train, calibrate, evaluate: one each
+    assert all("could not log" in line and "Connection refused" in line for line in warnings)
+    assert "Traceback" not in output
+    for name in ("train/model.pt", "calibrate/thresholds.json", "evaluate/metrics.json"):
+        assert (repo / "outputs" / name).exists(), name
