@@ -298,7 +298,9 @@ def log_model(run_id: str, net: torch.nn.Module, input_shape: tuple[int, int, in
     with torch.no_grad():
         signature = infer_signature(example.numpy(), serving(example).numpy())
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
-    mlflow.pytorch.log_model(  # into the run by id: `start_run` would end it (FINISHED)
+    # Into the run by id (`start_run` would end it, FINISHED), in the run's experiment.
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+    mlflow.pytorch.log_model(
         serving,
         name="model",
         serialization_format="pickle",
