@@ -22,6 +22,7 @@ from pipeline.config import DataConfig, Params
 from pipeline.data import AnySplit
 from pipeline.flops import count_exit_costs
 from pipeline.inputs import check_bad, default_loader_workers, eval_batches
+from pipeline.io import load_checkpoint
 
 # Inference runs channels-last: on CPU it makes MSDNet's small convolutions ~1.5x faster (in
 # training the batch-norm backward pass loses that gain again).
@@ -143,7 +144,8 @@ def eval_source(params: Params, split: AnySplit, batch_size: int, augment: bool 
 def load_model(params: Params, path: Path, device: torch.device) -> BoostNet:
     """The train stage's selected weights in a fresh BoostNet (tensors only, never pickles)."""
     net = BoostNet.from_params(params)
-    net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    state = load_checkpoint(path, "retrain it with `dvc repro -s train -f`")
+    net.load_state_dict(state["model"])
     return net.to(device, memory_format=CHANNELS_LAST).eval()
 
 

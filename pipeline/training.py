@@ -40,8 +40,9 @@ from pipeline.augment import batch_augment, normalise
 from pipeline.boosting import BoostNet, effective_samples
 from pipeline.config import ConfigError, Params, TrainConfig
 from pipeline.data import AnySplit, FileSplit, load_split
+from pipeline.folders import DatasetError
 from pipeline.inputs import BadImage, check_bad, default_loader_workers, eval_batches, file_loader
-from pipeline.io import load_checkpoint
+from pipeline.io import CorruptFile, check_archive, load_checkpoint
 
 
 def selection_score(config: TrainConfig, val_top1: list[float]) -> float:
@@ -347,18 +348,30 @@ def train_epoch(fit: Fit, epoch: int, progress: _Progress | None = None) -> dict
     return stats
 
 
+# Errors that recur on every restart (same data, same code, same file): Ray's FailureConfig
+# should restart only after a lost worker or node, never to meet these again.
+DETERMINISTIC: tuple[type[Exception], ...] = (BadImage, DatasetError, CorruptFile, ConfigError)
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker. An unreadable image is a deterministic error: it is
-    written down for the driver, and Ray's restarts after it (FailureConfig) stop at once
-    instead of training up to the same file again."""
-    marker = Path(config["bad_image_marker"])
+    """Runs in every Ray Train worker. A deterministic error (an unreadable image or file, a
+    bad setting) is written down for the driver, and Ray's restarts after it (FailureConfig)
+    stop at once instead of failing the same way again."""
+    marker = Path(config["error_marker"])
     if marker.exists():
-        raise BadImage(marker.read_text())
+        _raise_recorded(marker)
     try:
         _train_worker(config)
-    except BadImage as exc:
-        marker.write_text(str(exc))
+    except DETERMINISTIC as exc:
+        marker.write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
         raise
+
+
+def _raise_recorded(marker: Path) -> None:
+    """The deterministic error a worker wrote down, as its own type: one line, no traceback."""
+    recorded = json.loads(marker.read_text())
+    kind = next(cls for cls in DETERMINISTIC if cls.__name__ == recorded["type"])
+    raise kind(recorded["message"])
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -538,15 +551,16 @@ def train(
     layout = worker_layout(params, ray.cluster_resources())
     use_gpu = layout.use_gpu
     storage.mkdir(parents=True, exist_ok=True)
-    bad_image_marker = storage / f"{name}.bad-image"
-    bad_image_marker.unlink(missing_ok=True)
+    check_archive(prepared)  # a damaged file fails here in one line, not in every worker
+    error_marker = storage / f"{name}.error"
+    error_marker.unlink(missing_ok=True)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
             "params": params.model_dump(mode="json"),
             "prepared": str(prepared.resolve()),
             "root": str(root.resolve()) if root else None,
-            "bad_image_marker": str(bad_image_marker.resolve()),
+            "error_marker": str(error_marker.resolve()),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=layout.workers,
@@ -568,10 +582,11 @@ def train(
     except SystemExit:  # how fit() ends after Train's Ctrl-C handler aborted the run
         raise KeyboardInterrupt from None
     except Exception:
-        if bad_image_marker.exists():  # one line naming the file, not Ray's wrapped traceback
-            message = bad_image_marker.read_text()
-            bad_image_marker.unlink()
-            raise BadImage(message) from None
+        if error_marker.exists():  # one line naming the cause, not Ray's wrapped traceback
+            try:
+                _raise_recorded(error_marker)
+            finally:
+                error_marker.unlink()
         raise
     with result.checkpoint.as_directory() as folder:
         state = load_checkpoint(Path(folder) / "state.pt")

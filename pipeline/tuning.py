@@ -434,15 +434,12 @@ def _search(
     resume: bool,
     trainable: Callable | None,
 ) -> SearchOutcome:
-    import ray
-
     from pipeline import tracking
-    from pipeline.training import ray_session
-    from pipeline.tune_callbacks import LiveTrialTable, MlflowTrials
+    from pipeline.io import check_archive
 
     if params.data.val_size == 0:
         raise ConfigError("data.val_size: is 0, but tune scores trials on the held-out split")
-    config = params.tune
+    check_archive(prepared)  # a damaged file fails here in one line, not in every trial
     folder, marker = storage / name, storage / f"{name}.mlflow-run"
     if resume and not (folder / "tuner.pkl").exists():
         raise SearchNotFound(f"--resume: no interrupted search {name} under {storage}")
@@ -453,8 +450,30 @@ def _search(
         marker.unlink(missing_ok=True)
         write_json(_saved_params(storage, name), params.model_dump(mode="json"))
     parent = tracking.start_run(params, dataset["fingerprint"], dataset["source"], marker, name)
-    import mlflow
+    with tracking.status_of(parent, finish=True):  # KILLED on Ctrl-C, open for --resume
+        outcome = _fit(params, prepared, storage, name, parent, resume, trainable)
+    marker.unlink(missing_ok=True)
+    return outcome
 
+
+def _fit(
+    params: Params,
+    prepared: Path,
+    storage: Path,
+    name: str,
+    parent: str,
+    resume: bool,
+    trainable: Callable | None,
+) -> SearchOutcome:
+    """The search itself, with its trials logged under `parent`, and the summary."""
+    import mlflow
+    import ray
+
+    from pipeline import tracking
+    from pipeline.training import ray_session
+    from pipeline.tune_callbacks import LiveTrialTable, MlflowTrials
+
+    config = params.tune
     uri = mlflow.get_tracking_uri()
     experiment_id = mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
     callbacks = [
@@ -462,17 +481,15 @@ def _search(
         LiveTrialTable(config.metric, config.epochs),
     ]
     quiet_ray_tune()
-    try:
-        with ray_session():
-            check_fits(config, ray.cluster_resources())
-            setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
-            results = make_tuner(setup, resume, trainable).fit()
-    except ConfigError:
-        tracking.retry(lambda: mlflow.MlflowClient().set_terminated(parent, "FAILED"))
-        raise
+    with ray_session():
+        check_fits(config, ray.cluster_resources())
+        setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
+        results = make_tuner(setup, resume, trainable).fit()
     # After Ctrl-C Tune saves its state and returns as if done; the child runs say which
     # trials really ended (finished, stopped by the scheduler, or failed), resumes included.
     ended = callbacks[0].ended()
+    if ended is None:  # the store failed during the search: Tune's own record of the trials
+        ended = sum(1 for r in results if r.error or (r.metrics or {}).get("done"))
     if ended < config.trials:
         raise SearchInterrupted(
             f"interrupted after {ended} of {config.trials} trials; "
@@ -483,8 +500,10 @@ def _search(
     first = default_point(params, space)
     default = next((t for t in trials if _same_point(t.sampled, first)), None)
     outcome = SearchOutcome(name, parent, config.metric, trials, default)
-    tracking.log_search(parent, outcome, params, storage / f"{name}-summary")
-    marker.unlink(missing_ok=True)
+    tracking.best_effort(
+        lambda: tracking.log_search(parent, outcome, params, storage / f"{name}-summary"),
+        "the search's summary",
+    )
     return outcome
 
 

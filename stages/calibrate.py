@@ -14,7 +14,7 @@ from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.data import load_split
 from pipeline.evaluation import collect_scores, eval_source, exit_costs, load_model
-from pipeline.io import read_json, write_json
+from pipeline.io import check_writable, read_json, write_json
 
 NOT_CALIBRATED = "data.val_size is 0: no held-out split, so no thresholds (anytime setting)"
 
@@ -35,6 +35,8 @@ def _calibrate(scores: ExitScores, flops: list[int], budgets: list[float]) -> di
 @stage_main
 def main() -> None:
     params = load_params(paths.PARAMS).with_dataset(read_json(paths.DATASET_INFO))
+    check_writable([paths.CALIBRATE_DIR])
+    run_id = tracking.resume_run(paths.MLFLOW_RUN)
     device = torch.device("cpu")
     net = load_model(params, paths.MODEL, device)
     val = load_split(paths.PREPARED, "val")
@@ -49,7 +51,6 @@ def main() -> None:
         print(NOT_CALIBRATED)
         result = {"calibrated": False, "reason": NOT_CALIBRATED, "grid": [], "budgets": []}
     write_json(paths.THRESHOLDS, {"exit_flops": flops, **result})
-    run_id = tracking.resume_run(paths.MLFLOW_RUN)
     tracking.best_effort(
         lambda: tracking.log_artifacts(run_id, [paths.THRESHOLDS]), "the thresholds"
     )

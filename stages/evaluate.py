@@ -19,13 +19,15 @@ from pipeline.evaluation import (
     load_model,
     time_all_exits,
 )
-from pipeline.io import read_json, write_json
+from pipeline.io import check_writable, read_json, replaced_together, write_json
 
 
 @stage_main
 def main() -> None:
     params = load_params(paths.PARAMS).with_dataset(read_json(paths.DATASET_INFO))
     repeats = params.evaluate.timing_repeats
+    check_writable([paths.EVALUATE_DIR])
+    run_id = tracking.resume_run(paths.MLFLOW_RUN)
     device = torch.device("cpu")
     net = load_model(params, paths.MODEL, device)
     test = eval_source(params, load_split(paths.PREPARED, "test"), params.evaluate.batch_size)
@@ -105,20 +107,20 @@ def main() -> None:
         "budgets": budgets,
         "calibrated": calibration["calibrated"],
     }
-    write_json(paths.ANYTIME, anytime)
-    write_json(paths.BUDGET_CURVE, budget_curve)
-    plots.accuracy_vs_flops(
-        paths.ACCURACY_PLOT,
-        [r["mflops"] for r in anytime],
-        top1,
-        [r["mflops"] for r in budget_curve],
-        [r["top1"] for r in budget_curve],
-        flat,
-        title=f"{'BoostNet' if params.boost.enabled else 'baseline'} on {params.data.dataset}",
-    )
-    plots.effective_samples(paths.EFFECTIVE_SAMPLES_PLOT, read_json(paths.HISTORY)["epochs"])
-    write_json(paths.METRICS, metrics)
-    run_id = tracking.resume_run(paths.MLFLOW_RUN)
+    with replaced_together():  # all five or none
+        write_json(paths.ANYTIME, anytime)
+        write_json(paths.BUDGET_CURVE, budget_curve)
+        plots.accuracy_vs_flops(
+            paths.ACCURACY_PLOT,
+            [r["mflops"] for r in anytime],
+            top1,
+            [r["mflops"] for r in budget_curve],
+            [r["top1"] for r in budget_curve],
+            flat,
+            title=f"{'BoostNet' if params.boost.enabled else 'baseline'} on {params.data.dataset}",
+        )
+        plots.effective_samples(paths.EFFECTIVE_SAMPLES_PLOT, read_json(paths.HISTORY)["epochs"])
+        write_json(paths.METRICS, metrics)
     files = [
         paths.METRICS,
         paths.ANYTIME,

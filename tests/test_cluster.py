@@ -308,12 +308,13 @@ def stack(tmp_path_factory) -> Iterator[tuple[LoopbackCluster, str, int]]:
 
 
 def _logged_epochs(repo: Path, history: list[dict]) -> None:
-    """The run is FINISHED and holds every epoch's metrics once, equal to the history's."""
+    """The run holds every epoch's metrics once, equal to the history's; it stays RUNNING
+    after the train stage (evaluate finishes it)."""
     from mlflow import MlflowClient
 
     record = read_json(repo / "outputs/train/mlflow_run.json")
     client = MlflowClient(record["tracking_uri"])
-    assert client.get_run(record["run_id"]).info.status == "FINISHED"
+    assert client.get_run(record["run_id"]).info.status == "RUNNING"
     epochs = [r["epoch"] for r in history]
     for key, value in (
         ("val_top1_exit_4", lambda r: r["val_top1"][3]),
