@@ -22,6 +22,7 @@ from pipeline.folders import DatasetError
 from pipeline.io import CorruptFile, NotWritable
 from pipeline.locks import Busy
 from pipeline.tracking import TrackingUnavailable, describe
+from pipeline.verbosity import quiet_driver, verbose
 
 PARAMS_OPTION = click.option(
     "--params",
@@ -71,7 +72,7 @@ def exits_on_config_error(command: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _fail(message: str, code: int) -> None:
-    if os.environ.get("BOOSTPIPE_VERBOSE") == "1":
+    if verbose():
         import traceback
 
         traceback.print_exc()
@@ -96,6 +97,7 @@ def stage_main(command: Callable[..., Any]) -> Callable[..., Any]:
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         interrupts.stop_with_parent()
+        quiet_driver()
         try:
             return reporting(*args, **kwargs)
         except KeyboardInterrupt:
@@ -115,6 +117,7 @@ def stage_main(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """boostpipe: train, calibrate and evaluate BoostNet early-exit networks."""
+    quiet_driver()
 
 
 @main.command()
@@ -128,8 +131,7 @@ def flops(params_path: Path, as_json: bool) -> None:
 
     params = load_params(params_path)
     backbone = BoostNet.from_params(params).backbone
-    spec = params.data.spec
-    costs = count_exit_costs(backbone, (params.in_channels, spec.image_size, spec.image_size))
+    costs = count_exit_costs(backbone, params.input_shape)
     if as_json:
         click.echo(json.dumps(costs.as_dict()))
         return

@@ -397,6 +397,12 @@ class Params(_Section):
         return self.model.in_channels or self.data.spec.channels
 
     @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """One input image (C, H, W): the training crop and the evaluation size."""
+        size = self.data.spec.image_size
+        return (self.in_channels, size, size)
+
+    @property
     def num_classes(self) -> int:
         n = self.model.num_classes or self.data.spec.num_classes
         if n is None:

@@ -150,5 +150,4 @@ def load_model(params: Params, path: Path, device: torch.device) -> BoostNet:
 
 
 def exit_costs(net: BoostNet, params: Params) -> list[int]:
-    size = params.data.spec.image_size
-    return count_exit_costs(net.backbone, (params.in_channels, size, size)).flops
+    return count_exit_costs(net.backbone, params.input_shape).flops

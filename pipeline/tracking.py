@@ -12,11 +12,13 @@ once evaluate (or the search) completes.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -227,9 +229,12 @@ def _create_run(
     run_id = run.info.run_id
     flat = flatten(params.model_dump(mode="json"))
     client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
-    dataset = MetaDataset(
-        resolve_dataset_source(source), name=params.data.dataset, digest=fingerprint
-    )
+    # MLflow registers its local-file source class twice, so resolving a local path warns that
+    # it "can be interpreted in multiple ways" (the same class, twice) on every run.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+        origin = resolve_dataset_source(source)
+    dataset = MetaDataset(origin, name=params.data.dataset, digest=fingerprint)
     context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="training")
     client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
     return run_id
@@ -289,7 +294,10 @@ def log_model(run_id: str, net: torch.nn.Module, input_shape: tuple[int, int, in
     graph and then reloads it to validate an input example, and without requirements it infers
     them in a subprocess; together ~10 s a run, several percent of the default pipeline. The
     tensor-only checkpoint (`model.pt`, loaded with weights_only=True) stays the source of truth.
+    MLflow's warning that pickled models run code when loaded is kept off the console: this one
+    is written by the pipeline itself, and the warning would repeat on every run.
     """
+
     import mlflow
     from mlflow.models import infer_signature
 
@@ -300,14 +308,20 @@ def log_model(run_id: str, net: torch.nn.Module, input_shape: tuple[int, int, in
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
     # Into the run by id (`start_run` would end it, FINISHED), in the run's experiment.
     mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
-    mlflow.pytorch.log_model(
-        serving,
-        name="model",
-        serialization_format="pickle",
-        signature=signature,
-        pip_requirements=requirements,
-        run_id=run_id,
-    )
+    pytorch_logger = logging.getLogger("mlflow.pytorch")
+    level = pytorch_logger.level
+    pytorch_logger.setLevel(logging.ERROR)
+    try:
+        mlflow.pytorch.log_model(
+            serving,
+            name="model",
+            serialization_format="pickle",
+            signature=signature,
+            pip_requirements=requirements,
+            run_id=run_id,
+        )
+    finally:
+        pytorch_logger.setLevel(level)
 
 
 def log_training(

@@ -14,6 +14,7 @@ within a run restart from it too (`FailureConfig`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -43,6 +44,7 @@ from pipeline.data import AnySplit, FileSplit, load_split
 from pipeline.folders import DatasetError
 from pipeline.inputs import BadImage, check_bad, default_loader_workers, eval_batches, file_loader
 from pipeline.io import CorruptFile, check_archive, load_checkpoint
+from pipeline.verbosity import library_log_level, quiet_worker
 
 
 def selection_score(config: TrainConfig, val_top1: list[float]) -> float:
@@ -105,6 +107,16 @@ def compile_mode(device: torch.device, world: int) -> str:
     gained nothing; benchmarks/train_step.py). Under DDP, whose gradient hooks run between
     graph pieces, and on CPU, the default mode."""
     return "reduce-overhead" if device.type == "cuda" and world == 1 else "default"
+
+
+def ddp_options(net: BoostNet, params: Params) -> dict[str, bool]:
+    """DDP searches for parameters that got no gradient after every backward (a pass over the
+    autograd graph) only when some exist, as when MSDNet's last block computes finer scales no
+    head reads: found once, from one backward of a copy on a blank batch."""
+    probe = copy.deepcopy(net).eval()  # eval: batch statistics of two blank images are moot
+    sum(z.sum() for z in probe(torch.zeros(2, *params.input_shape))).backward()
+    unused = any(p.grad is None for p in probe.parameters() if p.requires_grad)
+    return {"find_unused_parameters": unused}
 
 
 def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -375,6 +387,7 @@ def _raise_recorded(marker: Path) -> None:
 
 
 def _train_worker(config: dict[str, Any]) -> None:
+    quiet_worker()
     params = Params.model_validate(config["params"])
     train_cfg = params.train
     context = ray.train.get_context()
@@ -394,11 +407,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         net = net.to(memory_format=torch.channels_last)
     if train_cfg.scaling.sync_bn and world > 1:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    # MSDNet's last block may still compute finer scales that no head reads (as in the paper's
-    # counting), so DDP must tolerate parameters without gradients.
-    net = ray.train.torch.prepare_model(
-        net, parallel_strategy_kwargs={"find_unused_parameters": True}
-    )
+    net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=ddp_options(net, params))
     nodes = _node_ids(world)
     if rank == 0:
         Console().print(f"{world} worker(s) on Ray node(s) {' '.join(n[:8] for n in nodes)}")
@@ -573,6 +582,7 @@ def train(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(storage.resolve()),
+            logging_config=ray.LoggingConfig(log_level=library_log_level()),
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),

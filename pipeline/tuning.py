@@ -29,6 +29,7 @@ import torch
 
 from pipeline.config import ConfigError, Params, TuneConfig, parse_params
 from pipeline.io import read_json, write_json
+from pipeline.verbosity import library_log_level, quiet_worker
 
 MODE = "max"  # every objective is an accuracy
 
@@ -167,6 +168,7 @@ def _trial_loop(params: Params, prepared: Path, report: Callable, rank: int, wor
     from pipeline.training import (
         Fit,
         compiles,
+        ddp_options,
         make_optimizer,
         make_scheduler,
         steps_per_epoch,
@@ -180,9 +182,7 @@ def _trial_loop(params: Params, prepared: Path, report: Callable, rank: int, wor
     device = torch.device("cpu")
     if world > 1:
         device = ray.train.torch.get_device()
-        net = ray.train.torch.prepare_model(
-            net, parallel_strategy_kwargs={"find_unused_parameters": True}
-        )
+        net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=ddp_options(net, params))
     optimiser = make_optimizer(net, params.train)
     scheduler = make_scheduler(optimiser, params.train, steps_per_epoch(len(train), params, world))
     compile_step = compiles(params.train, device, params.tune.epochs)
@@ -219,6 +219,7 @@ def run_trial(sampled: dict[str, Any], base: dict[str, Any], prepared: str) -> N
     """The function trainable: one configuration, trained in this process."""
     import ray.tune
 
+    quiet_worker()
     params = _trial_params(sampled, base)
     torch.set_num_threads(max(1, int(params.tune.cpus_per_trial)))
     _trial_loop(params, Path(prepared), ray.tune.report, rank=0, world=1)
@@ -227,6 +228,7 @@ def run_trial(sampled: dict[str, Any], base: dict[str, Any], prepared: str) -> N
 def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
 
+    quiet_worker()
     context = ray.train.get_context()
     params = Params.model_validate(config["params"])
     torch.set_num_threads(max(1, int(params.tune.cpus_per_trial)))
@@ -264,6 +266,7 @@ def run_trial_on_ray_train(sampled: dict[str, Any], base: dict[str, Any], prepar
         run_config=ray.train.RunConfig(
             name=ray.tune.get_context().get_trial_id(),
             storage_path=str(storage),
+            logging_config=ray.LoggingConfig(log_level=library_log_level()),
             callbacks=[TuneReportCallback()],
         ),
     ).fit()

@@ -55,11 +55,14 @@ def main() -> None:
     run_file.unlink(missing_ok=True)
     net = BoostNet.from_params(params)
     net.load_state_dict(outcome.model_state)
-    size = params.data.spec.image_size
-    input_shape = (params.in_channels, size, size)
     tracking.best_effort(
         lambda: tracking.log_training(
-            run_id, outcome.history, outcome.device, net, input_shape, [paths.MODEL, paths.PARAMS]
+            run_id,
+            outcome.history,
+            outcome.device,
+            net,
+            params.input_shape,
+            [paths.MODEL, paths.PARAMS],
         ),
         "training",
     )
