@@ -305,15 +305,43 @@ def log_evaluation(
     log_artifacts(run_id, files)
 
 
-def resume_run(record: Path) -> str:
-    """The run the train stage created (its id and store are in the train stage's outputs)."""
+# Links DVC outputs to their MLflow run: history.json's `run` (a hash of the params and the
+# data), never a store path or run id, so outputs restored from DVC's run-cache, a remote or
+# another clone find their run in whatever store the user has.
+RUN_TAG = "boostpipe.run"
+
+
+def link_run(run_id: str, key: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_tag(run_id, RUN_TAG, key)
+
+
+def find_training_run(client: Any, experiment_ids: list[str], key: str) -> Any:
+    """The run that trained `key`: the newest finished one, else the newest; None if none."""
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.`{RUN_TAG}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    return next((r for r in runs if r.info.status == "FINISHED"), runs[0] if runs else None)
+
+
+def training_run(params: Params, key: str) -> str:
+    """The id of the run that trained `key` in the configured store (calibrate and evaluate
+    log into it); a store without it raises one line saying so."""
     import mlflow
+    from mlflow import MlflowClient
 
-    from pipeline.io import read_json
-
-    saved = read_json(record)
-    mlflow.set_tracking_uri(saved["tracking_uri"])
-    return saved["run_id"]
+    experiment_id = connect(params)
+    run = find_training_run(MlflowClient(), [experiment_id], key)
+    if run is None:
+        raise TrackingUnavailable(
+            f"{mlflow.get_tracking_uri()} has no run that trained {key} (trained against "
+            "another store?); `dvc repro --force train` trains and logs it here"
+        )
+    return run.info.run_id
 
 
 def best_effort(action: Callable[[], None], what: str) -> None:

@@ -6,11 +6,12 @@ import statistics
 
 import torch
 
-from pipeline import paths, plots, tracking
+from pipeline import paths, plots, reports, tracking
 from pipeline.calibration import flat_envelope, operate
 from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.data import load_split
+from pipeline.devices import describe, stage_device
 from pipeline.evaluation import (
     collect_scores,
     early_exit,
@@ -26,7 +27,7 @@ from pipeline.io import read_json, write_json
 def main() -> None:
     params = load_params(paths.PARAMS).with_dataset(read_json(paths.DATASET_INFO))
     repeats = params.evaluate.timing_repeats
-    device = torch.device("cpu")
+    device = stage_device(params.evaluate.device)
     net = load_model(params, paths.MODEL, device)
     test = eval_source(params, load_split(paths.PREPARED, "test"), params.evaluate.batch_size)
     calibration = read_json(paths.THRESHOLDS)
@@ -79,7 +80,7 @@ def main() -> None:
         seconds = statistics.median(run.seconds for run in runs[i])
         measured, predicted = all_exits_seconds / seconds, flops[-1] / expected.expected_flops
         hits = runs[i][0].predictions == runs[i][0].targets
-        budgets[f"{row['budget']:.4g}"] = {
+        budgets[reports.budget_key(row["budget"])] = {
             "target_mflops": row["budget"] / 1e6,
             "expected_mflops": expected.expected_flops / 1e6,
             "top1": expected.top1,
@@ -102,6 +103,7 @@ def main() -> None:
             "seconds": all_exits_seconds,
             "images_per_second": len(scores.targets) / all_exits_seconds,
         },
+        "device": describe(device),  # where the scores and the early-exit timings ran
         "budgets": budgets,
         "calibrated": calibration["calibrated"],
     }
@@ -116,9 +118,9 @@ def main() -> None:
         flat,
         title=f"{'BoostNet' if params.boost.enabled else 'baseline'} on {params.data.dataset}",
     )
-    plots.effective_samples(paths.EFFECTIVE_SAMPLES_PLOT, read_json(paths.HISTORY)["epochs"])
+    history = read_json(paths.HISTORY)
+    plots.effective_samples(paths.EFFECTIVE_SAMPLES_PLOT, history["epochs"])
     write_json(paths.METRICS, metrics)
-    run_id = tracking.resume_run(paths.MLFLOW_RUN)
     files = [
         paths.METRICS,
         paths.ANYTIME,
@@ -128,7 +130,9 @@ def main() -> None:
         paths.DVC_LOCK,
     ]
     tracking.best_effort(
-        lambda: tracking.log_evaluation(run_id, metrics, anytime, budget_curve, files),
+        lambda: tracking.log_evaluation(
+            tracking.training_run(params, history["run"]), metrics, anytime, budget_curve, files
+        ),
         "the evaluation",
     )
     print("test top-1 per exit: " + " ".join(f"{v:.2f}" for v in top1))

@@ -3,10 +3,9 @@ last epoch's, or the best on held-out data)."""
 
 from pathlib import Path
 
-import mlflow
 import torch
 
-from pipeline import paths, tracking
+from pipeline import paths, reports, tracking
 from pipeline.boosting import BoostNet
 from pipeline.cli import stage_main
 from pipeline.config import load_params
@@ -23,6 +22,7 @@ def main() -> None:
     # fails here, not after an hour of training.
     run_file = paths.RAY_STORAGE / f"{name}.mlflow-run"
     run_id = tracking.start_run(params, dataset["fingerprint"], dataset["source"], run_file)
+    tracking.link_run(run_id, name)  # calibrate and evaluate find the run by this name
     with ray_session():
         root = Path(params.data.root) if params.data.is_folder else None
         outcome = train(params, paths.PREPARED, paths.RAY_STORAGE, name, root)
@@ -43,13 +43,14 @@ def main() -> None:
             "device": outcome.device,
             "best_epoch": outcome.best_epoch,  # the epoch whose weights model.pt holds
             "select": params.train.select,
+            "train_seconds": reports.training_seconds(outcome.history),
             "epochs": outcome.history,
         },
     )
     skipped = outcome.history[-1].get("skipped_images")
     if skipped:
         print(f"skipped {skipped} unreadable image(s) per epoch (data.skip_bad: true)")
-    write_json(paths.MLFLOW_RUN, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()})
+    write_json(paths.CURVES, reports.epoch_curves(outcome.history))
     run_file.unlink(missing_ok=True)
     net = BoostNet.from_params(params)
     net.load_state_dict(outcome.model_state)
