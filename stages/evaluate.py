@@ -140,7 +140,7 @@ def main() -> None:
         print(f"budgeted evaluation skipped: {calibration['reason']}")
     for name, row in budgets.items():
         print(
-            f"budget {name}: top-1 {row['top1']:.2f}%, {row['images_per_second']:.0f} img/s, "
+            f"{name}: top-1 {row['top1']:.2f}%, {row['images_per_second']:.0f} img/s, "
             f"speedup {row['speedup_measured']:.2f}x measured, "
             f"{row['speedup_predicted']:.2f}x predicted"
         )
