@@ -262,6 +262,8 @@ class CalibrateConfig(_Section):
 class EvaluateConfig(_Section):
     batch_size: Count = 512
     timing_repeats: Count = 5  # early-exit wall times: median of this many interleaved runs
+    # calibrate and evaluate (scores and the early-exit timing): auto takes CUDA when present
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class TrackingConfig(_Section):

@@ -393,21 +393,61 @@ def log_evaluation(
         _opened.remove(run_id)  # finished: not ended again by the stage's status_of
 
 
-def resume_run(record: Path) -> str:
-    """The run the train stage created (its id and store are in the train stage's outputs),
-    marked RUNNING again; a dead store costs the stage one warning line, not its work."""
+# Links DVC outputs to their MLflow run: history.json's `run` (a hash of the params and the
+# data), never a store path or run id, so outputs restored from DVC's run-cache, a remote or
+# another clone find their run in whatever store the user has.
+RUN_TAG = "boostpipe.run"
+
+
+def link_run(run_id: str, key: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_tag(run_id, RUN_TAG, key)
+
+
+def find_training_run(client: Any, experiment_ids: list[str], key: str) -> Any:
+    """The run that trained `key`: the newest finished one, else the newest; None if none."""
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.`{RUN_TAG}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    return next((r for r in runs if r.info.status == "FINISHED"), runs[0] if runs else None)
+
+
+def training_run(params: Params, key: str) -> str:
+    """The id of the run that trained `key` in the configured store (calibrate and evaluate
+    log into it); a store without it raises one line saying so."""
     import mlflow
     from mlflow import MlflowClient
 
-    from pipeline.io import read_json
+    experiment_id = connect(params)
+    run = find_training_run(MlflowClient(), [experiment_id], key)
+    if run is None:
+        raise TrackingUnavailable(
+            f"{mlflow.get_tracking_uri()} has no run that trained {key} (trained against "
+            "another store?); `dvc repro --force train` trains and logs it here"
+        )
+    return run.info.run_id
 
-    saved = read_json(record)
-    run_id = saved["run_id"]
-    bound_waits()
-    mlflow.set_tracking_uri(saved["tracking_uri"])
-    _opened.append(run_id)
-    best_effort(lambda: MlflowClient().update_run(run_id, status="RUNNING"), "the run's status")
-    return run_id
+
+def resume_run(params: Params, key: str) -> str | None:
+    """The run that trained `key` in the configured store, marked RUNNING again while a later
+    stage logs into it (calibrate, evaluate). None, after one warning line, when the store is
+    dead or lacks the run: the stage's own outputs are written all the same."""
+    from mlflow import MlflowClient
+
+    found: list[str] = []
+
+    def reopen() -> None:
+        run_id = training_run(params, key)
+        _opened.append(run_id)
+        found.append(run_id)
+        MlflowClient().update_run(run_id, status="RUNNING")
+
+    best_effort(reopen, "the training run")
+    return found[0] if found else None
 
 
 _failed: list[str] = []  # what best_effort could not log; after one failure it stops trying

@@ -41,6 +41,7 @@ from pipeline.augment import batch_augment, normalise
 from pipeline.boosting import BoostNet, effective_samples
 from pipeline.config import ConfigError, Params, TrainConfig
 from pipeline.data import AnySplit, FileSplit, load_split
+from pipeline.devices import describe
 from pipeline.folders import DatasetError
 from pipeline.inputs import BadImage, check_bad, default_loader_workers, eval_batches, file_loader
 from pipeline.io import CorruptFile, check_archive, load_checkpoint
@@ -481,8 +482,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 def _device_name(net: torch.nn.Module) -> str:
     """The run's device tag: cpu, or cuda and the GPU's name."""
-    device = next(net.parameters()).device
-    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+    return describe(next(net.parameters()).device)
 
 
 def _report(fit: Fit, record: dict, history: list, best: dict) -> None:

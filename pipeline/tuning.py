@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError, Params, TuneConfig, parse_params
+from pipeline.devices import trial_device
 from pipeline.io import read_json, write_json
 from pipeline.verbosity import library_log_level, quiet_worker
 
@@ -146,7 +147,7 @@ def _score(net: torch.nn.Module, val: Any, params: Params, exit_flops: list[int]
     from pipeline.evaluation import Source, collect_scores
 
     source = Source(val, params.data, params.train.eval_batch_size)
-    scores, _ = collect_scores(net, source, torch.device("cpu"))
+    scores, _ = collect_scores(net, source, next(net.parameters()).device)
     top1 = scores.top1()
     return {
         "val_budget_auc": budget_auc(scores, exit_flops),
@@ -179,10 +180,12 @@ def _trial_loop(params: Params, prepared: Path, report: Callable, rank: int, wor
     train, val = _trial_data(params, prepared)
     net = BoostNet.from_params(params)
     exit_flops = exit_costs(net, params)
-    device = torch.device("cpu")
     if world > 1:
         device = ray.train.torch.get_device()
         net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=ddp_options(net, params))
+    else:  # the GPU that gpus_per_trial reserved for this trial, if any
+        device = trial_device(ray.get_gpu_ids())
+        net = net.to(device)
     optimiser = make_optimizer(net, params.train)
     scheduler = make_scheduler(optimiser, params.train, steps_per_epoch(len(train), params, world))
     compile_step = compiles(params.train, device, params.tune.epochs)

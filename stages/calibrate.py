@@ -6,13 +6,12 @@ clean unless `calibrate.augment` asks for the training augmentation (the referen
 With `data.val_size: 0` there is nothing to calibrate on: the output records that instead.
 """
 
-import torch
-
 from pipeline import paths, tracking
 from pipeline.calibration import ExitScores, sweep, thresholds_for_budget
 from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.data import load_split
+from pipeline.devices import stage_device
 from pipeline.evaluation import collect_scores, eval_source, exit_costs, load_model
 from pipeline.io import check_writable, read_json, write_json
 
@@ -36,8 +35,8 @@ def _calibrate(scores: ExitScores, flops: list[int], budgets: list[float]) -> di
 def main() -> None:
     params = load_params(paths.PARAMS).with_dataset(read_json(paths.DATASET_INFO))
     check_writable([paths.CALIBRATE_DIR])
-    run_id = tracking.resume_run(paths.MLFLOW_RUN)
-    device = torch.device("cpu")
+    run_id = tracking.resume_run(params, read_json(paths.HISTORY)["run"])
+    device = stage_device(params.evaluate.device)
     net = load_model(params, paths.MODEL, device)
     val = load_split(paths.PREPARED, "val")
     flops = exit_costs(net, params)
@@ -52,7 +51,8 @@ def main() -> None:
         result = {"calibrated": False, "reason": NOT_CALIBRATED, "grid": [], "budgets": []}
     write_json(paths.THRESHOLDS, {"exit_flops": flops, **result})
     tracking.best_effort(
-        lambda: tracking.log_artifacts(run_id, [paths.THRESHOLDS]), "the thresholds"
+        lambda: tracking.log_artifacts(run_id, [paths.THRESHOLDS]),
+        "the thresholds",
     )
 
 

@@ -3,10 +3,9 @@ last epoch's, or the best on held-out data)."""
 
 from pathlib import Path
 
-import mlflow
 import torch
 
-from pipeline import paths, tracking
+from pipeline import paths, reports, tracking
 from pipeline.boosting import BoostNet
 from pipeline.cli import stage_main
 from pipeline.config import load_params
@@ -24,10 +23,11 @@ def main() -> None:
     # that cannot be written fails here, not after an hour of training.
     run_file = paths.RAY_STORAGE / f"{name}.mlflow-run"
     run_id = tracking.start_run(params, dataset["fingerprint"], dataset["source"], run_file)
+    tracking.link_run(run_id, name)  # calibrate and evaluate find the run by this name
     with ray_session():
         root = Path(params.data.root) if params.data.is_folder else None
         outcome = train(params, paths.PREPARED, paths.RAY_STORAGE, name, root)
-    with replaced_together():  # all three or none
+    with replaced_together():  # the model, its history and curves, or none
         with atomic_path(paths.MODEL) as tmp:
             torch.save(
                 {
@@ -45,10 +45,11 @@ def main() -> None:
                 "device": outcome.device,
                 "best_epoch": outcome.best_epoch,  # the epoch whose weights model.pt holds
                 "select": params.train.select,
+                "train_seconds": reports.training_seconds(outcome.history),
                 "epochs": outcome.history,
             },
         )
-        write_json(paths.MLFLOW_RUN, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()})
+        write_json(paths.CURVES, reports.epoch_curves(outcome.history))
     skipped = outcome.history[-1].get("skipped_images")
     if skipped:
         print(f"skipped {skipped} unreadable image(s) per epoch (data.skip_bad: true)")

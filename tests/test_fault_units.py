@@ -106,15 +106,14 @@ def test_run_status_follows_the_work(store, tmp_path):
         raise ValueError("bad")
     assert _status(run_id) == "FAILED"
 
-    record = tmp_path / "mlflow_run.json"
-    write_json(record, {"run_id": run_id, "tracking_uri": os.environ["MLFLOW_TRACKING_URI"]})
+    tracking.link_run(run_id, "train-abc")  # as the train stage does
     with tracking.status_of():  # calibrate: reopened, and still RUNNING after it
-        assert tracking.resume_run(record) == run_id
+        assert tracking.resume_run(compose(), "train-abc") == run_id
         assert _status(run_id) == "RUNNING"
     assert _status(run_id) == "RUNNING"
     metrics = {"final_top1": 1.0, "mean_top1": 1.0, "budgets": {}}
     with tracking.status_of():  # evaluate
-        tracking.resume_run(record)
+        tracking.resume_run(compose(), "train-abc")
         tracking.log_evaluation(run_id, metrics, [], [], [])
     assert _status(run_id) == "FINISHED"
 

@@ -5,7 +5,6 @@ running (checked by PID) and each failure ends in one line and a non-zero exit."
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import signal
@@ -18,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, trained_run
 from test_fault_units import mlflow_server, read_only, stop
 from test_pipeline import _run, _sha, _shrunk_copy
 
@@ -146,7 +145,7 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
     assert "resuming after epoch" in second.stdout + second.stderr
     history = read_json(repo / "outputs/train/history.json")
     assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3]
-    assert read_json(repo / "outputs/train/mlflow_run.json")["run_id"] == killed
+    assert trained_run(f"sqlite:///{repo / 'mlflow.db'}", repo).info.run_id == killed
     _check_run_status(repo, "FINISHED")  # the interrupted run, resumed and evaluated
 
 
@@ -251,8 +250,8 @@ def _status(repo: Path, run_id: str) -> str:
 
 
 def _check_run_status(repo: Path, expected: str) -> None:
-    """The status of the run the train stage's outputs point at."""
-    assert _status(repo, read_json(repo / "outputs/train/mlflow_run.json")["run_id"]) == expected
+    """The status of the run that trained the outputs in `repo` (found by history.json's run)."""
+    assert trained_run(f"sqlite:///{repo / 'mlflow.db'}", repo).info.status == expected
 
 
 @needs_data
@@ -274,19 +273,12 @@ def test_unwritable_outputs_and_a_dead_store(finished, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     _check_run_status(repo, "FINISHED")
 
-    record_file = repo / "outputs/train/mlflow_run.json"
-    record = record_file.read_text()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    saved = read_json(record_file)
-    record_file.write_text(json.dumps({**saved, "tracking_uri": f"http://127.0.0.1:{port}"}))
     metrics = repo / "outputs/evaluate/metrics.json"
     metrics.unlink()
-    try:
-        result, seconds = _stage(repo, "evaluate")
-    finally:
-        record_file.write_text(record)
+    result, seconds = _stage(repo, "evaluate", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "Connection refused" in warnings[0], warnings
