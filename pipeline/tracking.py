@@ -106,6 +106,12 @@ def reach(uri: str) -> None:
     mlflow.set_tracking_uri(uri)
 
 
+# MLflow's UI opens an experiment on the view its kind asks for: without this tag MLflow 3
+# shows the GenAI overview (traces, token usage) instead of the training runs.
+KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
+
 def connect(params: Params) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     import mlflow
@@ -116,10 +122,16 @@ def connect(params: Params) -> str:
     name = params.tracking.experiment
     try:
         experiment = mlflow.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        artifacts = None if uri.startswith("http") else (root / "mlruns").as_uri()
-        return mlflow.create_experiment(name, artifact_location=artifacts)
+        if experiment is None:
+            artifacts = None if uri.startswith("http") else (root / "mlruns").as_uri()
+            return mlflow.create_experiment(
+                name, artifact_location=artifacts, tags={KIND_TAG: TRAINING_KIND}
+            )
+        if experiment.tags.get(KIND_TAG) != TRAINING_KIND:  # created by an older boostpipe
+            mlflow.MlflowClient().set_experiment_tag(
+                experiment.experiment_id, KIND_TAG, TRAINING_KIND
+            )
+        return experiment.experiment_id
     except Exception as exc:
         raise TrackingUnavailable(f"tracking store {uri}: {describe(exc)}") from None
 

@@ -31,6 +31,20 @@ def test_connect_creates_the_experiment_once(tmp_path, monkeypatch):
     assert (tmp_path / "mlflow.db").exists()
 
 
+def test_the_experiment_is_a_model_training_one_so_the_ui_opens_on_runs(tmp_path, monkeypatch):
+    """New experiments carry MLflow's kind tag, and one made without it gets it."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("new", "older"):
+        if name == "older":
+            mlflow.create_experiment(name)
+        experiment_id = connect(compose(**{"tracking.experiment": name}))
+        tags = mlflow.MlflowClient().get_experiment(experiment_id).tags
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_an_unreachable_server_is_reported_before_any_work(monkeypatch):
     with socket.socket() as probe:  # a loopback port nobody listens on
         probe.bind(("127.0.0.1", 0))
