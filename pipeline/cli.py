@@ -171,7 +171,8 @@ def ui(params_path: Path, port: int) -> None:
     A store that is already a tracking server serves its own UI: its address is printed."""
     import subprocess
 
-    from pipeline.tracking import project_root, reach
+    from pipeline import interrupts
+    from pipeline.tracking import connect, project_root, reach
 
     uri = _store(params_path)
     if uri.startswith(("http://", "https://")):
@@ -196,8 +197,10 @@ def ui(params_path: Path, port: int) -> None:
     if uri.startswith("sqlite:"):
         command += ["--default-artifact-root", (project_root() / "mlruns").as_uri()]
     _require_free_port(port)
-    click.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C to stop)")
-    server = subprocess.Popen(command, env=env)
+    runs = f"#/experiments/{connect(load_params(params_path))}/runs"  # the training runs view
+    click.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}/{runs}  (Ctrl-C to stop)")
+    interrupts.stop_with_parent()  # SIGTERM (or our parent's end) stops the server too
+    server = subprocess.Popen(command, env=env, preexec_fn=interrupts.sigterm_when_parent_dies)
     try:
         code = server.wait()
     except KeyboardInterrupt:

@@ -33,11 +33,17 @@ def as_ctrl_c(signum: int, frame: FrameType | None) -> None:
 def stop_with_parent() -> None:
     """SIGTERM is Ctrl-C from now on, and arrives when the parent process dies (Linux)."""
     signal.signal(signal.SIGTERM, as_ctrl_c)
+    sigterm_when_parent_dies()
+
+
+def sigterm_when_parent_dies() -> None:
+    """Ask the kernel for SIGTERM when the parent process dies (Linux; elsewhere nothing). Also
+    a `preexec_fn` for servers we start, so they never outlive us."""
     if not sys.platform.startswith("linux"):
         return
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        return  # not allowed here: the stage still stops on SIGTERM and Ctrl-C
+        return  # not allowed here: the process still stops on SIGTERM and Ctrl-C
     if os.getppid() == 1:  # the parent was gone before we asked
         os.kill(os.getpid(), signal.SIGTERM)
 

@@ -551,10 +551,11 @@ def test_mlflow_ui_compares_the_runs_per_exit_in_a_real_browser(project, baselin
     ):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
-        # The experiment opens on its training runs (not MLflow's GenAI overview).
-        page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}")
-        page.get_by_text("boostnet-fashion-mnist-seed0").first.wait_for(timeout=60_000)
-        page.screenshot(path=tmp_path / "mlflow-ui-experiment.png")
+        # The address `boostpipe ui` prints: the training runs (not MLflow's GenAI overview).
+        page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs")
+        page.get_by_text("2 matching runs").wait_for(timeout=60_000)
+        page.get_by_role("link", name="baseline").wait_for()
+        page.screenshot(path=tmp_path / "mlflow-ui-runs.png")
         page.goto(page_url)
         for name in ("boostnet-fashion-mnist-seed0", "baseline"):
             page.get_by_text(f"{name} (test_top1_by_exit)").wait_for(timeout=60_000)
