@@ -108,9 +108,9 @@ def thresholds_for(
     calibration: dict[str, Any], budget: float | None, exit_flops: Sequence[int]
 ) -> list[float]:
     """The calibrated thresholds for `budget` FLOPs per image: of the target-budget and p-grid
-    thresholds in the calibrate output, those with the highest validation cost within it
-    (ties: better validation top-1); below every one, all images leave at exit 1. No budget:
-    the middle target budget of calibrate.budgets."""
+    thresholds in the calibrate output, and "all at exit 1" and "all at the last exit", those
+    with the highest validation cost within it (ties: better validation top-1). No budget: the
+    middle target budget of calibrate.budgets."""
     if budget is not None and budget < exit_flops[0]:
         raise ConfigError(
             f"--budget: {budget:.4g} FLOPs is below the first exit's cost ({exit_flops[0]:.4g})"
@@ -123,13 +123,16 @@ def thresholds_for(
     if budget is None:
         rows = calibration["budgets"]
         return list(rows[len(rows) // 2]["thresholds"])
+    n, inf = len(exit_flops), float("inf")
+    ends = [
+        {"thresholds": [-inf] * n, "expected_flops": exit_flops[0], "top1": -inf},
+        {"thresholds": [inf] * (n - 1) + [-inf], "expected_flops": exit_flops[-1], "top1": -inf},
+    ]
     within = [
         row
-        for row in calibration["budgets"] + calibration["grid"]
+        for row in calibration["budgets"] + calibration["grid"] + ends
         if row["expected_flops"] <= budget
     ]
-    if not within:
-        return [float("-inf")] * len(exit_flops)
     best = max(within, key=lambda row: (row["expected_flops"], row["top1"]))
     return list(best["thresholds"])
 
