@@ -104,13 +104,13 @@ def exit_batch(net: BoostNet, x: torch.Tensor, thresholds: list[float]) -> Exite
         leaving = exit_confidence >= thresholds[index]
         if index == last or leaving.all():
             predictions[remaining] = predicted.cpu()
-            confidence[remaining] = exit_confidence.float().cpu()
+            confidence[remaining] = exit_confidence.cpu()
             exits[remaining] = index
             break
         if leaving.any():
             gone = leaving.cpu()
             predictions[remaining[gone]] = predicted[leaving].cpu()
-            confidence[remaining[gone]] = exit_confidence[leaving].float().cpu()
+            confidence[remaining[gone]] = exit_confidence[leaving].cpu()
             exits[remaining[gone]] = index
             remaining = remaining[~gone]
             runner.keep(~leaving)
