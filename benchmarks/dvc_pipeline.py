@@ -47,7 +47,8 @@ def report_metrics(metrics: dict, anytime: list[dict]) -> None:
     )
     for name, row in metrics["budgets"].items():
         print(
-            f"budget {name} FLOPs: top-1 {row['top1']:.2f}%, {row['images_per_second']:.0f} img/s, "
+            f"{name} ({row['target_mflops']:g} MFLOPs): top-1 {row['top1']:.2f}%, "
+            f"{row['images_per_second']:.0f} img/s, "
             f"speedup {row['speedup_measured']:.2f}x measured vs {row['speedup_predicted']:.2f}x "
             f"predicted (ratio {row['speedup_ratio']:.2f}, target >= 0.8)"
         )

@@ -51,15 +51,19 @@ def write_images(root: Path, count: int) -> None:
             image.save(folder / f"{i}.JPEG", quality=90)
 
 
-def params_for(root: Path, size: int, workers: int):
-    """params.yaml with a folder dataset and a shrunk ImageNet-stem MSDNet (4 scales)."""
+def params_for(root: Path, size: int, workers: int, model_from: Path | None = None):
+    """params.yaml with a folder dataset and a shrunk ImageNet-stem MSDNet (4 scales), or the
+    model of `model_from` (e.g. configs/imagenet-msdnet-anytime.yaml, for a GPU)."""
     import yaml
 
     raw = yaml.safe_load(Path("params.yaml").read_text())
     raw["data"].update(dataset="imagefolder", root=str(root), image_size=size, val_size=4)
-    raw["model"].update(
-        n_blocks=2, n_channels=8, growth_rate=4, gr_factor=[1, 2, 4, 4], bn_factor=[1, 2, 4, 4]
-    )
+    if model_from is None:
+        raw["model"].update(
+            n_blocks=2, n_channels=8, growth_rate=4, gr_factor=[1, 2, 4, 4], bn_factor=[1, 2, 4, 4]
+        )
+    else:
+        raw["model"] = yaml.safe_load(model_from.read_text())["model"]
     raw["model"]["num_classes"] = CLASSES
     raw["train"].update(augment="random-resized-crop", loader_workers=workers)
     raw["boost"].update(temperature=0.5, loss_weights=1.0)
@@ -141,22 +145,38 @@ def decode_rates(root: Path, files: list[str]) -> tuple[float, float]:
     return rates[0], rates[1]
 
 
-def training_rate(params, batches: Callable[[], Iterable], steps: int) -> float:
+def training_rate(
+    params, batches: Callable[[], Iterable], steps: int, device: torch.device
+) -> float:
+    """Images/s of training steps fed by `batches`; on CUDA channels-last with bf16 autocast,
+    as training runs there."""
     torch.manual_seed(0)
     spec = params.data.spec
-    net = BoostNet.from_params(params).train()
+    cuda = device.type == "cuda"
+    net = BoostNet.from_params(params).to(device).train()
+    if cuda:
+        net = net.to(memory_format=torch.channels_last)
     optimiser = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     seen, start = 0, None
     for step, (images, targets, *_) in enumerate(batches()):
         if step == 1:  # after the first step (loader start-up, allocator warm-up)
+            if cuda:
+                torch.cuda.synchronize()
             start, seen = time.perf_counter(), 0
-        losses = net.exit_losses(net(normalise(images, spec.mean, spec.std)), targets)
+        images = images.to(device, non_blocking=True)
+        if cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
+            logits = net(normalise(images, spec.mean, spec.std))
+            losses = net.exit_losses([z.float() for z in logits], targets.to(device))
         optimiser.zero_grad()
         net.total_loss(losses).backward()
         optimiser.step()
         seen += len(targets)
         if step >= steps:
             break
+    if cuda:
+        torch.cuda.synchronize()
     return seen / (time.perf_counter() - start)
 
 
@@ -179,10 +199,14 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=6)
     parser.add_argument("--listing-files", type=int, default=50_000)
     parser.add_argument("--skip", nargs="*", default=[], help="listing decode loaders ray training")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="for training")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the trainer")
+    parser.add_argument("--model-from", type=Path, help="a params file whose model to train")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     write_images(args.folder, args.images)
-    params = params_for(args.folder, args.size, args.workers)
+    params = params_for(args.folder, args.size, args.workers, args.model_from)
     listing = list_folder_dataset(params.data)
     train, files = listing.train, listing.train.files.tolist()
     print(
@@ -192,7 +216,13 @@ def main() -> None:
 
     def ours() -> Iterable:
         return file_loader(
-            train, args.folder, params.data, args.batch_size, train=True, workers=args.workers
+            train,
+            args.folder,
+            params.data,
+            args.batch_size,
+            train=True,
+            workers=args.workers,
+            pin_memory=device.type == "cuda",
         )
 
     figures: dict[str, list[float]] = {}
@@ -223,13 +253,14 @@ def main() -> None:
             shape = (args.batch_size * 4, 3, args.size, args.size)
             memory = torch.randint(0, 256, shape, dtype=torch.uint8)
             figures.setdefault("training streamed (img/s)", []).append(
-                training_rate(params, ours, args.train_steps)
+                training_rate(params, ours, args.train_steps, device)
             )
             figures.setdefault("training in-memory (img/s)", []).append(
                 training_rate(
                     params,
                     partial(in_memory, memory, args.batch_size, args.train_steps),
                     args.train_steps,
+                    device,
                 )
             )
     medians = {name: statistics.median(values) for name, values in figures.items()}

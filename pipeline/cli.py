@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -18,8 +19,10 @@ from rich.table import Table
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.data import DatasetNotFound
 from pipeline.folders import DatasetError
+from pipeline.io import CorruptFile, NotWritable
 from pipeline.locks import Busy
-from pipeline.tracking import TrackingUnavailable
+from pipeline.tracking import TrackingUnavailable, describe
+from pipeline.verbosity import quiet_driver, verbose
 
 PARAMS_OPTION = click.option(
     "--params",
@@ -31,36 +34,70 @@ PARAMS_OPTION = click.option(
 )
 
 
+ONE_LINE_ERRORS = (
+    DatasetNotFound,
+    DatasetError,
+    TrackingUnavailable,
+    Busy,
+    CorruptFile,
+    NotWritable,
+)
+
+
+# What MLflow raises, itself or from its SQL and HTTP layers: a tracking store error.
+TRACKING_MODULES = ("mlflow", "sqlalchemy", "requests", "urllib3")
+
+
 def exits_on_config_error(command: Callable[..., Any]) -> Callable[..., Any]:
     """Bad params end the command with one line on stderr and exit code 2, no traceback;
-    a missing dataset, a bad dataset folder or image, or a search another process runs
-    likewise with exit code 1."""
+    a missing dataset, a bad dataset folder, image or file, an unwritable output folder, a
+    search another process runs, or a tracking store that fails likewise with exit code 1.
+    BOOSTPIPE_VERBOSE=1 prints the traceback above the line."""
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
         except ConfigError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except (DatasetNotFound, DatasetError, TrackingUnavailable, Busy) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
+            _fail(str(exc), 2)
+        except ONE_LINE_ERRORS as exc:
+            _fail(str(exc), 1)
+        except Exception as exc:
+            if not type(exc).__module__.startswith(TRACKING_MODULES):
+                raise
+            store = sys.modules["mlflow"].get_tracking_uri()
+            _fail(f"tracking store {store}: {describe(exc)}", 1)
 
     return wrapper
+
+
+def _fail(message: str, code: int) -> None:
+    if verbose():
+        import traceback
+
+        traceback.print_exc()
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
 
 
 def stage_main(command: Callable[..., Any]) -> Callable[..., Any]:
     """A DVC stage's entry: errors reported as by the commands; it stops as on Ctrl-C when
     its parent (DVC) goes away or sends SIGTERM, and an interruption exits 128 + the signal
-    (130 for Ctrl-C) with one line instead of a traceback."""
-    from pipeline import interrupts
+    (130 for Ctrl-C) with one line instead of a traceback. The MLflow run the stage opened
+    ends KILLED or FAILED with it."""
+    from pipeline import interrupts, tracking
 
-    reporting = exits_on_config_error(command)
+    @wraps(command)
+    def tracked(*args: Any, **kwargs: Any) -> Any:
+        with tracking.status_of():
+            return command(*args, **kwargs)
+
+    reporting = exits_on_config_error(tracked)
 
     @wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         interrupts.stop_with_parent()
+        quiet_driver()
         try:
             return reporting(*args, **kwargs)
         except KeyboardInterrupt:
@@ -80,6 +117,7 @@ def stage_main(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """boostpipe: train, calibrate and evaluate BoostNet early-exit networks."""
+    quiet_driver()
 
 
 @main.command()
@@ -93,8 +131,7 @@ def flops(params_path: Path, as_json: bool) -> None:
 
     params = load_params(params_path)
     backbone = BoostNet.from_params(params).backbone
-    spec = params.data.spec
-    costs = count_exit_costs(backbone, (params.in_channels, spec.image_size, spec.image_size))
+    costs = count_exit_costs(backbone, params.input_shape)
     if as_json:
         click.echo(json.dumps(costs.as_dict()))
         return
@@ -130,13 +167,17 @@ def _store(params_path: Path) -> str:
 @click.option("--port", default=5000, show_default=True)
 @exits_on_config_error
 def ui(params_path: Path, port: int) -> None:
-    """The MLflow UI for the project's store, on 127.0.0.1 with one worker; Ctrl-C stops it."""
-    import os
+    """The MLflow UI for the project's store, on 127.0.0.1 with one worker; Ctrl-C stops it.
+    A store that is already a tracking server serves its own UI: its address is printed."""
     import subprocess
 
-    from pipeline.tracking import project_root
+    from pipeline.tracking import project_root, reach
 
     uri = _store(params_path)
+    if uri.startswith(("http://", "https://")):
+        reach(uri)  # one line within seconds when it does not answer
+        click.echo(f"the tracking store is a server with its own UI: {uri}")
+        return
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     command = [
         sys.executable,
@@ -186,8 +227,11 @@ def _client(params_path: Path) -> tuple[Any, str]:
     import mlflow
     from mlflow import MlflowClient
 
+    from pipeline.tracking import bound_waits, reach
+
     params = load_params(params_path)
-    mlflow.set_tracking_uri(_store(params_path))
+    bound_waits("interactive")
+    reach(_store(params_path))
     experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
     if experiment is None:
         raise click.ClickException(f"no experiment {params.tracking.experiment!r} in the store")
@@ -395,11 +439,10 @@ def tune(params_path: Path, address: str | None, resume: bool, apply: bool, **op
     The search space, budget and scheduler come from the `tune` section of the params file;
     options override them. Trials are scored on the held-out validation split.
     """
-    import os
-
     from pipeline import paths
     from pipeline.config import write_overrides
     from pipeline.io import read_json
+    from pipeline.tracking import bound_waits
     from pipeline.tuning import SearchFinished, SearchInterrupted, SearchNotFound, run_search
 
     params = _tune_params(params_path, {k: v for k, v in options.items() if v is not None})
@@ -407,6 +450,7 @@ def tune(params_path: Path, address: str | None, resume: bool, apply: bool, **op
         raise click.ClickException(f"{paths.PREPARED}: missing; run `dvc repro prepare` first")
     if address:
         os.environ["RAY_ADDRESS"] = address
+    bound_waits("interactive")
     try:
         outcome = run_search(
             params, paths.PREPARED, read_json(paths.DATASET_INFO), paths.TUNE_STORAGE, resume

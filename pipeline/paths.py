@@ -10,8 +10,8 @@ DOWNLOADS = Path("data/downloads")
 
 TRAIN_DIR = Path("outputs/train")
 MODEL = TRAIN_DIR / "model.pt"
-HISTORY = TRAIN_DIR / "history.json"
-MLFLOW_RUN = TRAIN_DIR / "mlflow_run.json"  # the MLflow run calibrate and evaluate log into
+HISTORY = TRAIN_DIR / "history.json"  # its `run` names the MLflow run (tracking.training_run)
+CURVES = TRAIN_DIR / "curves.json"  # per epoch and exit, for `dvc plots`
 RAY_STORAGE = Path(".boostpipe/ray")  # Ray Train checkpoints of unfinished runs (not DVC-tracked)
 TUNE_STORAGE = Path(".boostpipe/tune")  # Ray Tune searches: trials, checkpoints, state
 

@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from pipeline.paths import MLFLOW_RUN
+from pipeline.paths import HISTORY
+from pipeline.tracking import find_training_run
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -66,15 +67,16 @@ def curves(client: MlflowClient, run: Run) -> RunCurves:
     )
 
 
-def _run_id_at_revision(ref: str) -> str | None:
-    """The run a DVC experiment or git revision trained ("workspace": the working tree)."""
+def _trained_at_revision(ref: str) -> str | None:
+    """What a DVC experiment or git revision trained ("workspace": the working tree): the
+    `run` of its history.json, which the MLflow run carries as a tag."""
     import dvc.api
 
     try:
-        text = dvc.api.read(str(MLFLOW_RUN), rev=None if ref == "workspace" else ref)
+        text = dvc.api.read(str(HISTORY), rev=None if ref == "workspace" else ref)
     except Exception:  # DVC raises many types for an unknown revision or a missing file
         return None
-    return json.loads(text)["run_id"]
+    return json.loads(text)["run"]
 
 
 def find_run(client: MlflowClient, experiment_id: str, ref: str) -> Run:
@@ -93,7 +95,10 @@ def find_run(client: MlflowClient, experiment_id: str, ref: str) -> Run:
     found = by_prefix or named
     if found:
         return found[0]
-    run_id = _run_id_at_revision(ref)
-    if run_id is None:
+    key = _trained_at_revision(ref)
+    if key is None:
         raise RunNotFound(f"{ref}: no MLflow run id, prefix or name, and no DVC experiment")
-    return client.get_run(run_id)
+    run = find_training_run(client, [experiment_id], key)
+    if run is None:
+        raise RunNotFound(f"{ref}: trained {key}, but this MLflow store has no run of it")
+    return run

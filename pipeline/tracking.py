@@ -3,25 +3,30 @@
 The default store is a SQLite database and an artifact folder in the project root, with absolute
 paths so that runs made by `dvc exp run --temp/--queue` (in copies under .dvc/tmp/exps) land in the
 same store. MLFLOW_TRACKING_URI, or `tracking.uri` in params, selects another store, e.g. an
-`mlflow server` on loopback. The store is checked before training starts, and logging after
-training retries transient failures and never costs the stage its outputs.
+`mlflow server` on loopback. The store is checked with a real write before training starts;
+MLflow's own HTTP retries are bounded (`bound_waits`), and logging after a stage's outputs are
+written never costs the stage its outputs. A run's status follows the work (`status_of`):
+RUNNING while a stage or search runs, KILLED when interrupted, FAILED on an error, FINISHED
+once evaluate (or the search) completes.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
 from pipeline.config import Params
-
-T = TypeVar("T")
 
 
 class TrackingUnavailable(RuntimeError):
@@ -48,16 +53,32 @@ def tracking_uri(params: Params, root: Path | None = None) -> str:
     )
 
 
-def retry(action: Callable[[], T], attempts: int = 4, first_wait: float = 0.5) -> T:
-    """Call `action`, waiting 0.5, 1, 2 s between failed attempts (MLflow raises many types)."""
-    for attempt in range(attempts):
-        try:
-            return action()
-        except Exception:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(first_wait * 2**attempt)
-    raise AssertionError("unreachable")
+# MLflow's HTTP client retries 7 times with backoff and waits up to 120 s a request: minutes
+# against a dead server. (retries, seconds per request): worst case about 22 s for a command,
+# 49 s for a stage, backoff included. Values already in the environment win.
+WAITS = {"interactive": (1, 10), "stage": (2, 15)}
+
+
+def bound_waits(kind: str = "stage") -> None:
+    """Bound MLflow's own retries, so a dead server ends a command within 30 s, a stage within
+    60 s; set before the first request (MLflow reads these per request)."""
+    retries, timeout = WAITS[kind]
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def describe(exc: BaseException) -> str:
+    """An MLflow failure as a short phrase: the cause of a failed HTTP request, else the first
+    line of the innermost error (a database's own message, not its wrappers')."""
+    text = str(exc).strip()
+    cause = re.search(r"(\[Errno -?\d+\] [^'\")]+|Read timed out|Connection aborted)", text)
+    if "Max retries exceeded" in text or (cause and "API request" in text):
+        return f"no answer ({cause.group(1) if cause else 'after retries'})"
+    while exc.__cause__ or exc.__context__:
+        exc = exc.__cause__ or exc.__context__
+    lines = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {lines[0][:200]}" if lines else exc.__class__.__name__
 
 
 def _check_server(uri: str) -> None:
@@ -74,15 +95,24 @@ def _check_server(uri: str) -> None:
         raise TrackingUnavailable(f"tracking server {uri} is unreachable ({exc})") from None
 
 
+def reach(uri: str) -> None:
+    """Point MLflow at the store with bounded waits (a stage's, unless a command set its own);
+    an HTTP store must answer /health first."""
+    import mlflow
+
+    bound_waits("stage")
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    mlflow.set_tracking_uri(uri)
+
+
 def connect(params: Params) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     import mlflow
 
     root = project_root()
     uri = tracking_uri(params, root)
-    if uri.startswith(("http://", "https://")):
-        _check_server(uri)
-    mlflow.set_tracking_uri(uri)
+    reach(uri)
     name = params.tracking.experiment
     try:
         experiment = mlflow.get_experiment_by_name(name)
@@ -91,9 +121,7 @@ def connect(params: Params) -> str:
         artifacts = None if uri.startswith("http") else (root / "mlruns").as_uri()
         return mlflow.create_experiment(name, artifact_location=artifacts)
     except Exception as exc:
-        raise TrackingUnavailable(
-            f"tracking store {uri}: {exc.__class__.__name__}: {exc}"
-        ) from None
+        raise TrackingUnavailable(f"tracking store {uri}: {describe(exc)}") from None
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -137,28 +165,14 @@ def run_title(params: Params) -> str:
     return os.environ.get("DVC_EXP_NAME") or default
 
 
-def metric_batches(metrics: Iterable[tuple[str, float, int]], size: int = 900):
-    """MLflow's log_batch takes at most 1000 metrics a call."""
+def log_metrics(run_id: str, metrics: Iterable[tuple[str, float, int]]) -> None:
+    """(key, value, step) triples in one log_batch call (MLflow splits it into requests)."""
+    from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch: list[Metric] = []
-    for key, value, step in metrics:
-        batch.append(Metric(key, float(value), now, step))
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def log_metrics(run_id: str, metrics: Iterable[tuple[str, float, int]]) -> None:
-    """(key, value, step) triples, batched, each batch retried."""
-    from mlflow import MlflowClient
-
-    client = MlflowClient()
-    for batch in metric_batches(metrics):
-        retry(lambda batch=batch: client.log_batch(run_id, metrics=batch))
+    batch = [Metric(key, float(value), now, step) for key, value, step in metrics]
+    MlflowClient().log_batch(run_id, metrics=batch)
 
 
 def log_artifacts(run_id: str, files: Iterable[Path], folder: str | None = None) -> None:
@@ -167,44 +181,98 @@ def log_artifacts(run_id: str, files: Iterable[Path], folder: str | None = None)
     client = MlflowClient()
     for path in files:
         if path.exists():
-            retry(lambda path=path: client.log_artifact(run_id, str(path), folder))
+            client.log_artifact(run_id, str(path), folder)
 
 
 def start_run(
     params: Params, fingerprint: str, source: str, previous: Path, name: str | None = None
 ) -> str:
     """A new run with the whole config as params, or the run an interrupted attempt left in
-    `previous` (so a resumed training or search stays one run)."""
-    import mlflow
+    `previous` (so a resumed training or search stays one run), marked RUNNING. Both end with a
+    real write (tag `boostpipe.attempt`, the attempt's start), so a store that reads but cannot
+    write (read-only, locked) fails here in one line, before any training."""
     from mlflow import MlflowClient
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.entities import Param
 
     experiment_id = connect(params)
     client = MlflowClient()
-    if previous.exists():
-        run_id = previous.read_text().strip()
-        retry(lambda: client.update_run(run_id, status="RUNNING"))
-        return run_id
-    run = retry(
-        lambda: client.create_run(
-            experiment_id,
-            run_name=name or run_title(params),
-            tags=run_tags(fingerprint, "pending"),
-        )
+    try:
+        if previous.exists():
+            run_id = previous.read_text().strip()
+            client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = _create_run(client, experiment_id, params, fingerprint, source, name)
+        client.set_tag(run_id, "boostpipe.attempt", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    except Exception as exc:
+        import mlflow
+
+        raise TrackingUnavailable(
+            f"tracking store {mlflow.get_tracking_uri()}: cannot write ({describe(exc)})"
+        ) from None
+    previous.parent.mkdir(parents=True, exist_ok=True)
+    previous.write_text(run_id)
+    _opened.append(run_id)
+    return run_id
+
+
+def _create_run(
+    client: Any, experiment_id: str, params: Params, fingerprint: str, source: str, name: str | None
+) -> str:
+    """A RUNNING run with every param and the training data as its input."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag, Param
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    run = client.create_run(
+        experiment_id, run_name=name or run_title(params), tags=run_tags(fingerprint, "pending")
     )
     run_id = run.info.run_id
     flat = flatten(params.model_dump(mode="json"))
-    retry(lambda: client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()]))
-    dataset = MetaDataset(
-        resolve_dataset_source(source), name=params.data.dataset, digest=fingerprint
-    )
-    with mlflow.start_run(run_id=run_id):
-        retry(lambda: mlflow.log_input(dataset, context="training"))
-    previous.parent.mkdir(parents=True, exist_ok=True)
-    previous.write_text(run_id)
+    client.log_batch(run_id, params=[Param(k, v) for k, v in flat.items()])
+    # MLflow registers its local-file source class twice, so resolving a local path warns that
+    # it "can be interpreted in multiple ways" (the same class, twice) on every run.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
+        origin = resolve_dataset_source(source)
+    dataset = MetaDataset(origin, name=params.data.dataset, digest=fingerprint)
+    context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="training")
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
     return run_id
+
+
+_opened: list[str] = []  # runs this process opened (start_run, resume_run), newest last
+
+
+@contextmanager
+def status_of(run_id: str | None = None, finish: bool = False) -> Iterator[None]:
+    """The run's status follows the block: KILLED when it is interrupted (Ctrl-C, SIGTERM),
+    FAILED when it raises, FINISHED when it completes and `finish`, else still RUNNING.
+    Without `run_id`: the run this process opened, if any (every stage runs in such a block;
+    evaluate's logging finishes the run). A failing store costs one warning line."""
+
+    def end(status: str) -> None:
+        target = run_id or (_opened[-1] if _opened else None)
+        if target is not None:
+            best_effort(lambda: _terminate(target, status), "the run's status")
+        if target in _opened:
+            _opened.remove(target)  # ended once, not again by an enclosing block
+
+    try:
+        yield
+    except KeyboardInterrupt:
+        end("KILLED")
+        raise
+    except Exception:
+        end("FAILED")
+        raise
+    if finish:
+        end("FINISHED")
+
+
+def _terminate(run_id: str, status: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_terminated(run_id, status)
 
 
 class _StackedExits(torch.nn.Module):
@@ -226,7 +294,10 @@ def log_model(run_id: str, net: torch.nn.Module, input_shape: tuple[int, int, in
     graph and then reloads it to validate an input example, and without requirements it infers
     them in a subprocess; together ~10 s a run, several percent of the default pipeline. The
     tensor-only checkpoint (`model.pt`, loaded with weights_only=True) stays the source of truth.
+    MLflow's warning that pickled models run code when loaded is kept off the console: this one
+    is written by the pipeline itself, and the warning would repeat on every run.
     """
+
     import mlflow
     from mlflow.models import infer_signature
 
@@ -235,14 +306,22 @@ def log_model(run_id: str, net: torch.nn.Module, input_shape: tuple[int, int, in
     with torch.no_grad():
         signature = infer_signature(example.numpy(), serving(example).numpy())
     requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"]
-    with mlflow.start_run(run_id=run_id):
+    # Into the run by id (`start_run` would end it, FINISHED), in the run's experiment.
+    mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+    pytorch_logger = logging.getLogger("mlflow.pytorch")
+    level = pytorch_logger.level
+    pytorch_logger.setLevel(logging.ERROR)
+    try:
         mlflow.pytorch.log_model(
             serving,
             name="model",
             serialization_format="pickle",
             signature=signature,
             pip_requirements=requirements,
+            run_id=run_id,
         )
+    finally:
+        pytorch_logger.setLevel(level)
 
 
 def log_training(
@@ -253,7 +332,8 @@ def log_training(
     input_shape: tuple[int, int, int],
     files: list[Path],
 ) -> None:
-    """Per-epoch metrics (step = epoch), the model, and the checkpoint and params files."""
+    """Per-epoch metrics (step = epoch), the model, and the checkpoint and params files; the
+    run stays RUNNING (evaluate finishes it)."""
     from mlflow import MlflowClient
 
     def per_epoch() -> Iterable[tuple[str, float, int]]:
@@ -262,18 +342,22 @@ def log_training(
             for key in ("train_loss", "val_top1", "effective_samples"):
                 for index, value in enumerate(record[key], start=1):
                     yield f"{key}_exit_{index}", value, step
-            for key in ("val_mean_top1", "lr", "images_per_second", "epoch_seconds"):
-                if key in record:  # no val_mean_top1 without a held-out split
+            for key in (
+                "val_mean_top1",
+                "lr",
+                "images_per_second",
+                "epoch_seconds",
+                "compile_seconds",
+            ):
+                if key in record:  # no val_mean_top1 without a held-out split; compile once
                     yield key, record[key], step
             if "skipped_images" in record:  # folder datasets: unreadable files left out
                 yield "skipped_images", record["skipped_images"], step
 
     log_metrics(run_id, per_epoch())
-    client = MlflowClient()
-    retry(lambda: client.set_tag(run_id, "device", device))
+    MlflowClient().set_tag(run_id, "device", device)
     log_artifacts(run_id, files)
-    retry(lambda: log_model(run_id, net, input_shape))
-    retry(lambda: client.set_terminated(run_id, "FINISHED"))
+    log_model(run_id, net, input_shape)
 
 
 def log_evaluation(
@@ -284,7 +368,8 @@ def log_evaluation(
     files: list[Path],
 ) -> None:
     """Laid out for the UI's charts: per-exit values use the exit index as the step (so runs
-    overlay accuracy against exit), the budgeted curve uses the expected cost in kFLOPs."""
+    overlay accuracy against exit), the budgeted curve uses the expected cost in kFLOPs. The
+    run is FINISHED: evaluate is the last stage."""
 
     def values() -> Iterable[tuple[str, float, int]]:
         for row in anytime:
@@ -303,25 +388,81 @@ def log_evaluation(
 
     log_metrics(run_id, values())
     log_artifacts(run_id, files)
+    _terminate(run_id, "FINISHED")
+    if run_id in _opened:
+        _opened.remove(run_id)  # finished: not ended again by the stage's status_of
 
 
-def resume_run(record: Path) -> str:
-    """The run the train stage created (its id and store are in the train stage's outputs)."""
+# Links DVC outputs to their MLflow run: history.json's `run` (a hash of the params and the
+# data), never a store path or run id, so outputs restored from DVC's run-cache, a remote or
+# another clone find their run in whatever store the user has.
+RUN_TAG = "boostpipe.run"
+
+
+def link_run(run_id: str, key: str) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient().set_tag(run_id, RUN_TAG, key)
+
+
+def find_training_run(client: Any, experiment_ids: list[str], key: str) -> Any:
+    """The run that trained `key`: the newest finished one, else the newest; None if none."""
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.`{RUN_TAG}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    return next((r for r in runs if r.info.status == "FINISHED"), runs[0] if runs else None)
+
+
+def training_run(params: Params, key: str) -> str:
+    """The id of the run that trained `key` in the configured store (calibrate and evaluate
+    log into it); a store without it raises one line saying so."""
     import mlflow
+    from mlflow import MlflowClient
 
-    from pipeline.io import read_json
+    experiment_id = connect(params)
+    run = find_training_run(MlflowClient(), [experiment_id], key)
+    if run is None:
+        raise TrackingUnavailable(
+            f"{mlflow.get_tracking_uri()} has no run that trained {key} (trained against "
+            "another store?); `dvc repro --force train` trains and logs it here"
+        )
+    return run.info.run_id
 
-    saved = read_json(record)
-    mlflow.set_tracking_uri(saved["tracking_uri"])
-    return saved["run_id"]
+
+def resume_run(params: Params, key: str) -> str | None:
+    """The run that trained `key` in the configured store, marked RUNNING again while a later
+    stage logs into it (calibrate, evaluate). None, after one warning line, when the store is
+    dead or lacks the run: the stage's own outputs are written all the same."""
+    from mlflow import MlflowClient
+
+    found: list[str] = []
+
+    def reopen() -> None:
+        run_id = training_run(params, key)
+        _opened.append(run_id)
+        found.append(run_id)
+        MlflowClient().update_run(run_id, status="RUNNING")
+
+    best_effort(reopen, "the training run")
+    return found[0] if found else None
+
+
+_failed: list[str] = []  # what best_effort could not log; after one failure it stops trying
 
 
 def best_effort(action: Callable[[], None], what: str) -> None:
-    """Tracking after the outputs are written: a failure is reported, never fatal."""
+    """Tracking beside a stage's work: a failure is one warning line, never fatal, and later
+    calls are skipped (a dead server is not waited on again, nor reported twice)."""
+    if _failed:
+        return
     try:
         action()
     except Exception as exc:
-        print(f"warning: could not log {what} to MLflow ({exc.__class__.__name__}: {exc})")
+        _failed.append(what)
+        print(f"warning: could not log {what} to MLflow ({describe(exc)}); going on without it")
 
 
 def log_search(run_id: str, outcome: Any, params: Params, folder: Path) -> None:
@@ -355,10 +496,10 @@ def log_search(run_id: str, outcome: Any, params: Params, folder: Path) -> None:
         )
         write_json(folder / "best_params.json", best.overrides)
         files += [folder / "best_trial_exits.png", folder / "best_params.json"]
-        retry(lambda: client.set_tag(run_id, "tune.best_trial", best.trial_id))
     plots.search_summary(folder / "search_summary.png", outcome.trials, metric)
     write_json(folder / "trials.json", [vars(trial) for trial in outcome.trials])
     files += [folder / "search_summary.png", folder / "trials.json"]
+    if best is not None:
+        client.set_tag(run_id, "tune.best_trial", best.trial_id)
     log_metrics(run_id, values)
     log_artifacts(run_id, files)
-    retry(lambda: client.set_terminated(run_id, "FINISHED"))

@@ -14,6 +14,7 @@ within a run restart from it too (`FailureConfig`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -40,8 +41,11 @@ from pipeline.augment import batch_augment, normalise
 from pipeline.boosting import BoostNet, effective_samples
 from pipeline.config import ConfigError, Params, TrainConfig
 from pipeline.data import AnySplit, FileSplit, load_split
+from pipeline.devices import describe
+from pipeline.folders import DatasetError
 from pipeline.inputs import BadImage, check_bad, default_loader_workers, eval_batches, file_loader
-from pipeline.io import load_checkpoint
+from pipeline.io import CorruptFile, check_archive, load_checkpoint
+from pipeline.verbosity import library_log_level, quiet_worker
 
 
 def selection_score(config: TrainConfig, val_top1: list[float]) -> float:
@@ -59,6 +63,7 @@ def keeps(config: TrainConfig, score: float, kept_score: float) -> bool:
 def run_name(params: Params, data_fingerprint: str) -> str:
     """Same params and data -> same name, so an interrupted run is found and resumed."""
     shaping = params.model_dump(mode="json", include={"seed", "data", "model", "boost", "train"})
+    del shaping["train"]["compile"]  # how the step runs, not what it learns: resumable either way
     blob = json.dumps([shaping, data_fingerprint], sort_keys=True).encode()
     return "train-" + hashlib.sha256(blob).hexdigest()[:12]
 
@@ -85,6 +90,34 @@ def make_scheduler(
         milestones = [m * steps_per_epoch for m in config.milestones]
         return torch.optim.lr_scheduler.MultiStepLR(optimiser, milestones, config.gamma)
     return torch.optim.lr_scheduler.ConstantLR(optimiser, factor=1.0)
+
+
+COMPILE_AUTO_EPOCHS = 20  # CPU compilation takes minutes; a step ~1.2x faster repays it by then
+
+
+def compiles(config: TrainConfig, device: torch.device, epochs: int) -> bool:
+    """Resolve `train.compile`: `auto` compiles on CUDA, and on CPU for long runs only."""
+    if config.compile != "auto":
+        return config.compile
+    return device.type == "cuda" or epochs >= COMPILE_AUTO_EPOCHS
+
+
+def compile_mode(device: torch.device, world: int) -> str:
+    """On one GPU, CUDA graphs: an early-exit network's step is hundreds of small kernels, so
+    launches, not arithmetic, bound it (3.4x the eager step on an H200, where the default mode
+    gained nothing; benchmarks/train_step.py). Under DDP, whose gradient hooks run between
+    graph pieces, and on CPU, the default mode."""
+    return "reduce-overhead" if device.type == "cuda" and world == 1 else "default"
+
+
+def ddp_options(net: BoostNet, params: Params) -> dict[str, bool]:
+    """DDP searches for parameters that got no gradient after every backward (a pass over the
+    autograd graph) only when some exist, as when MSDNet's last block computes finer scales no
+    head reads: found once, from one backward of a copy on a blank batch."""
+    probe = copy.deepcopy(net).eval()  # eval: batch statistics of two blank images are moot
+    sum(z.sum() for z in probe(torch.zeros(2, *params.input_shape))).backward()
+    unused = any(p.grad is None for p in probe.parameters() if p.requires_grad)
+    return {"find_unused_parameters": unused}
 
 
 def _to_device(images: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -164,6 +197,12 @@ class _Progress:
             f"loss/exit [cyan]{exits}[/] {rate:7.0f} img/s ETA {eta:5.0f}s"
         )
 
+    def compiling(self) -> None:
+        self.console.print("compiling the training step (torch.compile)...")
+
+    def compiled(self, seconds: float) -> None:
+        self.console.print(f"compiled the training step in {seconds:.1f}s")
+
     def epoch(self, record: dict[str, Any]) -> None:
         accuracy = " ".join(f"{v:.2f}" for v in record["val_top1"]) or "- (no held-out split)"
         self.console.print(
@@ -192,8 +231,14 @@ class Fit:
     world: int = 1
     root: Path | None = None  # folder datasets: data.root, resolved by the driver
     loader_workers: int = 0
+    compile: bool = False
 
     def __post_init__(self) -> None:
+        # Full batches run compiled; a short last batch runs eager rather than recompiling for
+        # its shape. Checkpoints and evaluation use `net` itself (same weights, plain names).
+        self.mode = compile_mode(self.device, self.world)
+        self.compiled = torch.compile(self.net, mode=self.mode) if self.compile else None
+        self.warm = False  # whether `compiled` has run (compiled) once in this process
         self.loader = None
         if isinstance(self.train_split, FileSplit):
             # Each rank decodes only its shard; drop_last keeps the shards (so DDP steps) equal.
@@ -265,13 +310,22 @@ def train_epoch(fit: Fit, epoch: int, progress: _Progress | None = None) -> dict
     boostnet = _unwrap(fit.net)
     fit.net.train()
     seen = skipped = 0
+    compile_seconds = 0.0
     for step, (batch, batch_targets, bad) in enumerate(fit.batches(epoch)):
+        step_start = time.perf_counter()
         skipped += check_bad(bad, params.data)
         if isinstance(fit.train_split, FileSplit):
             batch = batch_augment(batch, config.augment)
         images, targets = _to_device(batch, device), batch_targets.to(device, non_blocking=True)
+        full = len(batch) == config.batch_size
+        net = fit.compiled if fit.compiled is not None and full else fit.net
+        compiling = net is fit.compiled and not fit.warm
+        if compiling and progress:
+            progress.compiling()
+        if net is fit.compiled and fit.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are done
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = fit.net(normalise(images, spec.mean, spec.std))
+            logits = net(normalise(images, spec.mean, spec.std))
             losses = boostnet.exit_losses([z.float() for z in logits], targets)
             loss = boostnet.total_loss(losses)
         if not torch.isfinite(loss):
@@ -283,37 +337,58 @@ def train_epoch(fit: Fit, epoch: int, progress: _Progress | None = None) -> dict
         fractions, mean_losses = effective_samples(losses)
         loss_sum += mean_losses
         effective_sum += fractions
-        seen += len(targets)
+        if compiling:  # compilation is reported apart from the epoch's throughput
+            fit.warm = True
+            compile_seconds = time.perf_counter() - step_start
+            if progress:
+                progress.compiled(compile_seconds)
+        else:
+            seen += len(targets)
         if progress:
-            rate = seen * world / (time.perf_counter() - start)
+            rate = seen * world / (time.perf_counter() - start - compile_seconds)
             progress.step(epoch, step + 1, steps, loss_sum / (step + 1), rate)
     train_stats = _all_reduce(torch.stack([loss_sum, effective_sum]) / steps) / world
     stats = {
         "train_loss": train_stats[0].tolist(),
         "effective_samples": train_stats[1].tolist(),
         "lr": fit.optimiser.param_groups[0]["lr"],
-        "images_per_second": seen * world / (time.perf_counter() - start),
+        "images_per_second": seen * world / (time.perf_counter() - start - compile_seconds),
     }
+    if compile_seconds:
+        stats["compile_seconds"] = compile_seconds
     if fit.loader is not None:
         stats["skipped_images"] = int(_all_reduce(torch.tensor([skipped], device=device)).item())
     return stats
 
 
+# Errors that recur on every restart (same data, same code, same file): Ray's FailureConfig
+# should restart only after a lost worker or node, never to meet these again.
+DETERMINISTIC: tuple[type[Exception], ...] = (BadImage, DatasetError, CorruptFile, ConfigError)
+
+
 def _worker_loop(config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker. An unreadable image is a deterministic error: it is
-    written down for the driver, and Ray's restarts after it (FailureConfig) stop at once
-    instead of training up to the same file again."""
-    marker = Path(config["bad_image_marker"])
+    """Runs in every Ray Train worker. A deterministic error (an unreadable image or file, a
+    bad setting) is written down for the driver, and Ray's restarts after it (FailureConfig)
+    stop at once instead of failing the same way again."""
+    marker = Path(config["error_marker"])
     if marker.exists():
-        raise BadImage(marker.read_text())
+        _raise_recorded(marker)
     try:
         _train_worker(config)
-    except BadImage as exc:
-        marker.write_text(str(exc))
+    except DETERMINISTIC as exc:
+        marker.write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
         raise
 
 
+def _raise_recorded(marker: Path) -> None:
+    """The deterministic error a worker wrote down, as its own type: one line, no traceback."""
+    recorded = json.loads(marker.read_text())
+    kind = next(cls for cls in DETERMINISTIC if cls.__name__ == recorded["type"])
+    raise kind(recorded["message"])
+
+
 def _train_worker(config: dict[str, Any]) -> None:
+    quiet_worker()
     params = Params.model_validate(config["params"])
     train_cfg = params.train
     context = ray.train.get_context()
@@ -333,11 +408,7 @@ def _train_worker(config: dict[str, Any]) -> None:
         net = net.to(memory_format=torch.channels_last)
     if train_cfg.scaling.sync_bn and world > 1:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    # MSDNet's last block may still compute finer scales that no head reads (as in the paper's
-    # counting), so DDP must tolerate parameters without gradients.
-    net = ray.train.torch.prepare_model(
-        net, parallel_strategy_kwargs={"find_unused_parameters": True}
-    )
+    net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=ddp_options(net, params))
     nodes = _node_ids(world)
     if rank == 0:
         Console().print(f"{world} worker(s) on Ray node(s) {' '.join(n[:8] for n in nodes)}")
@@ -346,7 +417,20 @@ def _train_worker(config: dict[str, Any]) -> None:
         optimiser, train_cfg, steps_per_epoch(len(train_split), params, world)
     )
 
-    fit = Fit(params, net, optimiser, scheduler, train_split, device, rank, world, root, loaders)
+    compile_step = compiles(train_cfg, device, train_cfg.epochs)
+    fit = Fit(
+        params,
+        net,
+        optimiser,
+        scheduler,
+        train_split,
+        device,
+        rank,
+        world,
+        root,
+        loaders,
+        compile=compile_step,
+    )
     start_epoch, history, best = 0, [], {"score": -1.0, "epoch": 0, "state": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -398,8 +482,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 def _device_name(net: torch.nn.Module) -> str:
     """The run's device tag: cpu, or cuda and the GPU's name."""
-    device = next(net.parameters()).device
-    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+    return describe(next(net.parameters()).device)
 
 
 def _report(fit: Fit, record: dict, history: list, best: dict) -> None:
@@ -477,15 +560,16 @@ def train(
     layout = worker_layout(params, ray.cluster_resources())
     use_gpu = layout.use_gpu
     storage.mkdir(parents=True, exist_ok=True)
-    bad_image_marker = storage / f"{name}.bad-image"
-    bad_image_marker.unlink(missing_ok=True)
+    check_archive(prepared)  # a damaged file fails here in one line, not in every worker
+    error_marker = storage / f"{name}.error"
+    error_marker.unlink(missing_ok=True)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={
             "params": params.model_dump(mode="json"),
             "prepared": str(prepared.resolve()),
             "root": str(root.resolve()) if root else None,
-            "bad_image_marker": str(bad_image_marker.resolve()),
+            "error_marker": str(error_marker.resolve()),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=layout.workers,
@@ -498,6 +582,7 @@ def train(
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=str(storage.resolve()),
+            logging_config=ray.LoggingConfig(log_level=library_log_level()),
             failure_config=ray.train.FailureConfig(max_failures=2),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
         ),
@@ -507,10 +592,11 @@ def train(
     except SystemExit:  # how fit() ends after Train's Ctrl-C handler aborted the run
         raise KeyboardInterrupt from None
     except Exception:
-        if bad_image_marker.exists():  # one line naming the file, not Ray's wrapped traceback
-            message = bad_image_marker.read_text()
-            bad_image_marker.unlink()
-            raise BadImage(message) from None
+        if error_marker.exists():  # one line naming the cause, not Ray's wrapped traceback
+            try:
+                _raise_recorded(error_marker)
+            finally:
+                error_marker.unlink()
         raise
     with result.checkpoint.as_directory() as folder:
         state = load_checkpoint(Path(folder) / "state.pt")

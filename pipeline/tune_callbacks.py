@@ -3,6 +3,8 @@ and a live rich table of the trials.
 
 All MLflow writes happen here, in one process, so trials never race on the store; a resumed
 search finds each trial's child run again by its `ray.trial_id` tag instead of making another.
+A store that fails during the search costs one warning line (`tracking.best_effort`), not the
+search.
 Both callbacks are pickled with the search's state (Tuner.restore brings them back), so they
 keep no open clients or consoles in that state.
 """
@@ -50,11 +52,10 @@ class MlflowTrials(Callback):
         return self._client
 
     def _timed(self, action: Any) -> Any:
-        from pipeline.tracking import retry
-
+        """MLflow's own HTTP retries (bounded by `tracking.bound_waits`), no more of ours."""
         start = time.perf_counter()
         try:
-            return retry(action)
+            return action()
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -97,8 +98,14 @@ class MlflowTrials(Callback):
         self._timed(lambda: self.client.log_batch(run.info.run_id, params=params))
         return run.info.run_id
 
-    def ended(self) -> int:
-        """How many of the search's trials have ended, over every attempt at the search."""
+    def ended(self) -> int | None:
+        """How many of the search's trials have ended, over every attempt at the search; None
+        when the store cannot say (it failed during the search)."""
+        counted: list[int] = []
+        _best_effort(lambda: counted.append(self._count_ended()))
+        return counted[0] if counted else None
+
+    def _count_ended(self) -> int:
         children = self._timed(
             lambda: self.client.search_runs(
                 [self.experiment_id],
@@ -109,11 +116,14 @@ class MlflowTrials(Callback):
         return sum("tune.outcome" in run.data.tags for run in children)
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.run_id(trial)
+        _best_effort(lambda: self.run_id(trial))
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
+        _best_effort(lambda: self._log_result(trial, result))
+
+    def _log_result(self, trial: Any, result: dict) -> None:
         from mlflow.entities import Metric
 
         step = int(result["training_iteration"])
@@ -132,6 +142,9 @@ class MlflowTrials(Callback):
         self._timed(lambda: self.client.set_terminated(run_id, status))
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _best_effort(lambda: self._complete(trial))
+
+    def _complete(self, trial: Any) -> None:
         result = trial.last_result or {}
         if not result.get("done"):  # stopped by Ctrl-C, not by its end or the scheduler:
             return  # the run stays open for `--resume`
@@ -141,6 +154,9 @@ class MlflowTrials(Callback):
             self._end(trial, "stopped_early", "KILLED")
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _best_effort(lambda: self._failed(trial))
+
+    def _failed(self, trial: Any) -> None:
         run_id = self.run_id(trial)
         # The traceback's last line, from the error file Tune has just written beside the trial.
         error_file = Path(trial.error_file) if trial.error_file else None
@@ -152,6 +168,12 @@ class MlflowTrials(Callback):
         message = lines[-1][-500:] if lines else "the trial raised"
         self._timed(lambda: self.client.set_tag(run_id, "tune.error", message))
         self._end(trial, "failed", "FAILED")
+
+
+def _best_effort(action: Any) -> None:
+    from pipeline.tracking import best_effort
+
+    best_effort(action, "the trials")
 
 
 class LiveTrialTable(Callback):

@@ -28,7 +28,9 @@ from typing import Any
 import torch
 
 from pipeline.config import ConfigError, Params, TuneConfig, parse_params
+from pipeline.devices import trial_device
 from pipeline.io import read_json, write_json
+from pipeline.verbosity import library_log_level, quiet_worker
 
 MODE = "max"  # every objective is an accuracy
 
@@ -145,7 +147,7 @@ def _score(net: torch.nn.Module, val: Any, params: Params, exit_flops: list[int]
     from pipeline.evaluation import Source, collect_scores
 
     source = Source(val, params.data, params.train.eval_batch_size)
-    scores, _ = collect_scores(net, source, torch.device("cpu"))
+    scores, _ = collect_scores(net, source, next(net.parameters()).device)
     top1 = scores.top1()
     return {
         "val_budget_auc": budget_auc(scores, exit_flops),
@@ -166,6 +168,8 @@ def _trial_loop(params: Params, prepared: Path, report: Callable, rank: int, wor
     from pipeline.io import load_checkpoint
     from pipeline.training import (
         Fit,
+        compiles,
+        ddp_options,
         make_optimizer,
         make_scheduler,
         steps_per_epoch,
@@ -176,15 +180,16 @@ def _trial_loop(params: Params, prepared: Path, report: Callable, rank: int, wor
     train, val = _trial_data(params, prepared)
     net = BoostNet.from_params(params)
     exit_flops = exit_costs(net, params)
-    device = torch.device("cpu")
     if world > 1:
         device = ray.train.torch.get_device()
-        net = ray.train.torch.prepare_model(
-            net, parallel_strategy_kwargs={"find_unused_parameters": True}
-        )
+        net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=ddp_options(net, params))
+    else:  # the GPU that gpus_per_trial reserved for this trial, if any
+        device = trial_device(ray.get_gpu_ids())
+        net = net.to(device)
     optimiser = make_optimizer(net, params.train)
     scheduler = make_scheduler(optimiser, params.train, steps_per_epoch(len(train), params, world))
-    fit = Fit(params, net, optimiser, scheduler, train, device, rank, world)
+    compile_step = compiles(params.train, device, params.tune.epochs)
+    fit = Fit(params, net, optimiser, scheduler, train, device, rank, world, compile=compile_step)
     start = 0
     checkpoint = ray.tune.get_checkpoint() if world == 1 else None
     if checkpoint is not None:
@@ -217,6 +222,7 @@ def run_trial(sampled: dict[str, Any], base: dict[str, Any], prepared: str) -> N
     """The function trainable: one configuration, trained in this process."""
     import ray.tune
 
+    quiet_worker()
     params = _trial_params(sampled, base)
     torch.set_num_threads(max(1, int(params.tune.cpus_per_trial)))
     _trial_loop(params, Path(prepared), ray.tune.report, rank=0, world=1)
@@ -225,6 +231,7 @@ def run_trial(sampled: dict[str, Any], base: dict[str, Any], prepared: str) -> N
 def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
 
+    quiet_worker()
     context = ray.train.get_context()
     params = Params.model_validate(config["params"])
     torch.set_num_threads(max(1, int(params.tune.cpus_per_trial)))
@@ -262,6 +269,7 @@ def run_trial_on_ray_train(sampled: dict[str, Any], base: dict[str, Any], prepar
         run_config=ray.train.RunConfig(
             name=ray.tune.get_context().get_trial_id(),
             storage_path=str(storage),
+            logging_config=ray.LoggingConfig(log_level=library_log_level()),
             callbacks=[TuneReportCallback()],
         ),
     ).fit()
@@ -432,15 +440,12 @@ def _search(
     resume: bool,
     trainable: Callable | None,
 ) -> SearchOutcome:
-    import ray
-
     from pipeline import tracking
-    from pipeline.training import ray_session
-    from pipeline.tune_callbacks import LiveTrialTable, MlflowTrials
+    from pipeline.io import check_archive
 
     if params.data.val_size == 0:
         raise ConfigError("data.val_size: is 0, but tune scores trials on the held-out split")
-    config = params.tune
+    check_archive(prepared)  # a damaged file fails here in one line, not in every trial
     folder, marker = storage / name, storage / f"{name}.mlflow-run"
     if resume and not (folder / "tuner.pkl").exists():
         raise SearchNotFound(f"--resume: no interrupted search {name} under {storage}")
@@ -451,8 +456,30 @@ def _search(
         marker.unlink(missing_ok=True)
         write_json(_saved_params(storage, name), params.model_dump(mode="json"))
     parent = tracking.start_run(params, dataset["fingerprint"], dataset["source"], marker, name)
-    import mlflow
+    with tracking.status_of(parent, finish=True):  # KILLED on Ctrl-C, open for --resume
+        outcome = _fit(params, prepared, storage, name, parent, resume, trainable)
+    marker.unlink(missing_ok=True)
+    return outcome
 
+
+def _fit(
+    params: Params,
+    prepared: Path,
+    storage: Path,
+    name: str,
+    parent: str,
+    resume: bool,
+    trainable: Callable | None,
+) -> SearchOutcome:
+    """The search itself, with its trials logged under `parent`, and the summary."""
+    import mlflow
+    import ray
+
+    from pipeline import tracking
+    from pipeline.training import ray_session
+    from pipeline.tune_callbacks import LiveTrialTable, MlflowTrials
+
+    config = params.tune
     uri = mlflow.get_tracking_uri()
     experiment_id = mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
     callbacks = [
@@ -460,17 +487,15 @@ def _search(
         LiveTrialTable(config.metric, config.epochs),
     ]
     quiet_ray_tune()
-    try:
-        with ray_session():
-            check_fits(config, ray.cluster_resources())
-            setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
-            results = make_tuner(setup, resume, trainable).fit()
-    except ConfigError:
-        tracking.retry(lambda: mlflow.MlflowClient().set_terminated(parent, "FAILED"))
-        raise
+    with ray_session():
+        check_fits(config, ray.cluster_resources())
+        setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
+        results = make_tuner(setup, resume, trainable).fit()
     # After Ctrl-C Tune saves its state and returns as if done; the child runs say which
     # trials really ended (finished, stopped by the scheduler, or failed), resumes included.
     ended = callbacks[0].ended()
+    if ended is None:  # the store failed during the search: Tune's own record of the trials
+        ended = sum(1 for r in results if r.error or (r.metrics or {}).get("done"))
     if ended < config.trials:
         raise SearchInterrupted(
             f"interrupted after {ended} of {config.trials} trials; "
@@ -481,8 +506,10 @@ def _search(
     first = default_point(params, space)
     default = next((t for t in trials if _same_point(t.sampled, first)), None)
     outcome = SearchOutcome(name, parent, config.metric, trials, default)
-    tracking.log_search(parent, outcome, params, storage / f"{name}-summary")
-    marker.unlink(missing_ok=True)
+    tracking.best_effort(
+        lambda: tracking.log_search(parent, outcome, params, storage / f"{name}-summary"),
+        "the search's summary",
+    )
     return outcome
 
 

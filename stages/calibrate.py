@@ -6,15 +6,14 @@ clean unless `calibrate.augment` asks for the training augmentation (the referen
 With `data.val_size: 0` there is nothing to calibrate on: the output records that instead.
 """
 
-import torch
-
 from pipeline import paths, tracking
 from pipeline.calibration import ExitScores, sweep, thresholds_for_budget
 from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.data import load_split
+from pipeline.devices import stage_device
 from pipeline.evaluation import collect_scores, eval_source, exit_costs, load_model
-from pipeline.io import read_json, write_json
+from pipeline.io import check_writable, read_json, write_json
 
 NOT_CALIBRATED = "data.val_size is 0: no held-out split, so no thresholds (anytime setting)"
 
@@ -35,7 +34,9 @@ def _calibrate(scores: ExitScores, flops: list[int], budgets: list[float]) -> di
 @stage_main
 def main() -> None:
     params = load_params(paths.PARAMS).with_dataset(read_json(paths.DATASET_INFO))
-    device = torch.device("cpu")
+    check_writable([paths.CALIBRATE_DIR])
+    run_id = tracking.resume_run(params, read_json(paths.HISTORY)["run"])
+    device = stage_device(params.evaluate.device)
     net = load_model(params, paths.MODEL, device)
     val = load_split(paths.PREPARED, "val")
     flops = exit_costs(net, params)
@@ -49,9 +50,9 @@ def main() -> None:
         print(NOT_CALIBRATED)
         result = {"calibrated": False, "reason": NOT_CALIBRATED, "grid": [], "budgets": []}
     write_json(paths.THRESHOLDS, {"exit_flops": flops, **result})
-    run_id = tracking.resume_run(paths.MLFLOW_RUN)
     tracking.best_effort(
-        lambda: tracking.log_artifacts(run_id, [paths.THRESHOLDS]), "the thresholds"
+        lambda: tracking.log_artifacts(run_id, [paths.THRESHOLDS]),
+        "the thresholds",
     )
 
 

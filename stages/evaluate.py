@@ -6,11 +6,12 @@ import statistics
 
 import torch
 
-from pipeline import paths, plots, tracking
+from pipeline import paths, plots, reports, tracking
 from pipeline.calibration import flat_envelope, operate
 from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.data import load_split
+from pipeline.devices import describe, stage_device
 from pipeline.evaluation import (
     collect_scores,
     early_exit,
@@ -19,14 +20,17 @@ from pipeline.evaluation import (
     load_model,
     time_all_exits,
 )
-from pipeline.io import read_json, write_json
+from pipeline.io import check_writable, read_json, replaced_together, write_json
 
 
 @stage_main
 def main() -> None:
     params = load_params(paths.PARAMS).with_dataset(read_json(paths.DATASET_INFO))
     repeats = params.evaluate.timing_repeats
-    device = torch.device("cpu")
+    check_writable([paths.EVALUATE_DIR])
+    history = read_json(paths.HISTORY)
+    run_id = tracking.resume_run(params, history["run"])
+    device = stage_device(params.evaluate.device)
     net = load_model(params, paths.MODEL, device)
     test = eval_source(params, load_split(paths.PREPARED, "test"), params.evaluate.batch_size)
     calibration = read_json(paths.THRESHOLDS)
@@ -79,7 +83,7 @@ def main() -> None:
         seconds = statistics.median(run.seconds for run in runs[i])
         measured, predicted = all_exits_seconds / seconds, flops[-1] / expected.expected_flops
         hits = runs[i][0].predictions == runs[i][0].targets
-        budgets[f"{row['budget']:.4g}"] = {
+        budgets[reports.budget_key(row["budget"])] = {
             "target_mflops": row["budget"] / 1e6,
             "expected_mflops": expected.expected_flops / 1e6,
             "top1": expected.top1,
@@ -102,23 +106,24 @@ def main() -> None:
             "seconds": all_exits_seconds,
             "images_per_second": len(scores.targets) / all_exits_seconds,
         },
+        "device": describe(device),  # where the scores and the early-exit timings ran
         "budgets": budgets,
         "calibrated": calibration["calibrated"],
     }
-    write_json(paths.ANYTIME, anytime)
-    write_json(paths.BUDGET_CURVE, budget_curve)
-    plots.accuracy_vs_flops(
-        paths.ACCURACY_PLOT,
-        [r["mflops"] for r in anytime],
-        top1,
-        [r["mflops"] for r in budget_curve],
-        [r["top1"] for r in budget_curve],
-        flat,
-        title=f"{'BoostNet' if params.boost.enabled else 'baseline'} on {params.data.dataset}",
-    )
-    plots.effective_samples(paths.EFFECTIVE_SAMPLES_PLOT, read_json(paths.HISTORY)["epochs"])
-    write_json(paths.METRICS, metrics)
-    run_id = tracking.resume_run(paths.MLFLOW_RUN)
+    with replaced_together():  # all five or none
+        write_json(paths.ANYTIME, anytime)
+        write_json(paths.BUDGET_CURVE, budget_curve)
+        plots.accuracy_vs_flops(
+            paths.ACCURACY_PLOT,
+            [r["mflops"] for r in anytime],
+            top1,
+            [r["mflops"] for r in budget_curve],
+            [r["top1"] for r in budget_curve],
+            flat,
+            title=f"{'BoostNet' if params.boost.enabled else 'baseline'} on {params.data.dataset}",
+        )
+        plots.effective_samples(paths.EFFECTIVE_SAMPLES_PLOT, history["epochs"])
+        write_json(paths.METRICS, metrics)
     files = [
         paths.METRICS,
         paths.ANYTIME,
@@ -136,7 +141,7 @@ def main() -> None:
         print(f"budgeted evaluation skipped: {calibration['reason']}")
     for name, row in budgets.items():
         print(
-            f"budget {name}: top-1 {row['top1']:.2f}%, {row['images_per_second']:.0f} img/s, "
+            f"{name}: top-1 {row['top1']:.2f}%, {row['images_per_second']:.0f} img/s, "
             f"speedup {row['speedup_measured']:.2f}x measured, "
             f"{row['speedup_predicted']:.2f}x predicted"
         )

@@ -5,12 +5,13 @@ from pipeline import paths
 from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.data import fingerprint, list_folder_dataset, load_dataset, save_splits, split_holdout
-from pipeline.io import write_json
+from pipeline.io import check_writable, replaced_together, write_json
 
 
 @stage_main
 def main() -> None:
     params = load_params(paths.PARAMS)
+    check_writable([paths.PREPARED.parent])
     folder = None
     if params.data.is_folder:
         folder = list_folder_dataset(params.data)
@@ -24,7 +25,6 @@ def main() -> None:
         train, test, source = load_dataset(params.data, paths.DOWNLOADS)
         digest = fingerprint(train, test)
     train, val, test = split_holdout(train, test, params.data, params.seed)
-    save_splits(paths.PREPARED, {"train": train, "val": val, "test": test})
     info = {
         "dataset": params.data.dataset,
         "source": source,
@@ -36,7 +36,9 @@ def main() -> None:
     if folder is not None:  # train/calibrate/evaluate size the model's classifier from this
         info |= {"root": str(folder.root), "num_classes": len(folder.classes)}
         info["classes"] = folder.classes
-    write_json(paths.DATASET_INFO, info)
+    with replaced_together():  # the splits and their description, or neither
+        save_splits(paths.PREPARED, {"train": train, "val": val, "test": test})
+        write_json(paths.DATASET_INFO, info)
     print(
         f"prepared {params.data.dataset}: {len(train)} train / {len(val)} val / "
         f"{len(test)} test images, fingerprint {digest}"

@@ -3,14 +3,13 @@ last epoch's, or the best on held-out data)."""
 
 from pathlib import Path
 
-import mlflow
 import torch
 
-from pipeline import paths, tracking
+from pipeline import paths, reports, tracking
 from pipeline.boosting import BoostNet
 from pipeline.cli import stage_main
 from pipeline.config import load_params
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import atomic_path, check_writable, read_json, replaced_together, write_json
 from pipeline.training import ray_session, run_name, train
 
 
@@ -19,45 +18,52 @@ def main() -> None:
     dataset = read_json(paths.DATASET_INFO)
     params = load_params(paths.PARAMS).with_dataset(dataset)
     name = run_name(params, dataset["fingerprint"])
-    # Created (or, after an interruption, reopened) before training: an unreachable store
-    # fails here, not after an hour of training.
+    check_writable([paths.TRAIN_DIR])
+    # Created (or, after an interruption, reopened) with a real write before training: a store
+    # that cannot be written fails here, not after an hour of training.
     run_file = paths.RAY_STORAGE / f"{name}.mlflow-run"
     run_id = tracking.start_run(params, dataset["fingerprint"], dataset["source"], run_file)
+    tracking.link_run(run_id, name)  # calibrate and evaluate find the run by this name
     with ray_session():
         root = Path(params.data.root) if params.data.is_folder else None
         outcome = train(params, paths.PREPARED, paths.RAY_STORAGE, name, root)
-    with atomic_path(paths.MODEL) as tmp:
-        torch.save(
+    with replaced_together():  # the model, its history and curves, or none
+        with atomic_path(paths.MODEL) as tmp:
+            torch.save(
+                {
+                    "model": outcome.model_state,
+                    "epoch": outcome.best_epoch,
+                    "run": name,
+                    "data_fingerprint": dataset["fingerprint"],
+                },
+                tmp,
+            )
+        write_json(
+            paths.HISTORY,
             {
-                "model": outcome.model_state,
-                "epoch": outcome.best_epoch,
                 "run": name,
-                "data_fingerprint": dataset["fingerprint"],
+                "device": outcome.device,
+                "best_epoch": outcome.best_epoch,  # the epoch whose weights model.pt holds
+                "select": params.train.select,
+                "train_seconds": reports.training_seconds(outcome.history),
+                "epochs": outcome.history,
             },
-            tmp,
         )
-    write_json(
-        paths.HISTORY,
-        {
-            "run": name,
-            "device": outcome.device,
-            "best_epoch": outcome.best_epoch,  # the epoch whose weights model.pt holds
-            "select": params.train.select,
-            "epochs": outcome.history,
-        },
-    )
+        write_json(paths.CURVES, reports.epoch_curves(outcome.history))
     skipped = outcome.history[-1].get("skipped_images")
     if skipped:
         print(f"skipped {skipped} unreadable image(s) per epoch (data.skip_bad: true)")
-    write_json(paths.MLFLOW_RUN, {"run_id": run_id, "tracking_uri": mlflow.get_tracking_uri()})
     run_file.unlink(missing_ok=True)
     net = BoostNet.from_params(params)
     net.load_state_dict(outcome.model_state)
-    size = params.data.spec.image_size
-    input_shape = (params.in_channels, size, size)
     tracking.best_effort(
         lambda: tracking.log_training(
-            run_id, outcome.history, outcome.device, net, input_shape, [paths.MODEL, paths.PARAMS]
+            run_id,
+            outcome.history,
+            outcome.device,
+            net,
+            params.input_shape,
+            [paths.MODEL, paths.PARAMS],
         ),
         "training",
     )

@@ -4,28 +4,32 @@ search of `boostpipe tune` with the params file's settings; writes the best valu
 from pipeline import paths
 from pipeline.cli import stage_main
 from pipeline.config import load_params
-from pipeline.io import read_json, write_json
+from pipeline.io import check_writable, read_json, replaced_together, write_json
 from pipeline.tuning import run_search
 
 
 @stage_main
 def main() -> None:
     params = load_params(paths.PARAMS)
+    check_writable([paths.TUNE_DIR])
     outcome = run_search(params, paths.PREPARED, read_json(paths.DATASET_INFO), paths.TUNE_STORAGE)
     if outcome.best is None:
         raise SystemExit("tune: no trial finished; see the failed trials' runs in MLflow")
     default = outcome.default.score if outcome.default else None
-    write_json(
-        paths.TUNE_SUMMARY,
-        {
-            "metric": outcome.metric,
-            f"best_{outcome.metric}": outcome.best.score,
-            f"default_{outcome.metric}": default,
-            **{f"trials_{k}": outcome.count(k) for k in ("finished", "stopped_early", "failed")},
-            "mlflow_parent_run": outcome.parent_run_id,
-        },
-    )
-    write_json(paths.BEST_PARAMS, outcome.best.overrides)
+    with replaced_together():
+        write_json(
+            paths.TUNE_SUMMARY,
+            {
+                "metric": outcome.metric,
+                f"best_{outcome.metric}": outcome.best.score,
+                f"default_{outcome.metric}": default,
+                **{
+                    f"trials_{k}": outcome.count(k) for k in ("finished", "stopped_early", "failed")
+                },
+                "mlflow_parent_run": outcome.parent_run_id,
+            },
+        )
+        write_json(paths.BEST_PARAMS, outcome.best.overrides)
 
 
 if __name__ == "__main__":

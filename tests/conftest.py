@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,21 @@ def compose(path: Path = ROOT / "params.yaml", **overrides: Any) -> Params:
             node = node[key]
         node[leaf] = value
     return parse_params(raw, str(path))
+
+
+def trained_run(uri: str, repo: Path) -> Any:
+    """The MLflow run (in the store at `uri`) that trained the outputs in `repo`: the stages
+    link them by history.json's `run`, never by a run id in the outputs."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import find_training_run
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("boostpipe")
+    key = json.loads((repo / "outputs/train/history.json").read_text())["run"]
+    run = find_training_run(client, [experiment.experiment_id], key)
+    assert run is not None, f"{uri} has no run of {key}"
+    return run
 
 
 @pytest.fixture(params=PARAMS_FILES, ids=lambda p: p.stem)

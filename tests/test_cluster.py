@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, trained_run
 from test_pipeline import _free_port, _serving, _shrunk_copy
 
 from pipeline.config import load_params
@@ -307,13 +307,14 @@ def stack(tmp_path_factory) -> Iterator[tuple[LoopbackCluster, str, int]]:
         yield cluster, uri, server.pid
 
 
-def _logged_epochs(repo: Path, history: list[dict]) -> None:
-    """The run is FINISHED and holds every epoch's metrics once, equal to the history's."""
+def _logged_epochs(repo: Path, uri: str, history: list[dict]) -> None:
+    """The run holds every epoch's metrics once, equal to the history's; it stays RUNNING
+    after the train stage (evaluate finishes it)."""
     from mlflow import MlflowClient
 
-    record = read_json(repo / "outputs/train/mlflow_run.json")
-    client = MlflowClient(record["tracking_uri"])
-    assert client.get_run(record["run_id"]).info.status == "FINISHED"
+    run = trained_run(uri, repo)
+    client = MlflowClient(uri)
+    assert run.info.status == "RUNNING"
     epochs = [r["epoch"] for r in history]
     for key, value in (
         ("val_top1_exit_4", lambda r: r["val_top1"][3]),
@@ -321,7 +322,7 @@ def _logged_epochs(repo: Path, history: list[dict]) -> None:
         ("val_mean_top1", lambda r: r["val_mean_top1"]),
         ("lr", lambda r: r["lr"]),
     ):
-        logged = sorted(client.get_metric_history(record["run_id"], key), key=lambda m: m.step)
+        logged = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         assert [m.step for m in logged] == epochs, key
         assert [m.value for m in logged] == pytest.approx([value(r) for r in history]), key
 
@@ -358,7 +359,7 @@ def test_ddp_workers_train_on_two_nodes(stack, tmp_path):
     assert len(epoch["val_top1"]) == n_exits and all(
         v > 15 for v in epoch["val_top1"]
     )  # 10: chance
-    _logged_epochs(repo, history["epochs"])
+    _logged_epochs(repo, uri, history["epochs"])
     print("listening while the stage ran:", *sorted(driver.listeners), sep="\n  ")
     # torch.distributed's TCPStore (the DDP rendezvous Ray Train opens in rank 0) listens on the
     # wildcard address whatever MASTER_ADDR says; everything else must stay on loopback.
@@ -403,7 +404,7 @@ def test_training_survives_losing_a_node(stack, tmp_path):
     for record in history:
         worker = before["worker_node"] if record["epoch"] <= done else after["worker_node"]
         assert sorted(record["nodes"]) == sorted([before["head_node"], worker]), record
-    _logged_epochs(repo, history)
+    _logged_epochs(repo, uri, history)
 
 
 @needs_data

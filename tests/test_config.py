@@ -1,11 +1,14 @@
 import subprocess
 import sys
+import typing
+from typing import Any
 
 import pytest
 import yaml
 from conftest import ROOT, compose, raw_params
+from pydantic import BaseModel
 
-from pipeline.config import ConfigError, load_params
+from pipeline.config import ConfigError, Params, load_params
 
 
 def test_every_shipped_params_file_validates(params_file):
@@ -13,6 +16,56 @@ def test_every_shipped_params_file_validates(params_file):
     n = params.model.n_exits
     assert len(params.boost.temperatures(n)) == n
     assert len(params.boost.weights(n)) == n
+
+
+def _sections(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation may hold (through Optional, unions and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _sections(arg)]
+
+
+def _omitted(schema: type[BaseModel], raw: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys of the schema that `raw` leaves to a code default; a union of sections
+    (model: msdnet | ranet) is walked by the variant whose `arch` the file names."""
+    missing = []
+    for name, field in schema.model_fields.items():
+        key = f"{prefix}{name}"
+        if name not in raw:
+            missing.append(key)
+            continue
+        if not isinstance(raw[name], dict):
+            continue
+        variants = _sections(field.annotation)
+        tagged = [v for v in variants if "arch" in v.model_fields]
+        if tagged:
+            arch = raw[name].get("arch", "msdnet")
+            variants = [
+                v for v in tagged if arch in typing.get_args(v.model_fields["arch"].annotation)
+            ]
+        for variant in variants[:1]:
+            missing += _omitted(variant, raw[name], f"{key}.")
+    return missing
+
+
+def test_every_params_file_sets_every_field_of_the_schema(params_file):
+    """params.yaml is the whole configuration: `dvc params diff` and `dvc exp show` see every
+    value that can change a result, and no result depends on a default hidden in the code."""
+    assert _omitted(Params, raw_params(params_file)) == []
+
+
+def test_the_schema_walk_finds_omitted_nested_and_union_fields():
+    raw = raw_params()
+    del raw["train"]["scaling"]["sync_bn"], raw["model"]["first_head_channels"]
+    del raw["tune"]["space"]["temperature"]["per"]
+    assert _omitted(Params, raw) == [
+        "model.first_head_channels",
+        "train.scaling.sync_bn",
+        "tune.space.temperature.per",
+    ]
+    ranet = raw_params(RANET)
+    del ranet["model"]["compress_factor"]
+    assert _omitted(Params, ranet) == ["model.compress_factor"]
 
 
 def test_temperature_pair_is_spaced_linearly_from_first_to_last_exit():

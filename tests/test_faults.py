@@ -17,7 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, trained_run
+from test_fault_units import mlflow_server, read_only, stop
 from test_pipeline import _run, _sha, _shrunk_copy
 
 from pipeline.data import DEBIAN_FASHION_MNIST
@@ -103,6 +104,9 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
         assert not any(s.exists() for s in sessions), sessions
         assert "stages.train: interrupted by SIGTERM" in (tmp_path / "repro.log").read_text()
         assert _checksums(repo) == before
+        (marker,) = (repo / ".boostpipe/ray").glob("*.mlflow-run")
+        killed = marker.read_text()
+        assert _status(repo, killed) == "KILLED"
     finally:
         for process in children:
             with contextlib.suppress(psutil.Error):
@@ -141,6 +145,8 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
     assert "resuming after epoch" in second.stdout + second.stderr
     history = read_json(repo / "outputs/train/history.json")
     assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3]
+    assert trained_run(f"sqlite:///{repo / 'mlflow.db'}", repo).info.run_id == killed
+    _check_run_status(repo, "FINISHED")  # the interrupted run, resumed and evaluated
 
 
 def test_ui_fails_when_its_port_is_taken(tmp_path):
@@ -161,3 +167,158 @@ def test_ui_fails_when_its_port_is_taken(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"127.0.0.1:{port} is in use" in lines[0], result.stderr
     assert "http://" not in result.stdout  # no URL banner for a server that never ran
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """The shrunk pipeline run to the end once; each fault test below restores what it breaks."""
+    repo = _shrunk_copy(tmp_path_factory.mktemp("finished"))
+    result = _run(["dvc", "repro"], repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning:" not in result.stdout + result.stderr  # everything logged
+    _check_run_status(repo, "FINISHED")
+    return repo
+
+
+def _stage(repo: Path, name: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    """Run one stage as DVC would, in its own session; returns the result and its wall time,
+    after checking that no process of that session is left (by PID)."""
+    start = time.monotonic()
+    stage = subprocess.Popen(
+        [sys.executable, "-m", f"stages.{name}"],
+        cwd=repo,
+        env={**_env(), **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    out, err = stage.communicate(timeout=600)
+    seconds = time.monotonic() - start
+    left = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
+            if os.getsid(process.pid) == stage.pid:
+                left.append(_describe(process))
+    assert not left, f"left running after stages.{name}: {left}"
+    return subprocess.CompletedProcess(stage.args, stage.returncode, out, err), seconds
+
+
+def _one_error_line(result: subprocess.CompletedProcess) -> str:
+    """Exit 1, no traceback, exactly one `error:` line and it is the last one."""
+    text = result.stdout + result.stderr
+    assert result.returncode == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and result.stderr.strip().splitlines()[-1] == errors[0], text[-3000:]
+    return errors[0]
+
+
+@needs_data
+@pytest.mark.slow
+def test_corrupt_inputs_fail_fast_in_one_line_and_change_nothing(finished):
+    """A truncated prepared data file: train names it before any Ray retry (no three attempts
+    of a deterministic failure), calibrate names it too; a truncated model.pt is named with the
+    way to retrain. Outputs, dvc.lock and the MLflow run are left as they were."""
+    repo = finished
+    prepared, model = repo / "data/prepared.npz", repo / "outputs/train/model.pt"
+    for path, stages, hint in (
+        (prepared, ("train", "calibrate"), "run `dvc repro -s prepare -f`"),
+        (model, ("calibrate", "evaluate"), "retrain it with `dvc repro -s train -f`"),
+    ):
+        good = path.read_bytes()
+        path.write_bytes(good[: len(good) // 3])
+        before = _checksums(repo)
+        try:
+            for name in stages:
+                result, seconds = _stage(repo, name)
+                line = _one_error_line(result)
+                assert line.startswith(f"error: {path.relative_to(repo)}: unreadable"), line
+                assert hint in line, line
+                assert seconds < 60, (name, seconds)
+                assert "Retrying" not in result.stdout + result.stderr
+                assert _checksums(repo) == before
+        finally:
+            path.write_bytes(good)
+    _check_run_status(repo, "FAILED")  # evaluate's last attempt failed
+
+
+def _status(repo: Path, run_id: str) -> str:
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(run_id).info.status
+
+
+def _check_run_status(repo: Path, expected: str) -> None:
+    """The status of the run that trained the outputs in `repo` (found by history.json's run)."""
+    assert trained_run(f"sqlite:///{repo / 'mlflow.db'}", repo).info.status == expected
+
+
+@needs_data
+@pytest.mark.slow
+def test_unwritable_outputs_and_a_dead_store(finished, tmp_path):
+    """An output folder that cannot be written fails evaluate in one line before its work, and
+    nothing changes; a tracking server that is gone (a closed port) costs evaluate one warning
+    line, within 60 s, and its outputs are still written; a finished evaluate marks the run
+    FINISHED."""
+    repo = finished
+    before = _checksums(repo)
+    with read_only(repo / "outputs/evaluate"):
+        result, seconds = _stage(repo, "evaluate")
+    line = _one_error_line(result)
+    assert line.startswith("error: outputs/evaluate/: cannot write there"), line
+    assert _checksums(repo) == before
+
+    result, healthy = _stage(repo, "evaluate")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _check_run_status(repo, "FINISHED")
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    metrics = repo / "outputs/evaluate/metrics.json"
+    metrics.unlink()
+    result, seconds = _stage(repo, "evaluate", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "Connection refused" in warnings[0], warnings
+    assert "Traceback" not in result.stdout + result.stderr
+    assert metrics.exists()
+    assert seconds < healthy + 60, (seconds, healthy)
+
+
+@needs_data
+@pytest.mark.slow
+def test_a_tracking_server_that_stops_mid_run_costs_each_stage_one_line(tmp_path):
+    """`dvc repro` against a real `mlflow server` on loopback that stops (by PID) once training
+    has opened its run: every stage still writes its outputs and exits 0, and each stage that
+    logs prints one warning line and no traceback."""
+    repo = _shrunk_copy(tmp_path / "repo")
+    log_path = tmp_path / "repro.log"
+    (tmp_path / "store").mkdir()
+    with mlflow_server(tmp_path / "store") as (uri, server), log_path.open("w") as log:
+        dvc = subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=repo,
+            env={**_env(), "MLFLOW_TRACKING_URI": uri},
+            start_new_session=True,
+            stdout=log,
+            stderr=log,
+        )
+        try:
+            deadline = time.monotonic() + 600
+            while not list((repo / ".boostpipe/ray").glob("*.mlflow-run")):
+                assert dvc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.2)
+            stop(server)
+            assert dvc.wait(timeout=900) == 0, log_path.read_text()[-5000:]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(dvc.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    warnings = [line for line in output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3, warnings  # train, calibrate, evaluate: one each
+    assert all("could not log" in line and "Connection refused" in line for line in warnings)
+    assert "Traceback" not in output
+    for name in ("train/model.pt", "calibrate/thresholds.json", "evaluate/metrics.json"):
+        assert (repo / "outputs" / name).exists(), name

@@ -76,7 +76,12 @@ def test_without_skip_bad_a_corrupt_jpeg_stops_training_naming_it(folder_project
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert f"error: data.root: cannot decode {CORRUPT}" in output
-    assert (folder_project / "outputs/train/model.pt").read_bytes() == model  # nothing replaced
+    assert not (folder_project / "outputs/train/model.pt").exists()  # DVC removed it first
+    _set(folder_project, data={"skip_bad": True})
+    restored = _run(["dvc", "repro"], folder_project)  # the last good results, from the run-cache
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert "Stage 'train' is cached - skipping run" in restored.stdout
+    assert (folder_project / "outputs/train/model.pt").read_bytes() == model
 
 
 def _empty_class(root: Path) -> None:

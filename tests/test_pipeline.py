@@ -1,7 +1,8 @@
 """The real pipeline end to end: real DVC, real Ray, real Fashion-MNIST, shrunk params.
 
 Runs `dvc repro` in a temporary copy of the repository, checks every output's content, that a
-second `dvc repro` re-runs nothing, and that bad params fail on the key without touching results.
+second `dvc repro` re-runs nothing, that params changed and changed back (or bad params fixed)
+restore every stage from DVC's run-cache, and what `dvc metrics show` and `dvc plots` read.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, trained_run
 
 from pipeline.boosting import BoostNet
 from pipeline.config import load_params
 from pipeline.data import DEBIAN_FASHION_MNIST, load_split
 from pipeline.io import read_json
+from pipeline.reports import budget_key
 
 pytestmark = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
@@ -199,6 +201,8 @@ def test_evaluate_reports_anytime_budgets_and_real_early_exit(project):
     assert len(top1) == n_exits and all(15 < v <= 100 for v in top1)  # chance is 10%
     assert all(a <= b for a, b in zip(top1, metrics["anytime"]["top5"].values(), strict=True))
     assert metrics["final_top1"] == top1[-1]
+    budgets = load_params(project / "params.yaml").calibrate.budgets
+    assert list(metrics["budgets"]) == [budget_key(b) for b in budgets]
     for row in metrics["budgets"].values():
         assert row["expected_mflops"] <= row["target_mflops"] * 1.2
         assert row["speedup_predicted"] >= 1 and row["speedup_measured"] > 0
@@ -211,16 +215,16 @@ def test_evaluate_reports_anytime_budgets_and_real_early_exit(project):
         assert (project / "outputs/evaluate" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _check_logged_run(project: Path):
+def _check_logged_run(project: Path, uri: str):
     """Everything the pipeline promises to log, compared with the stage outputs; returns the run."""
     from mlflow import MlflowClient
 
-    from pipeline.tracking import flatten
+    from pipeline.tracking import RUN_TAG, flatten
 
-    record = read_json(project / "outputs/train/mlflow_run.json")
-    client = MlflowClient(record["tracking_uri"])
-    run = client.get_run(record["run_id"])
+    client = MlflowClient(uri)
+    run = trained_run(uri, project)
     assert run.info.status == "FINISHED"
+    assert run.data.tags[RUN_TAG] == read_json(project / "outputs/train/history.json")["run"]
     assert run.info.run_name == "boostnet-fashion-mnist-seed0"
 
     params = load_params(project / "params.yaml")
@@ -278,17 +282,13 @@ def _check_logged_run(project: Path):
 
 
 def test_mlflow_run_holds_params_tags_metrics_and_artifacts(project):
-    run = _check_logged_run(project)
-    assert read_json(project / "outputs/train/mlflow_run.json")["tracking_uri"] == (
-        f"sqlite:///{project / 'mlflow.db'}"
-    )
+    run = _check_logged_run(project, f"sqlite:///{project / 'mlflow.db'}")
     assert run.info.artifact_uri.startswith((project / "mlruns").as_uri())
 
 
 def test_a_real_mlflow_server_receives_the_same_run(server_project):
     repo, uri = server_project
-    assert read_json(repo / "outputs/train/mlflow_run.json")["tracking_uri"] == uri
-    run = _check_logged_run(repo)
+    run = _check_logged_run(repo, uri)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()
 
@@ -338,9 +338,21 @@ def test_the_tune_stage_runs_only_when_asked_and_writes_the_best_values(project)
     assert summary["best_val_budget_auc"] >= summary["default_val_budget_auc"]
 
 
-def test_bad_params_fail_on_the_key_and_keep_every_result(project):
-    outputs = sorted(p for p in (project / "outputs").rglob("*") if p.is_file())
-    before = {p: _sha(p) for p in outputs}
+def _outputs(project: Path) -> dict[Path, str]:
+    return {p: _sha(p) for p in sorted((project / "outputs").rglob("*")) if p.is_file()}
+
+
+def _cached(result: subprocess.CompletedProcess, *stages: str) -> bool:
+    """DVC restored these stages from its run-cache and ran no stage."""
+    output = result.stdout + result.stderr
+    restored = all(
+        f"Stage '{s}' is cached - skipping run, checking out outputs" in output for s in stages
+    )
+    return restored and "Running stage" not in output
+
+
+def test_bad_params_fail_on_the_key_and_dvc_repro_restores_the_last_results(project):
+    before = _outputs(project)
     params_path = project / "params.yaml"
     good = params_path.read_text()
     params = yaml.safe_load(good)
@@ -353,7 +365,114 @@ def test_bad_params_fail_on_the_key_and_keep_every_result(project):
     assert result.returncode != 0
     assert "boost.temperature[0]" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
-    assert {p: _sha(p) for p in outputs} == before
+    # DVC removed the failed stage's outputs before running it; the later stages never ran.
+    assert not (project / "outputs/train/model.pt").exists()
+    train = project / "outputs/train"
+    later = {p: h for p, h in _outputs(project).items() if p.parent != train}
+    assert later == {p: h for p, h in before.items() if p.parent != train}
+    restored = _run(["dvc", "repro"], project)
+    assert restored.returncode == 0 and _cached(restored, "train"), restored.stdout
+    assert _outputs(project) == before
+
+
+@pytest.mark.slow
+def test_params_changed_and_back_restore_every_stage_from_the_run_cache(project):
+    """Going back to params that ran before trains nothing: DVC's run-cache restores train,
+    calibrate and evaluate, and no MLflow run or Ray checkpoint folder is made."""
+    from mlflow import MlflowClient
+
+    before = _outputs(project)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("boostpipe").experiment_id
+    params_path = project / "params.yaml"
+    good = params_path.read_text()
+    params = yaml.safe_load(good)
+    params["train"]["lr"] = 0.05
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        changed = _run(["dvc", "repro"], project)
+        assert changed.returncode == 0, changed.stdout + changed.stderr
+        assert "Running stage 'train'" in changed.stdout
+    finally:
+        params_path.write_text(good)
+    runs = len(client.search_runs([experiment], max_results=1000))
+    began = time.monotonic()
+    back = _run(["dvc", "repro"], project)
+    seconds = time.monotonic() - began
+    assert back.returncode == 0, back.stdout + back.stderr
+    assert _cached(back, "train", "calibrate", "evaluate"), back.stdout
+    assert "epoch" not in back.stdout.lower()
+    assert _outputs(project) == before  # metrics, plots and weights of the first run
+    assert len(client.search_runs([experiment], max_results=1000)) == runs
+    assert not any((project / ".boostpipe/ray").glob("train-*"))
+    print(f"restored from the run-cache in {seconds:.1f} s")
+
+
+def test_dvc_shows_clean_metric_names_and_the_curves_as_plots(project):
+    from pipeline.tracking import flatten
+
+    params = load_params(project / "params.yaml")
+    shown = _run(["dvc", "metrics", "show", "--json"], project)
+    assert shown.returncode == 0, shown.stderr
+    (workspace,) = json.loads(shown.stdout).values()  # DVC 3.67 keys the workspace ""
+    files = workspace["data"]
+    evaluate = flatten(files["outputs/evaluate/metrics.json"]["data"])
+    train = files["outputs/train/history.json"]["data"]
+    exits = range(1, params.model.n_exits + 1)
+    expected = [f"anytime.{kind}.exit_{k}" for kind in ("top1", "top5") for k in exits]
+    expected += [f"budgets.{budget_key(b)}.top1" for b in params.calibrate.budgets]
+    assert set(expected) <= set(evaluate), sorted(evaluate)
+    assert all(len(name.split(".")) <= 3 for name in evaluate)  # no dots inside a key
+    assert evaluate["device"] == "cpu"
+    assert train["best_epoch"] == 1 and train["train_seconds"] > 0
+
+    plotted = _run(["dvc", "plots", "show", "--json"], project)
+    assert plotted.returncode == 0, plotted.stderr
+    plots = json.loads(plotted.stdout)
+    assert not plots.get("errors"), plots["errors"]
+    curves = "outputs/train/curves.json"  # its stage plot: held-out top-1 per exit
+    values = {
+        name: plots["data"][name][0]["content"]["data"]["values"]
+        for name in ("accuracy_vs_flops", curves, "train_loss_per_exit")
+    }
+    series = {row["filename::field"] for row in values["accuracy_vs_flops"]}  # one dash each
+    assert series == {
+        "anytime.json::top1",
+        "budget_curve.json::top1",
+        "budget_curve.json::top1_flat",
+    }
+    for name in (curves, "train_loss_per_exit"):
+        assert {(row["epoch"], row["exit"]) for row in values[name]} == {(1, k) for k in exits}
+
+
+def test_dvc_plots_diff_draws_boostnet_and_the_baseline_on_one_chart(project, baseline_run):
+    result = _run(["dvc", "plots", "diff", "baseline", "--json"], project)
+    assert result.returncode == 0, result.stderr
+    plots = json.loads(result.stdout)["data"]
+    for name in ("accuracy_vs_flops", "outputs/train/curves.json"):
+        (chart,) = plots[name]
+        assert set(chart["revisions"]) == {"baseline", "workspace"}
+        assert {row["rev"] for row in chart["content"]["data"]["values"]} == {
+            "baseline",
+            "workspace",
+        }
+
+
+def test_a_store_without_the_run_is_one_warning_and_the_outputs_stay(project, tmp_path):
+    """Outputs restored on another machine (or against another store) find no MLflow run: the
+    stage says so in one line and still writes its outputs; compare names the problem."""
+    before = _outputs(project)
+    other = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'other.db'}"}
+    result = _run([sys.executable, "-m", "stages.calibrate"], project, **other)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (warning,) = [line for line in result.stdout.splitlines() if line.startswith("warning")]
+    history = read_json(project / "outputs/train/history.json")
+    assert f"has no run that trained {history['run']}" in warning
+    assert "Traceback" not in result.stdout + result.stderr
+    assert _outputs(project) == before
+    compare = _run(["boostpipe", "compare", "workspace"], project, **other)
+    assert compare.returncode != 0 and "Traceback" not in compare.stderr
+    assert "this MLflow store has no run" in compare.stderr
 
 
 def test_rerunning_prepare_on_the_same_data_keeps_later_stages_valid(project):
@@ -392,7 +511,7 @@ def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(project):
         for _ in range(3):  # Ray processes the run started and that outlived the kill
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(first.pid, signal.SIGKILL)
-        assert not (project / "outputs/train/history.json").read_text().count('"epoch": 3')
+        assert not (project / "outputs/train/history.json").exists()  # DVC removed it first
 
         second = _run(["dvc", "repro"], project)
         assert second.returncode == 0, second.stdout + second.stderr
@@ -414,7 +533,7 @@ def test_mlflow_ui_compares_the_runs_per_exit_in_a_real_browser(project, baselin
     from playwright.sync_api import sync_playwright
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    workspace_run = read_json(project / "outputs/train/mlflow_run.json")["run_id"]
+    workspace_run = trained_run(f"sqlite:///{project / 'mlflow.db'}", project).info.run_id
     experiment = client.get_run(baseline_run).info.experiment_id
     runs = json.dumps([workspace_run, baseline_run])
     port = _free_port()

@@ -268,6 +268,9 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
         if stop == signal.SIGINT:
             os.kill(driver.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
             assert driver.wait(timeout=120) == 130
+            runs = client.search_runs([experiment_obj.experiment_id])
+            (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+            assert parent.info.status == "KILLED"  # interrupted; --resume reopens it
         else:
             os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
             driver.wait()

@@ -1,0 +1,34 @@
+"""Which torch device a stage or a Tune trial computes on, and how runs name it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from pipeline.config import ConfigError
+
+
+def trial_device(gpu_ids: Sequence[object]) -> torch.device:
+    """The device of an in-process Tune trial, given `ray.get_gpu_ids()`: Ray sets the trial's
+    CUDA_VISIBLE_DEVICES to the GPU it reserved (a fraction of one included), so that GPU is
+    cuda:0 there; without a reservation the trial stays on the CPU."""
+    return torch.device("cuda", 0) if gpu_ids else torch.device("cpu")
+
+
+def stage_device(choice: Literal["auto", "cpu", "cuda"]) -> torch.device:
+    """`evaluate.device` for calibrate and evaluate: auto takes CUDA when torch sees it."""
+    available = torch.cuda.is_available()
+    if choice == "cuda" and not available:
+        raise ConfigError("evaluate.device: is cuda, but torch sees no CUDA device on this machine")
+    if choice == "cpu" or not available:
+        return torch.device("cpu")
+    return torch.device("cuda")
+
+
+def describe(device: torch.device) -> str:
+    """What runs record as their device: cpu, or cuda and the GPU's name."""
+    if device.type != "cuda":
+        return device.type
+    return f"cuda ({torch.cuda.get_device_name(device)})"

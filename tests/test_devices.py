@@ -1,0 +1,68 @@
+"""Where computation runs: Tune trials on the GPU their `gpus_per_trial` reserved (checked on a
+real local Ray cluster with one logical GPU, so no CUDA is needed), and `evaluate.device`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, compose
+
+from pipeline.config import ConfigError
+from pipeline.devices import stage_device, trial_device
+from pipeline.tuning import SearchSetup, make_tuner
+
+
+def _device_probe(sampled, base, prepared) -> None:
+    """A trainable that reports the device a real trial would train on, and the GPU Ray set."""
+    import ray
+    import ray.tune
+
+    device = trial_device(ray.get_gpu_ids())
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    ray.tune.report({"val_budget_auc": 0.0, "device": str(device), "visible": visible})
+
+
+@pytest.fixture(scope="module")
+def one_gpu_cluster():
+    """A local Ray cluster that advertises one GPU; its workers import the probe above."""
+    import ray
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("RAY_ADDRESS", raising=False)
+        patch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+@pytest.mark.parametrize(("gpus", "expected"), [(1, "cuda:0"), (0.5, "cuda:0"), (0, "cpu")])
+def test_a_trial_trains_on_the_gpu_its_gpus_per_trial_reserved(
+    one_gpu_cluster, tmp_path: Path, gpus: float, expected: str
+):
+    params = compose(**{"tune.trials": 1, "tune.scheduler": "fifo", "tune.gpus_per_trial": gpus})
+    setup = SearchSetup(params, tmp_path / "prepared.npz", tmp_path, f"probe-{gpus}", [])
+    (result,) = make_tuner(setup, resume=False, trainable=_device_probe).fit()
+    assert result.error is None, result.error
+    assert result.metrics["device"] == expected
+    assert (result.metrics["visible"] == "0") == (gpus > 0)  # Ray handed the trial GPU 0
+
+
+def test_evaluate_device_cpu_and_auto():
+    assert stage_device("cpu") == torch.device("cpu")
+    assert stage_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_evaluate_device_cuda_without_cuda_fails_on_the_key():
+    with pytest.raises(ConfigError, match=r"^evaluate\.device: is cuda, but torch sees no CUDA"):
+        stage_device("cuda")
+
+
+def test_evaluate_device_is_validated():
+    with pytest.raises(ConfigError, match=r"evaluate\.device:"):
+        compose(**{"evaluate.device": "tpu"})
