@@ -487,3 +487,123 @@ def tune(params_path: Path, address: str | None, resume: bool, apply: bool, **op
     if apply:
         write_overrides(params_path, best.overrides)
         console.print(f"wrote the best values into {params_path}")
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--budget", type=float, help="Average FLOPs per image (calibrated thresholds).")
+@click.option(
+    "--thresholds",
+    "thresholds_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON: one threshold per exit (a list, or an object with a `thresholds` list).",
+)
+@PARAMS_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--csv", "as_csv", is_flag=True, help="Print CSV rows.")
+@click.option("--batch-size", type=int, help="Images per batch (default: evaluate.batch_size).")
+@click.option("--workers", type=int, help="Decoding processes (default: CPUs - 1).")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA if any), cpu, cuda.")
+@exits_on_config_error
+def predict(
+    images: tuple[Path, ...],
+    budget: float | None,
+    thresholds_path: Path | None,
+    params_path: Path,
+    as_json: bool,
+    as_csv: bool,
+    batch_size: int | None,
+    workers: int | None,
+    device: str,
+) -> None:
+    """Early-exit inference on image files and folders (recursively) with the workspace's model.
+
+    Each image leaves at the first exit confident enough for the thresholds calibrated for
+    --budget FLOPs (default: the middle of calibrate.budgets), or those in --thresholds. Exit
+    code 0: all predicted; 3: some files were unreadable (named on stderr) and skipped; 1: a
+    pipeline output is missing; 2: a bad option or params file.
+    """
+    import os
+
+    import torch
+    from rich.progress import Progress
+
+    from pipeline import predict as inference
+    from pipeline.inputs import default_loader_workers
+
+    if budget is not None and thresholds_path is not None:
+        raise ConfigError("--budget and --thresholds: give one, not both")
+    if as_json and as_csv:
+        raise ConfigError("--json and --csv: give one, not both")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    try:
+        space = inference.load_workspace(params_path, torch.device("cuda" if use_cuda else "cpu"))
+    except inference.MissingOutput as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    n_exits = space.net.n_exits
+    if thresholds_path is not None:
+        thresholds = inference.read_thresholds(thresholds_path, n_exits)
+    else:
+        thresholds = inference.thresholds_for(space.calibration, budget, space.exit_flops)
+    files = inference.find_images(images)
+    if not files:
+        click.echo("error: no image files in " + " ".join(map(str, images)), err=True)
+        sys.exit(1)
+    batch = batch_size or space.params.evaluate.batch_size
+    if workers is None:
+        workers = 0 if len(files) <= batch else default_loader_workers(os.cpu_count() or 1, None)
+    with Progress(console=Console(stderr=True), transient=True, disable=len(files) <= batch) as bar:
+        task = bar.add_task("predicting", total=len(files))
+        outcome = inference.predict(
+            space.net,
+            space.params,
+            files,
+            thresholds,
+            space.exit_flops,
+            names=space.names,
+            batch_size=batch,
+            workers=workers,
+            device=torch.device("cuda" if use_cuda else "cpu"),
+            progress=lambda done: bar.advance(task, done),
+        )
+    _print_predictions(outcome, as_json, as_csv)
+    for bad in outcome.unreadable:
+        click.echo(f"unreadable, skipped: {bad}", err=True)
+    click.echo(
+        f"{len(outcome.predictions)} images in {outcome.seconds:.2f} s "
+        f"({outcome.images_per_second:.0f} images/s)"
+        + (f"; {len(outcome.unreadable)} unreadable file(s) skipped" if outcome.unreadable else ""),
+        err=True,
+    )
+    if outcome.unreadable:
+        sys.exit(inference.UNREADABLE_EXIT_CODE)
+
+
+def _print_predictions(outcome: Any, as_json: bool, as_csv: bool) -> None:
+    """JSON or CSV on stdout for machines, a rich table for people."""
+    rows = [vars(p) for p in outcome.predictions]
+    if as_json:
+        payload = {
+            "predictions": rows,
+            "unreadable": outcome.unreadable,
+            "seconds": outcome.seconds,
+            "images_per_second": outcome.images_per_second,
+        }
+        click.echo(json.dumps(payload))
+        return
+    if as_csv:
+        import csv
+
+        columns = ["file", "label", "name", "confidence", "exit", "flops"]
+        writer = csv.DictWriter(sys.stdout, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+        return
+    table = Table()
+    for column in ("file", "class", "confidence", "exit", "MFLOPs"):
+        table.add_column(column, justify="left" if column in ("file", "class") else "right")
+    for p in outcome.predictions:
+        label = p.name if p.name is not None else str(p.label)
+        table.add_row(p.file, label, f"{p.confidence:.3f}", str(p.exit), f"{p.flops / 1e6:.2f}")
+    Console().print(table)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from pipeline.augment import normalise
 from pipeline.boosting import BoostNet
@@ -55,8 +57,15 @@ class Source:
             if skipped is not None:
                 skipped[0] += count
             if len(targets):
-                x = normalise(images.to(device, non_blocking=True), spec.mean, spec.std)
-                yield x.contiguous(memory_format=CHANNELS_LAST), targets
+                yield network_input(images, spec.mean, spec.std, device), targets
+
+
+def network_input(
+    images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> torch.Tensor:
+    """uint8 images as the network reads them: normalised, channels-last, on `device`."""
+    x = normalise(images.to(device, non_blocking=True), mean, std)
+    return x.contiguous(memory_format=CHANNELS_LAST)
 
 
 @torch.no_grad()
@@ -72,6 +81,44 @@ def collect_scores(net: BoostNet, source: Source, device: torch.device) -> tuple
 
 
 @dataclass(frozen=True)
+class Exited:
+    """Where the samples of one batch left: class, confidence (max softmax) and 0-based exit."""
+
+    predictions: torch.Tensor  # [b] int64
+    confidence: torch.Tensor  # [b] float32
+    exits: torch.Tensor  # [b] int64
+
+
+@torch.no_grad()
+def exit_batch(net: BoostNet, x: torch.Tensor, thresholds: list[float]) -> Exited:
+    """Budgeted inference for real on one batch: a sample leaves at the first exit whose max
+    softmax probability reaches that exit's threshold, and later blocks never see it. The last
+    exit takes whatever is left, whatever its threshold."""
+    n, last = len(x), net.n_exits - 1
+    predictions = torch.empty(n, dtype=torch.int64)
+    confidence = torch.empty(n)
+    exits = torch.empty(n, dtype=torch.int64)
+    remaining = torch.arange(n)
+    runner = net.start(x)
+    for index in range(net.n_exits):
+        exit_confidence, predicted = runner.step().softmax(dim=1).max(dim=1)
+        leaving = exit_confidence >= thresholds[index]
+        if index == last or leaving.all():
+            predictions[remaining] = predicted.cpu()
+            confidence[remaining] = exit_confidence.cpu()
+            exits[remaining] = index
+            break
+        if leaving.any():
+            gone = leaving.cpu()
+            predictions[remaining[gone]] = predicted[leaving].cpu()
+            confidence[remaining[gone]] = exit_confidence[leaving].cpu()
+            exits[remaining[gone]] = index
+            remaining = remaining[~gone]
+            runner.keep(~leaving)
+    return Exited(predictions, confidence, exits)
+
+
+@dataclass(frozen=True)
 class EarlyExitRun:
     predictions: torch.Tensor  # [n] predicted class
     exits: torch.Tensor  # [n] 0-based exit each sample left at
@@ -79,37 +126,17 @@ class EarlyExitRun:
     seconds: float
 
 
-@torch.no_grad()
 def early_exit(
     net: BoostNet, source: Source, thresholds: list[float], device: torch.device
 ) -> EarlyExitRun:
-    """Budgeted inference for real: a sample leaves at the first exit whose max softmax
-    probability reaches that exit's threshold, and later blocks never see it. `thresholds`
-    ends with -inf, so the last exit takes whatever is left."""
+    """`exit_batch` over a whole split, timed."""
     net.eval()
     predictions, exits, all_targets = [], [], []
     start_time = time.perf_counter()
     for x, targets in source.batches(device):
-        batch_predictions = torch.empty(len(x), dtype=torch.int64)
-        batch_exits = torch.empty(len(x), dtype=torch.int64)
-        remaining = torch.arange(len(x))
-        runner = net.start(x)
-        for index in range(net.n_exits):
-            logits = runner.step()
-            confidence, predicted = logits.softmax(dim=1).max(dim=1)
-            leaving = confidence >= thresholds[index]  # the last threshold is -inf
-            if leaving.all():
-                batch_predictions[remaining] = predicted.cpu()
-                batch_exits[remaining] = index
-                break
-            if leaving.any():
-                gone = leaving.cpu()
-                batch_predictions[remaining[gone]] = predicted[leaving].cpu()
-                batch_exits[remaining[gone]] = index
-                remaining = remaining[~gone]
-                runner.keep(~leaving)
-        predictions.append(batch_predictions)
-        exits.append(batch_exits)
+        exited = exit_batch(net, x, thresholds)
+        predictions.append(exited.predictions)
+        exits.append(exited.exits)
         all_targets.append(targets)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -142,11 +169,26 @@ def eval_source(params: Params, split: AnySplit, batch_size: int, augment: bool 
 
 
 def load_model(params: Params, path: Path, device: torch.device) -> BoostNet:
-    """The train stage's selected weights in a fresh BoostNet (tensors only, never pickles)."""
+    """The train stage's selected weights in a fresh BoostNet (tensors only, never pickles),
+    batch-norm folded into the convolutions for inference."""
     net = BoostNet.from_params(params)
     state = load_checkpoint(path, "retrain it with `dvc repro -s train -f`")
     net.load_state_dict(state["model"])
-    return net.to(device, memory_format=CHANNELS_LAST).eval()
+    return fold_batch_norm(net.eval()).to(device, memory_format=CHANNELS_LAST)
+
+
+def fold_batch_norm(net: nn.Module) -> nn.Module:
+    """Every conv followed by a batch-norm becomes one conv with the norm's scale and shift in
+    its weights (eval mode only). Same outputs to float rounding and the same counted FLOPs
+    (batch-norm counts nothing), but a memory pass less per layer: 16-32 % of inference time on
+    the default model, most of it in the full-resolution first block."""
+    for module in net.modules():
+        if isinstance(module, nn.Sequential):
+            for i in range(len(module) - 1):
+                conv, norm = module[i], module[i + 1]
+                if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                    module[i], module[i + 1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
+    return net
 
 
 def exit_costs(net: BoostNet, params: Params) -> list[int]:

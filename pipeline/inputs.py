@@ -33,32 +33,37 @@ class BadImage(DatasetError):
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images, targets, unreadable files
 
 
-def decode(path: Path) -> torch.Tensor:
-    """uint8 [3, H, W] RGB. torchvision first (faster than Pillow for JPEG), Pillow for the rest."""
+def decode(path: Path, grey: bool = False) -> torch.Tensor:
+    """uint8 [3, H, W] RGB ([1, H, W] when `grey`). torchvision first (faster than Pillow for
+    JPEG), Pillow for the rest."""
     data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
     try:
-        return decode_image(data, mode=ImageReadMode.RGB)
+        return decode_image(data, mode=ImageReadMode.GRAY if grey else ImageReadMode.RGB)
     except RuntimeError:
         from PIL import Image
         from torchvision.transforms.functional import pil_to_tensor
 
         with Image.open(path) as image:
-            return pil_to_tensor(image.convert("RGB"))
+            return pil_to_tensor(image.convert("L" if grey else "RGB"))
 
 
 def transform(data: DataConfig, train: bool) -> v2.Transform:
-    """RandomResizedCrop + flip for training, resize + centre crop for evaluation."""
+    """RandomResizedCrop + flip for training, resize + centre crop for evaluation. The built-in
+    datasets' own images are already image_size square, so files given for them (`boostpipe
+    predict`) are resized to image_size, not to the folder datasets' larger evaluation side."""
     size = data.spec.image_size
     if train:
         return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
-    return v2.Compose([v2.Resize(data.eval_resize, antialias=True), v2.CenterCrop(size)])
+    resize = data.eval_resize if data.is_folder else size
+    return v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
 
 
 class ImageFiles(Dataset):
     """A FileSplit's images, decoded and cropped one by one in loader processes."""
 
-    def __init__(self, split: FileSplit, root: Path, crop: v2.Transform) -> None:
+    def __init__(self, split: FileSplit, root: Path, crop: v2.Transform, grey: bool) -> None:
         self.files, self.targets, self.root, self.crop = split.files, split.targets, root, crop
+        self.grey = grey
 
     def __len__(self) -> int:
         return len(self.files)
@@ -66,7 +71,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor | None, int, str | None]:
         name = str(self.files[index])
         try:
-            image = self.crop(decode(self.root / name))
+            image = self.crop(decode(self.root / name, self.grey))
         except Exception as exc:  # any decoder's failure: the consumer decides (stop or skip)
             reason = " ".join(str(exc).split())[:120] or exc.__class__.__name__
             return None, int(self.targets[index]), f"{name} ({reason})"
@@ -98,7 +103,7 @@ def file_loader(
 ) -> DataLoader:
     """A DataLoader over a FileSplit yielding `Batch`es (random crops when `train`)."""
     return DataLoader(
-        ImageFiles(split, root, transform(data, train)),
+        ImageFiles(split, root, transform(data, train), grey=data.spec.channels == 1),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,

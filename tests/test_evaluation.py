@@ -1,5 +1,7 @@
 """Real early exit on a real (untrained, seeded) BoostNet agrees with the simulated assignment."""
 
+import copy
+
 import torch
 from conftest import compose
 
@@ -13,7 +15,7 @@ from pipeline.calibration import (
     topk_hits,
 )
 from pipeline.data import Split
-from pipeline.evaluation import Source, collect_scores, early_exit
+from pipeline.evaluation import Source, collect_scores, early_exit, exit_costs, fold_batch_norm
 
 DEVICE = torch.device("cpu")
 
@@ -54,3 +56,20 @@ def test_topk_accuracy_counts_hits_per_exit():
     assert accuracy(topk_hits(logits, targets, 2)) == [100.0, 50.0]
     scores = ExitScores.from_logits(logits, targets)
     assert scores.top1() == [50.0, 50.0] and scores.top5_accuracy() == [100.0, 100.0]
+
+
+def test_folding_batch_norm_keeps_outputs_and_counted_flops():
+    params, net, split = _problem()
+    for module in net.modules():  # trained-looking statistics, so folding has work to do
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    x = split.images[:16].float() / 255
+    with torch.no_grad():
+        before = torch.stack(net(x))
+        flops = exit_costs(net, params)
+        folded = fold_batch_norm(copy.deepcopy(net))
+        after = torch.stack(folded(x))
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
+    assert exit_costs(folded, params) == flops

@@ -1,0 +1,132 @@
+"""`boostpipe predict` on real PNG/JPEG files of the Fashion-MNIST test split, with a BoostNet
+trained for a few steps in-process and saved as the train stage saves it."""
+
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import ROOT, compose
+from torchvision.datasets import FashionMNIST
+from torchvision.io import write_jpeg, write_png
+
+from pipeline.boosting import BoostNet
+from pipeline.calibration import sweep, thresholds_for_budget
+from pipeline.cli import main
+from pipeline.data import DEBIAN_FASHION_MNIST, Split, load_dataset
+from pipeline.evaluation import Source, collect_scores, early_exit, exit_costs, load_model
+from pipeline.io import write_json
+from pipeline.predict import UNREADABLE_EXIT_CODE
+
+pytestmark = pytest.mark.skipif(
+    not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
+)
+CPU = torch.device("cpu")
+N_IMAGES = 96
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Split, list[float]]:
+    """A project folder with params, dataset facts, a model and calibrated thresholds, and
+    N_IMAGES test images written as PNG under images/ (a JPEG and a broken file beside them)."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(ROOT / "params.yaml", root / "params.yaml")
+    params = compose()
+    train, test, _ = load_dataset(params.data, root / "downloads")
+    torch.manual_seed(0)
+    net = BoostNet.from_params(params)
+    optimiser = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    for step in range(20):  # a few steps: confidences spread, so the exits split the images
+        batch = slice(64 * step, 64 * (step + 1))
+        x = (train.images[batch].float() / 255 - 0.286) / 0.353
+        loss = net.total_loss(net.exit_losses(net(x), train.targets[batch]))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    (root / "outputs/train").mkdir(parents=True)
+    torch.save({"model": net.state_dict()}, root / "outputs/train/model.pt")
+    write_json(root / "data/dataset.json", {"dataset": "fashion-mnist", "test": len(test)})
+
+    images = Split(test.images[:N_IMAGES], test.targets[:N_IMAGES])
+    model = load_model(params, root / "outputs/train/model.pt", CPU)
+    flops = exit_costs(model, params)
+    scores, _ = collect_scores(model, Source(images, params.data, 32), CPU)
+    budget = (flops[0] + flops[-1]) / 2
+    p, point = thresholds_for_budget(scores, flops, budget)
+    grid = [{"p": q, **vars(row)} for q, row in sweep(scores, flops)]
+    calibration = {"budget": budget, "p": p, **vars(point)}
+    write_json(
+        root / "outputs/calibrate/thresholds.json",
+        {"exit_flops": flops, "calibrated": True, "grid": grid, "budgets": [calibration]},
+    )
+    folder = root / "images" / "shirts"
+    folder.mkdir(parents=True)
+    for i in range(N_IMAGES):
+        write_png(images.images[i], str(folder / f"{i:05d}.png"))
+    write_jpeg(images.images[0].expand(3, -1, -1).contiguous(), str(root / "images/rgb.jpg"))
+    (root / "images/broken.png").write_bytes(b"\x89PNG not really")
+    return root, images, point.thresholds
+
+
+def _predict(root: Path, monkeypatch: pytest.MonkeyPatch, *args: str):
+    monkeypatch.chdir(root)
+    return CliRunner().invoke(main, ["predict", *args], catch_exceptions=False)
+
+
+def test_predictions_equal_in_process_early_exit(workspace, monkeypatch):
+    root, images, thresholds = workspace
+    result = _predict(root, monkeypatch, "images/shirts", "--json", "--batch-size", "32")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    rows = payload["predictions"]
+    assert [Path(r["file"]).name for r in rows] == [f"{i:05d}.png" for i in range(N_IMAGES)]
+
+    params = compose()
+    model = load_model(params, root / "outputs/train/model.pt", CPU)
+    run = early_exit(model, Source(images, params.data, 32), thresholds, CPU)
+    assert [r["label"] for r in rows] == run.predictions.tolist()
+    assert [r["exit"] - 1 for r in rows] == run.exits.tolist()
+    assert len(set(run.exits.tolist())) > 1  # the thresholds really spread the images
+    flops = exit_costs(model, params)
+    assert all(r["flops"] == flops[r["exit"] - 1] and 0 < r["confidence"] <= 1 for r in rows)
+    assert all(r["name"] == FashionMNIST.classes[r["label"]] for r in rows)
+    assert payload["images_per_second"] > 0 and payload["unreadable"] == []
+
+
+def test_unreadable_file_is_named_skipped_and_exit_code_says_so(workspace, monkeypatch):
+    root, _, _ = workspace
+    result = _predict(root, monkeypatch, "images", "--csv")
+    assert result.exit_code == UNREADABLE_EXIT_CODE
+    assert "unreadable, skipped: images/broken.png" in result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert len(rows) == N_IMAGES + 1  # every PNG and the (RGB, decoded grey) JPEG
+    assert {"images/rgb.jpg", "images/shirts/00000.png"} <= {r["file"] for r in rows}
+    assert "images/s" in result.stderr.splitlines()[-1]
+
+
+def test_budget_below_the_first_exit_is_one_line(workspace, monkeypatch):
+    root, _, _ = workspace
+    result = _predict(root, monkeypatch, "images/shirts/00000.png", "--budget", "1e5")
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "--budget" in result.stderr and "first exit" in result.stderr
+
+
+def test_thresholds_file_and_budget_choose_the_exits(workspace, monkeypatch):
+    root, _, _ = workspace
+    (root / "first.json").write_text(json.dumps([0.0] * 5))  # everyone leaves at exit 1
+    result = _predict(root, monkeypatch, "images/shirts", "--thresholds", "first.json", "--json")
+    assert {r["exit"] for r in json.loads(result.stdout)["predictions"]} == {1}
+    result = _predict(root, monkeypatch, "images/shirts", "--budget", "1e12", "--json")
+    assert {r["exit"] for r in json.loads(result.stdout)["predictions"]} == {5}
+
+
+def test_missing_model_says_to_run_dvc_repro(tmp_path, monkeypatch):
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    result = _predict(tmp_path, monkeypatch, "x.png")
+    assert result.exit_code == 1
+    assert "outputs/train/model.pt" in result.stderr and "dvc repro" in result.stderr
