@@ -157,8 +157,13 @@ def _git(*args: str) -> str:
 
 
 def run_tags(fingerprint: str, device: str) -> dict[str, str]:
+    """MLflow's own source tags (its UI shows them) and ours: uncommitted changes, the data."""
+    from mlflow.utils.mlflow_tags import MLFLOW_GIT_BRANCH, MLFLOW_GIT_COMMIT, MLFLOW_SOURCE_TYPE
+
     tags = {
-        "git.commit": _git("rev-parse", "HEAD"),
+        MLFLOW_GIT_COMMIT: _git("rev-parse", "HEAD"),
+        MLFLOW_GIT_BRANCH: _git("rev-parse", "--abbrev-ref", "HEAD"),
+        MLFLOW_SOURCE_TYPE: "LOCAL",
         "git.dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
         "data.fingerprint": fingerprint,
         "host": socket.gethostname(),
@@ -175,6 +180,13 @@ def run_title(params: Params) -> str:
     variant = "boostnet" if params.boost.enabled else "baseline"
     default = f"{variant}-{params.data.dataset}-seed{params.seed}"
     return os.environ.get("DVC_EXP_NAME") or default
+
+
+def current_uri() -> str:
+    """The store MLflow points at now (after `connect` or `start_run`)."""
+    import mlflow
+
+    return mlflow.get_tracking_uri()
 
 
 def log_metrics(run_id: str, metrics: Iterable[tuple[str, float, int]]) -> None:
@@ -344,32 +356,38 @@ def log_training(
     input_shape: tuple[int, int, int],
     files: list[Path],
 ) -> None:
-    """Per-epoch metrics (step = epoch), the model, and the checkpoint and params files; the
-    run stays RUNNING (evaluate finishes it)."""
+    """After training: the device, the model, and the checkpoint and params files (the
+    per-epoch metrics were logged as each epoch ended); the run stays RUNNING (evaluate
+    finishes it)."""
     from mlflow import MlflowClient
 
-    def per_epoch() -> Iterable[tuple[str, float, int]]:
-        for record in history:
-            step = record["epoch"]
-            for key in ("train_loss", "val_top1", "effective_samples"):
-                for index, value in enumerate(record[key], start=1):
-                    yield f"{key}_exit_{index}", value, step
-            for key in (
-                "val_mean_top1",
-                "lr",
-                "images_per_second",
-                "epoch_seconds",
-                "compile_seconds",
-            ):
-                if key in record:  # no val_mean_top1 without a held-out split; compile once
-                    yield key, record[key], step
-            if "skipped_images" in record:  # folder datasets: unreadable files left out
-                yield "skipped_images", record["skipped_images"], step
-
-    log_metrics(run_id, per_epoch())
     MlflowClient().set_tag(run_id, "device", device)
     log_artifacts(run_id, files)
     log_model(run_id, net, input_shape)
+
+
+def epoch_metrics(record: dict[str, Any]) -> Iterator[tuple[str, float, int]]:
+    """One epoch of `history.json` as (key, value, step = epoch) metrics."""
+    step = record["epoch"]
+    for key in ("train_loss", "val_top1", "effective_samples"):
+        for index, value in enumerate(record[key], start=1):
+            yield f"{key}_exit_{index}", value, step
+    for key in ("val_mean_top1", "lr", "images_per_second", "epoch_seconds", "compile_seconds"):
+        if key in record:  # no val_mean_top1 without a held-out split; compile once
+            yield key, record[key], step
+    if "skipped_images" in record:  # folder datasets: unreadable files left out
+        yield "skipped_images", record["skipped_images"], step
+
+
+def log_epoch(target: dict[str, str], record: dict[str, Any]) -> None:
+    """As an epoch ends, from rank 0's Ray worker, so the UI's charts grow while training runs
+    (`target`: the store's URI and the run id). A resumed run logs only the epochs it trains."""
+    import mlflow
+
+    if mlflow.get_tracking_uri() != target["uri"]:
+        bound_waits("stage")
+        mlflow.set_tracking_uri(target["uri"])
+    best_effort(lambda: log_metrics(target["run_id"], epoch_metrics(record)), "epoch metrics")
 
 
 def log_evaluation(

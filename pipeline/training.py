@@ -37,6 +37,7 @@ import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 from rich.console import Console
 
+from pipeline import tracking
 from pipeline.augment import batch_augment, normalise
 from pipeline.boosting import BoostNet, effective_samples
 from pipeline.config import ConfigError, Params, TrainConfig
@@ -477,7 +478,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             }
         if progress:
             progress.epoch(record)
-        _report(fit, record, history, best)
+        _report(fit, record, history, best, config.get("log_to"))
 
 
 def _device_name(net: torch.nn.Module) -> str:
@@ -485,8 +486,11 @@ def _device_name(net: torch.nn.Module) -> str:
     return describe(next(net.parameters()).device)
 
 
-def _report(fit: Fit, record: dict, history: list, best: dict) -> None:
-    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint."""
+def _report(
+    fit: Fit, record: dict, history: list, best: dict, log_to: dict[str, str] | None
+) -> None:
+    """Every rank reports (it is a barrier); rank 0 attaches the checkpoint, then logs the
+    epoch to the MLflow run in `log_to` (URI and run id), if any."""
     metrics = {k: v for k, v in record.items() if not isinstance(v, list)}
     if fit.rank != 0:
         ray.train.report(metrics)
@@ -499,6 +503,8 @@ def _report(fit: Fit, record: dict, history: list, best: dict) -> None:
             Path(folder) / "best.pt",
         )
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    if log_to:
+        tracking.log_epoch(log_to, record)
 
 
 @dataclass
@@ -552,10 +558,16 @@ def worker_layout(params: Params, cluster: dict[str, float]) -> Layout:
 
 
 def train(
-    params: Params, prepared: Path, storage: Path, name: str, root: Path | None = None
+    params: Params,
+    prepared: Path,
+    storage: Path,
+    name: str,
+    root: Path | None = None,
+    log_to: dict[str, str] | None = None,
 ) -> TrainOutcome:
     """Fit on Ray Train (Ray must be initialised) and return the selected weights. `root`:
-    where a folder dataset's files are (the manifest in `prepared` is relative to it)."""
+    where a folder dataset's files are (the manifest in `prepared` is relative to it);
+    `log_to`: the MLflow store (`uri`) and run (`run_id`) that receive each epoch's metrics."""
     scaling = params.train.scaling
     layout = worker_layout(params, ray.cluster_resources())
     use_gpu = layout.use_gpu
@@ -570,6 +582,7 @@ def train(
             "prepared": str(prepared.resolve()),
             "root": str(root.resolve()) if root else None,
             "error_marker": str(error_marker.resolve()),
+            "log_to": log_to,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=layout.workers,

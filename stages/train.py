@@ -26,7 +26,8 @@ def main() -> None:
     tracking.link_run(run_id, name)  # calibrate and evaluate find the run by this name
     with ray_session():
         root = Path(params.data.root) if params.data.is_folder else None
-        outcome = train(params, paths.PREPARED, paths.RAY_STORAGE, name, root)
+        log_to = {"uri": tracking.current_uri(), "run_id": run_id}  # live per-epoch metrics
+        outcome = train(params, paths.PREPARED, paths.RAY_STORAGE, name, root, log_to)
     with replaced_together():  # the model, its history and curves, or none
         with atomic_path(paths.MODEL) as tmp:
             torch.save(

@@ -145,7 +145,15 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
     assert "resuming after epoch" in second.stdout + second.stderr
     history = read_json(repo / "outputs/train/history.json")
     assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3]
-    assert trained_run(f"sqlite:///{repo / 'mlflow.db'}", repo).info.run_id == killed
+    run = trained_run(f"sqlite:///{repo / 'mlflow.db'}", repo)
+    assert run.info.run_id == killed
+    # Each epoch was logged as it ended, once, across the interruption and the resume.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    logged = sorted(client.get_metric_history(killed, "val_mean_top1"), key=lambda m: m.step)
+    assert [m.step for m in logged] == [1, 2, 3]
+    assert logged[0].timestamp < logged[1].timestamp < logged[2].timestamp
     _check_run_status(repo, "FINISHED")  # the interrupted run, resumed and evaluated
 
 

@@ -233,7 +233,8 @@ def _check_logged_run(project: Path, uri: str):
 
     dataset = read_json(project / "data/dataset.json")
     tags = run.data.tags
-    assert len(tags["git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    assert len(tags["mlflow.source.git.commit"]) == 40 and tags["git.dirty"] in ("true", "false")
+    assert tags["mlflow.source.git.branch"] and tags["mlflow.source.type"] == "LOCAL"
     assert tags["data.fingerprint"] == dataset["fingerprint"]
     assert tags["device"] == "cpu" and tags["host"]
     (dataset_input,) = run.inputs.dataset_inputs
