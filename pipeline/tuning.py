@@ -507,7 +507,7 @@ def _fit(
     default = next((t for t in trials if _same_point(t.sampled, first)), None)
     outcome = SearchOutcome(name, parent, config.metric, trials, default)
     tracking.best_effort(
-        lambda: tracking.log_search(parent, outcome, params, storage / f"{name}-summary"),
+        lambda: log_search(parent, outcome, params, storage / f"{name}-summary"),
         "the search's summary",
     )
     return outcome
@@ -589,3 +589,42 @@ class SearchNotFound(FileNotFoundError):
 class SearchInterrupted(KeyboardInterrupt):
     """The search stopped before every trial ended (Ctrl-C, or SIGTERM in a stage); its state
     and MLflow run wait for `--resume`."""
+
+
+def log_search(run_id: str, outcome: Any, params: Params, folder: Path) -> None:
+    """The search's summary on its parent run: the best and default objectives, how trials
+    ended, the best trial's per-exit curve (step = exit) and values, and two plots."""
+    from mlflow import MlflowClient
+
+    from pipeline import plots, tracking
+    from pipeline.boosting import BoostNet
+    from pipeline.evaluation import exit_costs
+
+    client = MlflowClient()
+    metric, best = outcome.metric, outcome.best
+    values: list[tuple[str, float, int]] = [
+        (f"trials_{kind}", outcome.count(kind), 0)
+        for kind in ("finished", "stopped_early", "failed")
+    ]
+    if outcome.default is not None and outcome.default.score is not None:
+        values.append((f"default_{metric}", outcome.default.score, 0))
+    files = []
+    if best is not None:
+        values.append((f"best_{metric}", best.score, 0))
+        values += [("best_val_top1_by_exit", v, k) for k, v in enumerate(best.val_top1_by_exit, 1)]
+        mflops = [f / 1e6 for f in exit_costs(BoostNet.from_params(params), params)]
+        plots.exit_curve(
+            folder / "best_trial_exits.png",
+            mflops,
+            best.val_top1_by_exit,
+            f"best trial {best.trial_id}: {metric} {best.score:.2f}",
+        )
+        write_json(folder / "best_params.json", best.overrides)
+        files += [folder / "best_trial_exits.png", folder / "best_params.json"]
+    plots.search_summary(folder / "search_summary.png", outcome.trials, metric)
+    write_json(folder / "trials.json", [vars(trial) for trial in outcome.trials])
+    files += [folder / "search_summary.png", folder / "trials.json"]
+    if best is not None:
+        client.set_tag(run_id, "tune.best_trial", best.trial_id)
+    tracking.log_metrics(run_id, values)
+    tracking.log_artifacts(run_id, files)

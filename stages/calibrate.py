@@ -8,10 +8,10 @@ With `data.val_size: 0` there is nothing to calibrate on: the output records tha
 
 from pipeline import paths, tracking
 from pipeline.calibration import ExitScores, sweep, thresholds_for_budget
-from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.data import load_split
 from pipeline.devices import stage_device
+from pipeline.entry import stage_main
 from pipeline.evaluation import collect_scores, eval_source, exit_costs, load_model
 from pipeline.io import check_writable, read_json, write_json
 

@@ -8,10 +8,10 @@ import torch
 
 from pipeline import paths, plots, reports, tracking
 from pipeline.calibration import flat_envelope, operate
-from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.data import load_split
 from pipeline.devices import describe, stage_device
+from pipeline.entry import stage_main
 from pipeline.evaluation import (
     collect_scores,
     early_exit,

@@ -2,9 +2,9 @@
 validation split, fingerprint it."""
 
 from pipeline import paths
-from pipeline.cli import stage_main
 from pipeline.config import load_params
 from pipeline.data import fingerprint, list_folder_dataset, load_dataset, save_splits, split_holdout
+from pipeline.entry import stage_main
 from pipeline.io import check_writable, replaced_together, write_json
 
 

@@ -7,8 +7,8 @@ import torch
 
 from pipeline import paths, reports, tracking
 from pipeline.boosting import BoostNet
-from pipeline.cli import stage_main
 from pipeline.config import load_params
+from pipeline.entry import stage_main
 from pipeline.io import atomic_path, check_writable, read_json, replaced_together, write_json
 from pipeline.training import ray_session, run_name, train
 

@@ -2,8 +2,8 @@
 search of `boostpipe tune` with the params file's settings; writes the best values found."""
 
 from pipeline import paths
-from pipeline.cli import stage_main
 from pipeline.config import load_params
+from pipeline.entry import stage_main
 from pipeline.io import check_writable, read_json, replaced_together, write_json
 from pipeline.tuning import run_search
 

@@ -1,8 +1,13 @@
 """What git tracks is the same on every machine: no path of this checkout, no local store."""
 
+import ast
+import os
 import re
 import subprocess
+from pathlib import Path
 
+import pytest
+import yaml
 from conftest import ROOT
 
 LOCAL_STORE = re.compile(r"sqlite:/{4}")  # an SQLite store at an absolute path
@@ -20,3 +25,54 @@ def test_no_tracked_file_holds_a_path_of_this_checkout_or_a_local_store():
             if str(ROOT) in text or LOCAL_STORE.search(text):
                 offenders.append(name)
     assert offenders == []
+
+
+def _imported_files(module: str) -> set[str]:
+    """The project files `module` imports, following every `pipeline` import in each file
+    (function-level ones too: they run when the stage calls that function)."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        path = ROOT / (name.replace(".", "/") + ".py")
+        if not path.exists():
+            path = ROOT / name.replace(".", "/") / "__init__.py"
+        relative = str(path.relative_to(ROOT))
+        if relative in seen:
+            continue
+        seen.add(relative)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            for imported in names:
+                file = ROOT / (imported.replace(".", "/") + ".py")
+                package = ROOT / imported.replace(".", "/") / "__init__.py"
+                if imported.split(".")[0] in ("pipeline", "stages") and (
+                    file.exists() or package.exists()
+                ):
+                    todo.append(imported)
+    return seen
+
+
+def _covered(file: str, deps: list[str]) -> bool:
+    return any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps)
+
+
+@pytest.mark.parametrize("dvc_file", ["dvc.yaml", "tune/dvc.yaml"])
+def test_every_stage_depends_on_every_project_file_it_imports(dvc_file):
+    """Otherwise an edit to a file a stage imports leaves its outputs stale while `dvc status`
+    calls them up to date."""
+    stages = yaml.safe_load((ROOT / dvc_file).read_text())["stages"]
+    missing = {}
+    for name, stage in stages.items():
+        module = stage["cmd"].split("-m ", 1)[1].split()[0]
+        base = Path(dvc_file).parent / stage.get("wdir", ".")
+        deps = [os.path.normpath(base / dep) for dep in stage.get("deps", [])]
+        gaps = sorted(f for f in _imported_files(module) if not _covered(f, deps))
+        if gaps:
+            missing[name] = gaps
+    assert missing == {}
