@@ -46,7 +46,7 @@ from pipeline.devices import describe
 from pipeline.folders import DatasetError
 from pipeline.inputs import BadImage, check_bad, default_loader_workers, eval_batches, file_loader
 from pipeline.io import CorruptFile, check_archive, load_checkpoint
-from pipeline.verbosity import library_log_level, quiet_worker
+from pipeline.verbosity import library_log_level, quiet_driver, quiet_worker
 
 
 def selection_score(config: TrainConfig, val_top1: list[float]) -> float:
@@ -627,6 +627,7 @@ def ray_session() -> Iterator[None]:
     from pipeline.interrupts import as_ctrl_c
 
     kwargs = ray_init_kwargs()
+    quiet_driver()  # after `import ray`, which sets its loggers' levels
     previous = signal.getsignal(signal.SIGTERM)
     session = ray.init(**kwargs).address_info.get("session_dir")
     main_thread = threading.current_thread() is threading.main_thread()

@@ -292,7 +292,7 @@ def make_tuner(setup: SearchSetup, resume: bool, trainable: Callable | None = No
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     params, config = setup.params, setup.params.tune
     n_exits = params.model.n_exits
@@ -315,9 +315,17 @@ def make_tuner(setup: SearchSetup, resume: bool, trainable: Callable | None = No
     if config.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
 
-        searcher = OptunaSearch(points_to_evaluate=first, seed=config.seed)
+        # The searcher itself holds trials back: Tune ignores `max_concurrent_trials` (with a
+        # warning) once a search algorithm is wrapped, so the limit lives here.
+        searcher = ConcurrencyLimiter(
+            OptunaSearch(points_to_evaluate=first, seed=config.seed), config.max_concurrent
+        )
     else:
-        searcher = BasicVariantGenerator(points_to_evaluate=first, random_state=config.seed)
+        searcher = BasicVariantGenerator(
+            points_to_evaluate=first,
+            random_state=config.seed,
+            max_concurrent=config.max_concurrent,
+        )
     scheduler = (
         ASHAScheduler(
             time_attr="training_iteration",
@@ -337,7 +345,6 @@ def make_tuner(setup: SearchSetup, resume: bool, trainable: Callable | None = No
             num_samples=config.trials,
             search_alg=searcher,
             scheduler=scheduler,
-            max_concurrent_trials=config.max_concurrent,
             reuse_actors=True,
         ),
         run_config=tune.RunConfig(

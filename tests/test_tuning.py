@@ -159,6 +159,9 @@ def test_a_small_search_records_every_trial_in_mlflow(workdir):
     result = _tune(["--trials", "4"], workdir)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 trials:" in result.stdout and "dvc exp run -S 'boost.temperature=" in result.stdout
+    console = (result.stdout + result.stderr).lower()  # Ray's chatter stays off the console
+    for chatter in ("warning", "snapshotting", "checkpoint successfully created"):
+        assert chatter not in console, chatter
     parent, children = _children(workdir)
     assert parent.info.status == "FINISHED" and len(children) == 4
     outcomes = [c.data.tags["tune.outcome"] for c in children]
