@@ -241,7 +241,8 @@ def start_run(
 def _create_run(
     client: Any, experiment_id: str, params: Params, fingerprint: str, source: str, name: str | None
 ) -> str:
-    """A RUNNING run with every param and the training data as its input."""
+    """A RUNNING run with every param, and the training, held-out and test splits as its
+    inputs (MLflow's dataset contexts training, validation and testing)."""
     from mlflow.data.dataset_source_registry import resolve_dataset_source
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.entities import DatasetInput, InputTag, Param
@@ -258,9 +259,19 @@ def _create_run(
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The specified dataset source", UserWarning)
         origin = resolve_dataset_source(source)
-    dataset = MetaDataset(origin, name=params.data.dataset, digest=fingerprint)
-    context = InputTag(key=MLFLOW_DATASET_CONTEXT, value="training")
-    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=[context])])
+    splits = {"train": "training", "val": "validation", "test": "testing"}
+    if not params.data.val_size:
+        del splits["val"]  # nothing held out
+    inputs = [
+        DatasetInput(
+            MetaDataset(
+                origin, name=f"{params.data.dataset}/{split}", digest=fingerprint
+            )._to_mlflow_entity(),
+            tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)],
+        )
+        for split, context in splits.items()
+    ]
+    client.log_inputs(run_id, inputs)
     return run_id
 
 

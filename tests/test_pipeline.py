@@ -237,8 +237,15 @@ def _check_logged_run(project: Path, uri: str):
     assert tags["mlflow.source.git.branch"] and tags["mlflow.source.type"] == "LOCAL"
     assert tags["data.fingerprint"] == dataset["fingerprint"]
     assert tags["device"] == "cpu" and tags["host"]
-    (dataset_input,) = run.inputs.dataset_inputs
-    assert dataset_input.dataset.digest == dataset["fingerprint"]
+    contexts = {
+        tag.value: item.dataset
+        for item in run.inputs.dataset_inputs
+        for tag in item.tags
+        if tag.key == "mlflow.data.context"
+    }
+    assert set(contexts) == {"training", "validation", "testing"}
+    assert contexts["validation"].name == "fashion-mnist/val"
+    assert all(d.digest == dataset["fingerprint"] for d in contexts.values())
 
     history = read_json(project / "outputs/train/history.json")["epochs"]
     for key in ("val_top1_exit_1", "train_loss_exit_4", "effective_samples_exit_2"):
