@@ -269,6 +269,9 @@ class EvaluateConfig(_Section):
 class TrackingConfig(_Section):
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else SQLite in the project root
     experiment: str = "boostpipe"
+    # A registered-model name: evaluate registers the model it evaluated under it, with the
+    # alias `evaluated` (None: no registry entry).
+    registered_model: str | None = None
 
 
 class SearchRange(_Section):

@@ -401,6 +401,19 @@ def log_epoch(target: dict[str, str], record: dict[str, Any]) -> None:
     best_effort(lambda: log_metrics(target["run_id"], epoch_metrics(record)), "epoch metrics")
 
 
+def register(run_id: str, name: str) -> str:
+    """The run's logged model as a new version of registered model `name`, aliased `evaluated`
+    (MLflow's registry; the alias follows the latest evaluated version). Returns the version."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    model_id = client.get_run(run_id).outputs.model_outputs[-1].model_id
+    version = mlflow.register_model(f"models:/{model_id}", name).version
+    client.set_registered_model_alias(name, "evaluated", version)
+    return version
+
+
 def log_evaluation(
     run_id: str,
     metrics: dict[str, Any],

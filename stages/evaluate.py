@@ -136,6 +136,14 @@ def main() -> None:
         lambda: tracking.log_evaluation(run_id, metrics, anytime, budget_curve, files),
         "the evaluation",
     )
+    name = params.tracking.registered_model
+    if name:
+        tracking.best_effort(
+            lambda: print(
+                f"registered {name} v{tracking.register(run_id, name)} (alias evaluated)"
+            ),
+            "the registry entry",
+        )
     print("test top-1 per exit: " + " ".join(f"{v:.2f}" for v in top1))
     if not calibration["calibrated"]:
         print(f"budgeted evaluation skipped: {calibration['reason']}")

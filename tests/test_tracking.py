@@ -31,6 +31,25 @@ def test_connect_creates_the_experiment_once(tmp_path, monkeypatch):
     assert (tmp_path / "mlflow.db").exists()
 
 
+def test_register_adds_a_version_and_moves_the_evaluated_alias(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from pipeline.boosting import BoostNet
+    from pipeline.tracking import log_model, register, start_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = compose(**{"tracking.experiment": "unit"})
+    versions = []
+    for attempt in range(2):
+        run_id = start_run(params, "abc", str(tmp_path), tmp_path / f"marker{attempt}", "unit")
+        log_model(run_id, BoostNet.from_params(params), params.input_shape)
+        versions.append(register(run_id, "boostnet-unit"))
+    assert versions == ["1", "2"] or versions == [1, 2]
+    alias = MlflowClient().get_model_version_by_alias("boostnet-unit", "evaluated")
+    assert str(alias.version) == str(versions[-1])
+
+
 def test_the_experiment_is_a_model_training_one_so_the_ui_opens_on_runs(tmp_path, monkeypatch):
     """New experiments carry MLflow's kind tag, and one made without it gets it."""
     import mlflow
