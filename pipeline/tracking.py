@@ -353,6 +353,9 @@ def log_model(run_id: str, net: torch.nn.Module, input_shape: tuple[int, int, in
             serialization_format="pickle",
             signature=signature,
             pip_requirements=requirements,
+            # The pickle refers to classes of this package: shipped with the model, it loads
+            # (`mlflow.pytorch.load_model`) where only torch and mlflow are installed.
+            code_paths=[str(Path(__file__).parent)],
             run_id=run_id,
         )
     finally:

@@ -1,8 +1,9 @@
+import os
 import socket
 import time
 
 import pytest
-from conftest import compose
+from conftest import ROOT, compose
 
 from pipeline.tracking import TrackingUnavailable, connect, flatten, project_root, tracking_uri
 
@@ -48,6 +49,58 @@ def test_register_adds_a_version_and_moves_the_evaluated_alias(tmp_path, monkeyp
     assert versions == ["1", "2"] or versions == [1, 2]
     alias = MlflowClient().get_model_version_by_alias("boostnet-unit", "evaluated")
     assert str(alias.version) == str(versions[-1])
+
+
+LOAD_WITHOUT_THIS_CHECKOUT = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]  # no installed copy
+root, venv = sys.argv[1], sys.argv[1] + "/.venv/"
+sys.path[:] = [p for p in sys.path if p and (p.startswith(venv) or not p.startswith(root))]
+import mlflow.pytorch, torch
+model = mlflow.pytorch.load_model(sys.argv[2])
+assert not any(m.__file__.startswith(root) for m in sys.modules.values()
+               if getattr(m, "__file__", None) and m.__name__.startswith("pipeline"))
+print(tuple(model(torch.zeros(2, *map(int, sys.argv[3:]))).shape))
+"""
+
+
+def test_the_logged_model_loads_without_this_checkout(tmp_path, monkeypatch):
+    """`mlflow.pytorch.load_model` in a process that cannot import this repository's code:
+    the model brings the package it needs (`code_paths`)."""
+    import subprocess
+    import sys
+
+    from mlflow import MlflowClient
+
+    from pipeline.boosting import BoostNet
+    from pipeline.tracking import log_model, start_run
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    params = compose(**{"tracking.experiment": "unit"})
+    run_id = start_run(params, "abc", str(tmp_path), tmp_path / "marker", "unit")
+    log_model(run_id, BoostNet.from_params(params), params.input_shape)
+    model_id = MlflowClient().get_run(run_id).outputs.model_outputs[-1].model_id
+    shape = [str(n) for n in params.input_shape]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOAD_WITHOUT_THIS_CHECKOUT,
+            str(ROOT),
+            f"models:/{model_id}",
+            *shape,
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    n_exits, n_classes = params.model.n_exits, params.num_classes
+    assert result.stdout.strip().splitlines()[-1] == str((n_exits, 2, n_classes))
 
 
 def test_the_experiment_is_a_model_training_one_so_the_ui_opens_on_runs(tmp_path, monkeypatch):
