@@ -370,12 +370,17 @@ def log_training(
     input_shape: tuple[int, int, int],
     files: list[Path],
 ) -> None:
-    """After training: the device, the model, and the checkpoint and params files (the
-    per-epoch metrics were logged as each epoch ended); the run stays RUNNING (evaluate
-    finishes it)."""
+    """After training: the epochs that were not logged as they ended (an interruption between
+    an epoch's checkpoint and its logging), the device, the model, and the checkpoint and
+    params files; the run stays RUNNING (evaluate finishes it)."""
     from mlflow import MlflowClient
 
-    MlflowClient().set_tag(run_id, "device", device)
+    client = MlflowClient()
+    logged = {m.step for m in client.get_metric_history(run_id, "epoch_seconds")}
+    missing = [record for record in history if record["epoch"] not in logged]
+    if missing:
+        log_metrics(run_id, (metric for record in missing for metric in epoch_metrics(record)))
+    client.set_tag(run_id, "device", device)
     log_artifacts(run_id, files)
     log_model(run_id, net, input_shape)
 
