@@ -82,6 +82,7 @@ def _store(params_path: Path) -> str:
 def ui(params_path: Path, port: int) -> None:
     """The MLflow UI for the project's store, on 127.0.0.1 with one worker; Ctrl-C stops it.
     A store that is already a tracking server serves its own UI: its address is printed."""
+    import signal
     import subprocess
 
     from pipeline import interrupts
@@ -112,7 +113,7 @@ def ui(params_path: Path, port: int) -> None:
     _require_free_port(port)
     runs = f"#/experiments/{connect(load_params(params_path))}/runs"  # the training runs view
     click.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}/{runs}  (Ctrl-C to stop)")
-    interrupts.stop_with_parent()  # SIGTERM (or our parent's end) stops the server too
+    signal.signal(signal.SIGTERM, interrupts.as_ctrl_c)  # SIGTERM stops the server too
     server = subprocess.Popen(command, env=env, preexec_fn=interrupts.sigterm_when_parent_dies)
     try:
         code = server.wait()

@@ -558,18 +558,21 @@ def test_mlflow_ui_compares_the_runs_per_exit_in_a_real_browser(project, baselin
         sync_playwright() as playwright,
     ):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 900})
         # The address `boostpipe ui` prints: the training runs (not MLflow's GenAI overview).
-        page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs")
-        page.get_by_text("matching runs").wait_for(timeout=60_000)  # the runs table's footer
-        page.get_by_role("link", name="baseline").first.wait_for()
-        page.screenshot(path=tmp_path / "mlflow-ui-runs.png")
+        runs_page = browser.new_page(viewport={"width": 1400, "height": 900})
+        runs_page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs")
+        runs_page.get_by_text("matching runs").wait_for(timeout=60_000)  # the table's footer
+        runs_page.get_by_role("link", name="baseline").first.wait_for()
+        runs_page.screenshot(path=tmp_path / "mlflow-ui-runs.png")
+        runs_page.close()
+        page = browser.new_page(viewport={"width": 1400, "height": 900})  # a fresh load
         page.goto(page_url)
         for name in ("boostnet-fashion-mnist-seed0", "baseline"):
             page.get_by_text(f"{name} (test_top1_by_exit)").wait_for(timeout=60_000)
         page.get_by_text("Comparing 2 Runs").wait_for()
         points = page.locator(".js-plotly-plot .scatterlayer .point")
         n_exits = load_params(project / "params.yaml").model.n_exits
+        points.nth(2 * n_exits - 1).wait_for(timeout=60_000)  # drawn after the legend
         assert points.count() == 2 * n_exits  # both runs, a point at each exit
         page.screenshot(path=tmp_path / "mlflow-ui-compare.png")
         browser.close()
