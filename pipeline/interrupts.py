@@ -13,6 +13,9 @@ import ctypes
 import os
 import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -46,6 +49,21 @@ def sigterm_when_parent_dies() -> None:
         return  # not allowed here: the process still stops on SIGTERM and Ctrl-C
     if os.getppid() == 1:  # the parent was gone before we asked
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextmanager
+def sigint_handler_restored() -> Iterator[None]:
+    """SIGINT's handler as it was before the block. Ray Train installs one in `fit()` that
+    aborts the run it started and never removes it: a Ctrl-C or SIGTERM after training would
+    call it, find the run gone and exit 0 silently instead of stopping as an interruption."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread handles signals (Tune runs trainers in threads)
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def exit_code() -> int:

@@ -45,6 +45,7 @@ from pipeline.data import AnySplit, FileSplit, load_split
 from pipeline.devices import describe
 from pipeline.folders import DatasetError
 from pipeline.inputs import BadImage, check_bad, default_loader_workers, eval_batches, file_loader
+from pipeline.interrupts import as_ctrl_c, sigint_handler_restored
 from pipeline.io import CorruptFile, check_archive, load_checkpoint
 from pipeline.verbosity import library_log_level, quiet_driver, quiet_worker
 
@@ -601,7 +602,8 @@ def train(
         ),
     )
     try:
-        result = trainer.fit()
+        with sigint_handler_restored():
+            result = trainer.fit()
     except SystemExit:  # how fit() ends after Train's Ctrl-C handler aborted the run
         raise KeyboardInterrupt from None
     except Exception:
@@ -624,8 +626,6 @@ def ray_session() -> Iterator[None]:
     while Ray runs (`ray.init` would make it a bare exit), `ray.shutdown()` runs on an
     interruption too (so the cluster's processes go with us), and the session folder of a
     local cluster we started (under /tmp/ray) is removed after it stops."""
-    from pipeline.interrupts import as_ctrl_c
-
     kwargs = ray_init_kwargs()
     quiet_driver()  # after `import ray`, which sets its loggers' levels
     previous = signal.getsignal(signal.SIGTERM)

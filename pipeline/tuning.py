@@ -29,6 +29,7 @@ import torch
 
 from pipeline.config import ConfigError, Params, TuneConfig, parse_params
 from pipeline.devices import trial_device
+from pipeline.interrupts import sigint_handler_restored
 from pipeline.io import read_json, write_json
 from pipeline.verbosity import library_log_level, quiet_worker
 
@@ -497,7 +498,8 @@ def _fit(
     with ray_session():
         check_fits(config, ray.cluster_resources())
         setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
-        results = make_tuner(setup, resume, trainable).fit()
+        with sigint_handler_restored():  # Tune's handler would swallow a later SIGTERM
+            results = make_tuner(setup, resume, trainable).fit()
     # After Ctrl-C Tune saves its state and returns as if done; the child runs say which
     # trials really ended (finished, stopped by the scheduler, or failed), resumes included.
     ended = callbacks[0].ended()

@@ -370,3 +370,24 @@ def test_an_mlflow_error_in_a_command_is_one_line_unless_verbose(store, tmp_path
             assert "locked" in lines[-1]
             assert (len(lines) == 1) == (verbose == "0"), result.stderr
             assert ("Traceback" in result.stderr) == (verbose == "1")
+
+
+def test_sigterm_after_training_is_an_interruption_not_a_silent_exit():
+    """Ray Train installs a SIGINT handler in `fit()` that exits 0 once its run is gone; it must
+    not outlive training, or a SIGTERM between training and the outputs ends the stage with exit
+    0 and no message (what CI once saw)."""
+    from pipeline import interrupts
+
+    before = signal.getsignal(signal.SIGINT)
+    previous_term = signal.signal(signal.SIGTERM, interrupts.as_ctrl_c)
+    try:
+        with interrupts.sigint_handler_restored():
+            signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # as Ray Train's, run gone
+        assert signal.getsignal(signal.SIGINT) is before
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert interrupts.exit_code() == 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, before)
