@@ -378,16 +378,16 @@ def test_sigterm_after_training_is_an_interruption_not_a_silent_exit():
     0 and no message (what CI once saw)."""
     from pipeline import interrupts
 
-    before = signal.getsignal(signal.SIGINT)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at start-up
     previous_term = signal.signal(signal.SIGTERM, interrupts.as_ctrl_c)
     try:
         with interrupts.sigint_handler_restored():
             signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # as Ray Train's, run gone
-        assert signal.getsignal(signal.SIGINT) is before
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
         assert interrupts.exit_code() == 128 + signal.SIGTERM
     finally:
         signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGINT, previous_int)

@@ -75,7 +75,7 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
     repo = _shrunk_copy(tmp_path)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["train_subset"] = 4000
-    params["train"]["epochs"] = 10  # killed at the first checkpoint, long before the end
+    params["train"]["epochs"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     log = (tmp_path / "repro.log").open("w")
     dvc = subprocess.Popen(
