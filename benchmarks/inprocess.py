@@ -20,7 +20,7 @@ import yaml
 from pipeline import paths
 from pipeline.boosting import BoostNet
 from pipeline.calibration import operate, thresholds_for_budget
-from pipeline.config import Params, parse_params
+from pipeline.config import Params, parse_with_overrides
 from pipeline.data import load_split
 from pipeline.evaluation import collect_scores, eval_source, exit_costs
 from pipeline.io import read_json
@@ -31,14 +31,9 @@ STORAGE = Path(".boostpipe/benchmark-ray")
 
 def compose(overrides: dict[str, Any], path: Path = paths.PARAMS) -> Params:
     """params.yaml with dotted-key overrides (`model.n_blocks`), validated like the stages do."""
-    raw = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return parse_params(raw, f"{path} + {overrides}")
+    return parse_with_overrides(
+        yaml.safe_load(path.read_text()), overrides, f"{path} + {overrides}"
+    )
 
 
 @dataclass

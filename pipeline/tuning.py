@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, Params, TuneConfig, parse_params
+from pipeline.config import ConfigError, Params, TuneConfig, parse_with_overrides
 from pipeline.devices import trial_device
 from pipeline.interrupts import sigint_handler_restored
 from pipeline.io import read_json, write_json
@@ -93,11 +93,7 @@ def describe(sampled: dict[str, Any]) -> str:
 
 
 def apply_overrides(params: Params, dotted: dict[str, Any]) -> Params:
-    raw = params.model_dump(mode="json")
-    for key, value in dotted.items():
-        section, leaf = key.split(".")
-        raw[section][leaf] = value
-    return parse_params(raw, "tune trial")
+    return parse_with_overrides(params.model_dump(mode="json"), dotted, "tune trial")
 
 
 def default_point(params: Params, space: dict[str, Any]) -> dict[str, Any]:
