@@ -4,7 +4,8 @@ seed studies that would otherwise pay DVC, MLflow and Ray start-up per run.
 Training is `pipeline.training.train` (Ray Train, the DDP workers params.yaml asks for, selection
 on the held-out split); scoring is what the calibrate and evaluate stages do: per-exit test top-1,
 thresholds fitted on the held-out split for each `calibrate.budgets` entry, applied to the test
-split. Ray must be initialised by the caller (`ray.init(**ray_init_kwargs())`), once.
+split. Ray must be initialised by the caller (`ray.init(**ray_init_kwargs())`, after
+`rayenv.prepare_ray()` and before `import ray`), once.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from pipeline.config import Params, parse_with_overrides
 from pipeline.data import load_split
 from pipeline.evaluation import collect_scores, eval_source, exit_costs
 from pipeline.io import read_json
-from pipeline.training import run_name, train
 
 STORAGE = Path(".boostpipe/benchmark-ray")
 
@@ -67,6 +67,8 @@ def score(net: BoostNet, params: Params) -> tuple[list[float], ...]:
 
 def train_and_score(params: Params) -> Scored:
     """One training run as the train stage does it, then the calibrate/evaluate figures."""
+    from pipeline.training import run_name, train  # imports ray: after the caller's prepare_ray()
+
     fingerprint = read_json(paths.DATASET_INFO)["fingerprint"]
     start = time.perf_counter()
     outcome = train(params, paths.PREPARED, STORAGE, run_name(params, fingerprint))

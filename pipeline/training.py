@@ -47,6 +47,7 @@ from pipeline.folders import DatasetError
 from pipeline.inputs import BadImage, check_bad, default_loader_workers, eval_batches, file_loader
 from pipeline.interrupts import as_ctrl_c, sigint_handler_restored
 from pipeline.io import CorruptFile, check_archive, load_checkpoint
+from pipeline.rayenv import check_prepared
 from pipeline.verbosity import library_log_level, quiet_driver, quiet_worker
 
 
@@ -729,7 +730,9 @@ def _remove_session(session: Path) -> None:
 
 
 def ray_init_kwargs() -> dict[str, Any]:
-    """Join the cluster in RAY_ADDRESS, else start a local one that listens on loopback only."""
+    """Join the cluster in RAY_ADDRESS, else start a local one that listens on loopback only
+    (`rayenv.prepare_ray()` must have run before `import ray`)."""
+    check_prepared()
     if os.environ.get("RAY_ADDRESS"):
         return {"address": os.environ["RAY_ADDRESS"]}
     # The Train controller polls its workers every 2 s by default; on short CPU runs that is

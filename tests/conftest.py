@@ -12,12 +12,14 @@ import yaml
 
 from pipeline.config import Params, parse_with_overrides
 from pipeline.models import MSDNet, MSDNetSpec, RANet, RANetSpec
+from pipeline.rayenv import prepare_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+prepare_ray()  # before any test module imports ray
 
 
 def raw_params(path: Path = ROOT / "params.yaml") -> dict[str, Any]:
