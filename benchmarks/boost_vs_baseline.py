@@ -82,6 +82,9 @@ def table(results: dict[str, Any]) -> str:
 
 
 def study(seeds: list[int], overrides: dict[str, Any], path: Path) -> None:
+    from pipeline.rayenv import prepare_ray
+
+    prepare_ray()  # before `import ray`
     import ray
 
     from pipeline.training import ray_init_kwargs

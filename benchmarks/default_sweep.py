@@ -154,6 +154,9 @@ def row(name: str, params: Params, result: Scored) -> str:
 
 
 def train_all(names: list[str]) -> None:
+    from pipeline.rayenv import prepare_ray
+
+    prepare_ray()  # before `import ray`
     import ray
 
     from pipeline.training import ray_init_kwargs

@@ -4,7 +4,8 @@ seed studies that would otherwise pay DVC, MLflow and Ray start-up per run.
 Training is `pipeline.training.train` (Ray Train, the DDP workers params.yaml asks for, selection
 on the held-out split); scoring is what the calibrate and evaluate stages do: per-exit test top-1,
 thresholds fitted on the held-out split for each `calibrate.budgets` entry, applied to the test
-split. Ray must be initialised by the caller (`ray.init(**ray_init_kwargs())`), once.
+split. Ray must be initialised by the caller (`ray.init(**ray_init_kwargs())`, after
+`rayenv.prepare_ray()` and before `import ray`), once.
 """
 
 from __future__ import annotations
@@ -20,25 +21,19 @@ import yaml
 from pipeline import paths
 from pipeline.boosting import BoostNet
 from pipeline.calibration import operate, thresholds_for_budget
-from pipeline.config import Params, parse_params
+from pipeline.config import Params, parse_with_overrides
 from pipeline.data import load_split
 from pipeline.evaluation import collect_scores, eval_source, exit_costs
 from pipeline.io import read_json
-from pipeline.training import run_name, train
 
 STORAGE = Path(".boostpipe/benchmark-ray")
 
 
 def compose(overrides: dict[str, Any], path: Path = paths.PARAMS) -> Params:
     """params.yaml with dotted-key overrides (`model.n_blocks`), validated like the stages do."""
-    raw = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return parse_params(raw, f"{path} + {overrides}")
+    return parse_with_overrides(
+        yaml.safe_load(path.read_text()), overrides, f"{path} + {overrides}"
+    )
 
 
 @dataclass
@@ -72,6 +67,8 @@ def score(net: BoostNet, params: Params) -> tuple[list[float], ...]:
 
 def train_and_score(params: Params) -> Scored:
     """One training run as the train stage does it, then the calibrate/evaluate figures."""
+    from pipeline.training import run_name, train  # imports ray: after the caller's prepare_ray()
+
     fingerprint = read_json(paths.DATASET_INFO)["fingerprint"]
     start = time.perf_counter()
     outcome = train(params, paths.PREPARED, STORAGE, run_name(params, fingerprint))

@@ -227,6 +227,9 @@ def main() -> None:
 
     figures: dict[str, list[float]] = {}
     if "ray" not in args.skip:
+        from pipeline.rayenv import prepare_ray
+
+        prepare_ray()  # before `import ray`
         import ray
 
         ray.init(num_cpus=args.workers, include_dashboard=False, configure_logging=False)

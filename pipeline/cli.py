@@ -15,6 +15,7 @@ from rich.table import Table
 
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.entry import exits_on_config_error
+from pipeline.rayenv import prepare_ray
 from pipeline.verbosity import quiet_driver
 
 PARAMS_OPTION = click.option(
@@ -30,6 +31,7 @@ PARAMS_OPTION = click.option(
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """boostpipe: train, calibrate and evaluate BoostNet early-exit networks."""
+    prepare_ray()  # before a command imports ray
     quiet_driver()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -491,6 +492,22 @@ def parse_params(raw: Any, source: str = "params") -> Params:
         raise ConfigError(f"{source}: {_format_error(first)}") from None
 
 
+def set_dotted(tree: MutableMapping[str, Any], dotted: str, value: Any) -> None:
+    """Set the params key `a.b.c` (as `dvc exp run -S` names it) in nested mappings: a loaded
+    params dict or a comment-keeping ruamel document."""
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        tree = tree[key]
+    tree[leaf] = value
+
+
+def parse_with_overrides(raw: dict[str, Any], dotted: dict[str, Any], source: str) -> Params:
+    """Loaded params with dotted-key overrides (changed in place), validated like a file."""
+    for key, value in dotted.items():
+        set_dotted(raw, key, value)
+    return parse_params(raw, source)
+
+
 def load_params(path: str | Path) -> Params:
     path = Path(path)
     try:
@@ -515,8 +532,7 @@ def write_overrides(path: str | Path, dotted: dict[str, Any]) -> None:
     yaml_rt = YAML()
     document = yaml_rt.load(path.read_text())
     for key, value in dotted.items():
-        section, leaf = key.split(".")
-        document[section][leaf] = value
+        set_dotted(document, key, value)
     with atomic_path(path) as tmp:
         with tmp.open("w") as out:
             yaml_rt.dump(document, out)

@@ -24,7 +24,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,7 @@ from pipeline.folders import DatasetError
 from pipeline.inputs import BadImage, check_bad, default_loader_workers, eval_batches, file_loader
 from pipeline.interrupts import as_ctrl_c, sigint_handler_restored
 from pipeline.io import CorruptFile, check_archive, load_checkpoint
+from pipeline.rayenv import check_prepared
 from pipeline.verbosity import library_log_level, quiet_driver, quiet_worker
 
 
@@ -173,7 +174,8 @@ def _node_ids(world: int) -> list[str]:
     return nodes
 
 
-def _unwrap(net: torch.nn.Module) -> BoostNet:
+def unwrap(net: torch.nn.Module) -> BoostNet:
+    """The BoostNet inside a DDP wrapper (or the net itself): plain parameter names."""
     return getattr(net, "module", net)
 
 
@@ -284,7 +286,7 @@ class Fit:
     def state(self, epoch: int, **extra: Any) -> dict[str, Any]:
         """What resuming after `epoch` needs (tensors and plain containers only)."""
         return {
-            "model": _unwrap(self.net).state_dict(),
+            "model": unwrap(self.net).state_dict(),
             "optimiser": self.optimiser.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": epoch,
@@ -293,10 +295,117 @@ class Fit:
 
     def restore(self, state: dict[str, Any]) -> int:
         """Load what `state()` saved; returns the number of epochs it had finished."""
-        _unwrap(self.net).load_state_dict(state["model"])
+        unwrap(self.net).load_state_dict(state["model"])
         self.optimiser.load_state_dict(state["optimiser"])
         self.scheduler.load_state_dict(state["scheduler"])
         return state["epoch"]
+
+
+def make_fit(
+    params: Params,
+    net: torch.nn.Module,
+    train_split: AnySplit,
+    device: torch.device,
+    rank: int,
+    world: int,
+    epochs: int,
+    root: Path | None = None,
+    loader_workers: int = 0,
+) -> Fit:
+    """A worker's Fit for a run of `epochs` (train.epochs, or tune.epochs for a trial): the
+    optimiser, its per-batch schedule over this worker's shard, and `train.compile` resolved."""
+    optimiser = make_optimizer(net, params.train)
+    per_epoch = steps_per_epoch(len(train_split), params, world)
+    scheduler = make_scheduler(optimiser, params.train, per_epoch)
+    compile_step = compiles(params.train, device, epochs)
+    return Fit(
+        params,
+        net,
+        optimiser,
+        scheduler,
+        train_split,
+        device,
+        rank,
+        world,
+        root,
+        loader_workers,
+        compile=compile_step,
+    )
+
+
+def start_worker(cpus: float) -> tuple[int, int, torch.device]:
+    """In a Ray Train worker: libraries quieted, one torch thread per CPU it holds; returns
+    its rank, the number of workers and its device."""
+    quiet_worker()
+    torch.set_num_threads(max(1, int(cpus)))
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size(), ray.train.torch.get_device()
+
+
+def worker_net(
+    net: BoostNet, params: Params, device: torch.device, ray_train: bool = True
+) -> torch.nn.Module:
+    """The net on this worker's device, channels-last on CUDA. In a Ray Train worker it goes
+    through Train's `prepare_model` (DDP when there are several workers, batch-norm synced
+    across them if `train.scaling.sync_bn`); a Tune trial in its own process just moves it."""
+    if device.type == "cuda":
+        net = net.to(memory_format=torch.channels_last)
+    if not ray_train:
+        return net.to(device)
+    if params.train.scaling.sync_bn and ray.train.get_context().get_world_size() > 1:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    return ray.train.torch.prepare_model(net, parallel_strategy_kwargs=ddp_options(net, params))
+
+
+def report_checkpoint(
+    report: Callable[..., None],
+    checkpoint_type: type[ray.train.Checkpoint],
+    metrics: dict[str, Any],
+    files: dict[str, Any],
+) -> None:
+    """Save, then report: each object of `files` is written (torch.save) under its name in a
+    fresh folder, and `report` (Train's or Tune's) sends the metrics with that folder as the
+    checkpoint, which Ray copies to the run's storage before the folder goes."""
+    with tempfile.TemporaryDirectory() as folder:
+        for name, content in files.items():
+            torch.save(content, Path(folder) / name)
+        report(metrics, checkpoint=checkpoint_type.from_directory(folder))
+
+
+def read_checkpoint(checkpoint: ray.train.Checkpoint, *names: str) -> list[Any]:
+    """The files `report_checkpoint` saved, loaded as tensors and plain containers only."""
+    with checkpoint.as_directory() as folder:
+        return [load_checkpoint(Path(folder) / name) for name in names]
+
+
+def torch_trainer(
+    loop: Callable[[dict[str, Any]], None],
+    loop_config: dict[str, Any],
+    *,
+    workers: int,
+    cpus: float,
+    gpus: float,
+    name: str,
+    storage: Path,
+    **run_options: Any,
+) -> TorchTrainer:
+    """A Ray Train job of `workers` workers, each holding `cpus` CPUs and `gpus` GPUs, named
+    `name` under `storage`, logging at our verbosity; `run_options` go to its RunConfig."""
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": cpus, **({"GPU": gpus} if gpus else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=str(storage.resolve()),
+            logging_config=ray.LoggingConfig(log_level=library_log_level()),
+            **run_options,
+        ),
+    )
 
 
 def train_epoch(fit: Fit, epoch: int, progress: _Progress | None = None) -> dict[str, Any]:
@@ -309,7 +418,7 @@ def train_epoch(fit: Fit, epoch: int, progress: _Progress | None = None) -> dict
     loss_sum = torch.zeros(params.model.n_exits, device=device)
     effective_sum = torch.zeros(params.model.n_exits, device=device)
     amp = device.type == "cuda" and config.amp
-    boostnet = _unwrap(fit.net)
+    boostnet = unwrap(fit.net)
     fit.net.train()
     seen = skipped = 0
     compile_seconds = 0.0
@@ -390,14 +499,10 @@ def _raise_recorded(marker: Path) -> None:
 
 
 def _train_worker(config: dict[str, Any]) -> None:
-    quiet_worker()
     params = Params.model_validate(config["params"])
     train_cfg = params.train
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    torch.set_num_threads(max(1, int(train_cfg.scaling.cpus_per_worker)))
+    rank, world, device = start_worker(train_cfg.scaling.cpus_per_worker)
     torch.manual_seed(params.seed)
-    device = ray.train.torch.get_device()
 
     train_split = load_split(Path(config["prepared"]), "train")
     val_split = load_split(Path(config["prepared"]), "val")
@@ -405,40 +510,15 @@ def _train_worker(config: dict[str, Any]) -> None:
     root = Path(config["root"]) if config["root"] else None
     loaders = default_loader_workers(train_cfg.scaling.cpus_per_worker, train_cfg.loader_workers)
 
-    net = BoostNet.from_params(params)
-    if device.type == "cuda":
-        net = net.to(memory_format=torch.channels_last)
-    if train_cfg.scaling.sync_bn and world > 1:
-        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-    net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=ddp_options(net, params))
+    net = worker_net(BoostNet.from_params(params), params, device)
     nodes = _node_ids(world)
     if rank == 0:
         Console().print(f"{world} worker(s) on Ray node(s) {' '.join(n[:8] for n in nodes)}")
-    optimiser = make_optimizer(net, train_cfg)
-    scheduler = make_scheduler(
-        optimiser, train_cfg, steps_per_epoch(len(train_split), params, world)
-    )
-
-    compile_step = compiles(train_cfg, device, train_cfg.epochs)
-    fit = Fit(
-        params,
-        net,
-        optimiser,
-        scheduler,
-        train_split,
-        device,
-        rank,
-        world,
-        root,
-        loaders,
-        compile=compile_step,
-    )
+    fit = make_fit(params, net, train_split, device, rank, world, train_cfg.epochs, root, loaders)
     start_epoch, history, best = 0, [], {"score": -1.0, "epoch": 0, "state": None}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            state = load_checkpoint(Path(folder) / "state.pt")
-            best_saved = load_checkpoint(Path(folder) / "best.pt")
+        state, best_saved = read_checkpoint(checkpoint, "state.pt", "best.pt")
         start_epoch, history = fit.restore(state), state["history"]
         best = {
             "score": best_saved["score"],
@@ -473,9 +553,7 @@ def _train_worker(config: dict[str, Any]) -> None:
             best = {
                 "score": score,
                 "epoch": epoch + 1,
-                "state": {
-                    k: v.detach().cpu().clone() for k, v in _unwrap(net).state_dict().items()
-                },
+                "state": {k: v.detach().cpu().clone() for k, v in unwrap(net).state_dict().items()},
             }
         if progress:
             progress.epoch(record)
@@ -496,14 +574,11 @@ def _report(
     if fit.rank != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory() as folder:
-        state = fit.state(record["epoch"], history=history, device=_device_name(fit.net))
-        torch.save(state, Path(folder) / "state.pt")
-        torch.save(
-            {"model": best["state"], "epoch": best["epoch"], "score": best["score"]},
-            Path(folder) / "best.pt",
-        )
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+    state = fit.state(record["epoch"], history=history, device=_device_name(fit.net))
+    kept = {"model": best["state"], "epoch": best["epoch"], "score": best["score"]}
+    report_checkpoint(
+        ray.train.report, ray.train.Checkpoint, metrics, {"state.pt": state, "best.pt": kept}
+    )
     if log_to:
         tracking.log_epoch(log_to, record)
 
@@ -569,37 +644,27 @@ def train(
     """Fit on Ray Train (Ray must be initialised) and return the selected weights. `root`:
     where a folder dataset's files are (the manifest in `prepared` is relative to it);
     `log_to`: the MLflow store (`uri`) and run (`run_id`) that receive each epoch's metrics."""
-    scaling = params.train.scaling
     layout = worker_layout(params, ray.cluster_resources())
-    use_gpu = layout.use_gpu
     storage.mkdir(parents=True, exist_ok=True)
     check_archive(prepared)  # a damaged file fails here in one line, not in every worker
     error_marker = storage / f"{name}.error"
     error_marker.unlink(missing_ok=True)
-    trainer = TorchTrainer(
+    trainer = torch_trainer(
         _worker_loop,
-        train_loop_config={
+        {
             "params": params.model_dump(mode="json"),
             "prepared": str(prepared.resolve()),
             "root": str(root.resolve()) if root else None,
             "error_marker": str(error_marker.resolve()),
             "log_to": log_to,
         },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=layout.workers,
-            use_gpu=use_gpu,
-            resources_per_worker={
-                "CPU": scaling.cpus_per_worker,
-                **({"GPU": 1} if use_gpu else {}),
-            },
-        ),
-        run_config=ray.train.RunConfig(
-            name=name,
-            storage_path=str(storage.resolve()),
-            logging_config=ray.LoggingConfig(log_level=library_log_level()),
-            failure_config=ray.train.FailureConfig(max_failures=2),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-        ),
+        workers=layout.workers,
+        cpus=params.train.scaling.cpus_per_worker,
+        gpus=1 if layout.use_gpu else 0,
+        name=name,
+        storage=storage,
+        failure_config=ray.train.FailureConfig(max_failures=2),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
     )
     try:
         with sigint_handler_restored():
@@ -613,9 +678,7 @@ def train(
             finally:
                 error_marker.unlink()
         raise
-    with result.checkpoint.as_directory() as folder:
-        state = load_checkpoint(Path(folder) / "state.pt")
-        best = load_checkpoint(Path(folder) / "best.pt")
+    state, best = read_checkpoint(result.checkpoint, "state.pt", "best.pt")
     shutil.rmtree(storage / name, ignore_errors=True)  # stage outputs now hold what matters
     return TrainOutcome(best["model"], best["epoch"], state["history"], state["device"])
 
@@ -667,7 +730,9 @@ def _remove_session(session: Path) -> None:
 
 
 def ray_init_kwargs() -> dict[str, Any]:
-    """Join the cluster in RAY_ADDRESS, else start a local one that listens on loopback only."""
+    """Join the cluster in RAY_ADDRESS, else start a local one that listens on loopback only
+    (`rayenv.prepare_ray()` must have run before `import ray`)."""
+    check_prepared()
     if os.environ.get("RAY_ADDRESS"):
         return {"address": os.environ["RAY_ADDRESS"]}
     # The Train controller polls its workers every 2 s by default; on short CPU runs that is

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,11 +26,11 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, Params, TuneConfig, parse_params
+from pipeline.config import ConfigError, Params, TuneConfig, parse_with_overrides
 from pipeline.devices import trial_device
 from pipeline.interrupts import sigint_handler_restored
 from pipeline.io import read_json, write_json
-from pipeline.verbosity import library_log_level, quiet_worker
+from pipeline.verbosity import quiet_worker
 
 MODE = "max"  # every objective is an accuracy
 
@@ -94,11 +93,7 @@ def describe(sampled: dict[str, Any]) -> str:
 
 
 def apply_overrides(params: Params, dotted: dict[str, Any]) -> Params:
-    raw = params.model_dump(mode="json")
-    for key, value in dotted.items():
-        section, leaf = key.split(".")
-        raw[section][leaf] = value
-    return parse_params(raw, "tune trial")
+    return parse_with_overrides(params.model_dump(mode="json"), dotted, "tune trial")
 
 
 def default_point(params: Params, space: dict[str, Any]) -> dict[str, Any]:
@@ -158,45 +153,40 @@ def _score(net: torch.nn.Module, val: Any, params: Params, exit_flops: list[int]
     }
 
 
-def _trial_loop(params: Params, prepared: Path, report: Callable, rank: int, world: int) -> None:
+def _trial_loop(
+    params: Params,
+    prepared: Path,
+    report: Callable,
+    rank: int,
+    world: int,
+    device: torch.device,
+) -> None:
     """Train and score one configuration epoch by epoch, resuming from the trial's checkpoint.
     In-process trials report to Tune directly; Ray Train workers report through Train."""
-    import ray.train
     import ray.tune
 
     from pipeline.boosting import BoostNet
     from pipeline.evaluation import exit_costs
-    from pipeline.io import load_checkpoint
     from pipeline.training import (
-        Fit,
-        compiles,
-        ddp_options,
-        make_optimizer,
-        make_scheduler,
-        steps_per_epoch,
+        make_fit,
+        read_checkpoint,
+        report_checkpoint,
         train_epoch,
+        unwrap,
+        worker_net,
     )
 
     torch.manual_seed(params.seed)
     train, val = _trial_data(params, prepared)
     net = BoostNet.from_params(params)
     exit_flops = exit_costs(net, params)
-    if world > 1:
-        device = ray.train.torch.get_device()
-        net = ray.train.torch.prepare_model(net, parallel_strategy_kwargs=ddp_options(net, params))
-    else:  # the GPU that gpus_per_trial reserved for this trial, if any
-        device = trial_device(ray.get_gpu_ids())
-        net = net.to(device)
-    optimiser = make_optimizer(net, params.train)
-    scheduler = make_scheduler(optimiser, params.train, steps_per_epoch(len(train), params, world))
-    compile_step = compiles(params.train, device, params.tune.epochs)
-    fit = Fit(params, net, optimiser, scheduler, train, device, rank, world, compile=compile_step)
+    net = worker_net(net, params, device, ray_train=world > 1)
+    fit = make_fit(params, net, train, device, rank, world, params.tune.epochs)
     start = 0
     checkpoint = ray.tune.get_checkpoint() if world == 1 else None
     if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            start = fit.restore(load_checkpoint(Path(folder) / "state.pt"))
-    boostnet = getattr(net, "module", net)
+        (state,) = read_checkpoint(checkpoint, "state.pt")
+        start = fit.restore(state)
     for epoch in range(start, params.tune.epochs):
         began = time.perf_counter()
         stats = train_epoch(fit, epoch)
@@ -204,14 +194,12 @@ def _trial_loop(params: Params, prepared: Path, report: Callable, rank: int, wor
         metrics = {"epoch": epoch + 1, "train_seconds": trained - began}
         metrics |= {f"train_loss_exit_{k}": v for k, v in enumerate(stats["train_loss"], 1)}
         if rank == 0:
-            metrics |= _score(boostnet, val, params, exit_flops)
+            metrics |= _score(unwrap(net), val, params, exit_flops)
         metrics["score_seconds"] = time.perf_counter() - trained
         if world > 1:
             report(metrics)
             continue
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save(fit.state(epoch + 1), Path(folder) / "state.pt")
-            report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(folder))
+        report_checkpoint(report, ray.tune.Checkpoint, metrics, {"state.pt": fit.state(epoch + 1)})
 
 
 def _trial_params(sampled: dict[str, Any], base: dict[str, Any]) -> Params:
@@ -220,59 +208,47 @@ def _trial_params(sampled: dict[str, Any], base: dict[str, Any]) -> Params:
 
 
 def run_trial(sampled: dict[str, Any], base: dict[str, Any], prepared: str) -> None:
-    """The function trainable: one configuration, trained in this process."""
+    """The function trainable: one configuration, trained in this process on the GPU that
+    gpus_per_trial reserved for it, if any."""
+    import ray
     import ray.tune
 
     quiet_worker()
     params = _trial_params(sampled, base)
     torch.set_num_threads(max(1, int(params.tune.cpus_per_trial)))
-    _trial_loop(params, Path(prepared), ray.tune.report, rank=0, world=1)
+    device = trial_device(ray.get_gpu_ids())
+    _trial_loop(params, Path(prepared), ray.tune.report, rank=0, world=1, device=device)
 
 
 def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
 
-    quiet_worker()
-    context = ray.train.get_context()
+    from pipeline.training import start_worker
+
     params = Params.model_validate(config["params"])
-    torch.set_num_threads(max(1, int(params.tune.cpus_per_trial)))
-    _trial_loop(
-        params,
-        Path(config["prepared"]),
-        ray.train.report,
-        context.get_world_rank(),
-        context.get_world_size(),
-    )
+    rank, world, device = start_worker(params.tune.cpus_per_trial)
+    _trial_loop(params, Path(config["prepared"]), ray.train.report, rank, world, device)
 
 
 def run_trial_on_ray_train(sampled: dict[str, Any], base: dict[str, Any], prepared: str) -> None:
     """The trainable when `workers_per_trial > 1`: the trial is a Ray Train job (DDP), and
     rank 0's metrics reach Tune through Train's TuneReportCallback."""
-    import ray.train
     import ray.tune
-    from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipeline.training import torch_trainer
 
     params = _trial_params(sampled, base)
     config = params.tune
-    storage = Path(prepared).resolve().parents[1] / ".boostpipe" / "tune-train"
-    TorchTrainer(
+    torch_trainer(
         _train_worker,
-        train_loop_config={"params": params.model_dump(mode="json"), "prepared": prepared},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.workers_per_trial,
-            use_gpu=config.gpus_per_trial > 0,
-            resources_per_worker={
-                "CPU": config.cpus_per_trial,
-                **({"GPU": config.gpus_per_trial} if config.gpus_per_trial else {}),
-            },
-        ),
-        run_config=ray.train.RunConfig(
-            name=ray.tune.get_context().get_trial_id(),
-            storage_path=str(storage),
-            logging_config=ray.LoggingConfig(log_level=library_log_level()),
-            callbacks=[TuneReportCallback()],
-        ),
+        {"params": params.model_dump(mode="json"), "prepared": prepared},
+        workers=config.workers_per_trial,
+        cpus=config.cpus_per_trial,
+        gpus=config.gpus_per_trial,
+        name=ray.tune.get_context().get_trial_id(),
+        storage=Path(prepared).resolve().parents[1] / ".boostpipe" / "tune-train",
+        callbacks=[TuneReportCallback()],
     ).fit()
 
 

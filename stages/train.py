@@ -10,11 +10,14 @@ from pipeline.boosting import BoostNet
 from pipeline.config import load_params
 from pipeline.entry import stage_main
 from pipeline.io import atomic_path, check_writable, read_json, replaced_together, write_json
-from pipeline.training import ray_session, run_name, train
+from pipeline.rayenv import prepare_ray
 
 
 @stage_main
 def main() -> None:
+    prepare_ray()  # Ray reads it on import: before pipeline.training imports ray
+    from pipeline.training import ray_session, run_name, train
+
     dataset = read_json(paths.DATASET_INFO)
     params = load_params(paths.PARAMS).with_dataset(dataset)
     name = run_name(params, dataset["fingerprint"])

@@ -10,14 +10,16 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.config import Params, parse_params
+from pipeline.config import Params, parse_with_overrides
 from pipeline.models import MSDNet, MSDNetSpec, RANet, RANetSpec
+from pipeline.rayenv import prepare_ray
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS_FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+prepare_ray()  # before any test module imports ray
 
 
 def raw_params(path: Path = ROOT / "params.yaml") -> dict[str, Any]:
@@ -26,14 +28,7 @@ def raw_params(path: Path = ROOT / "params.yaml") -> dict[str, Any]:
 
 def compose(path: Path = ROOT / "params.yaml", **overrides: Any) -> Params:
     """The real params file with dotted-key overrides, e.g. compose(**{"model.n_blocks": 3})."""
-    raw = raw_params(path)
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
-    return parse_params(raw, str(path))
+    return parse_with_overrides(raw_params(path), overrides, str(path))
 
 
 def trained_run(uri: str, repo: Path) -> Any:

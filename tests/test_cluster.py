@@ -42,7 +42,7 @@ BIN = Path(sys.executable).parent
 
 # On Linux Ray rewrites 127.0.0.1 (in --node-ip-address and in --address) into the machine's
 # routable address and then listens on every interface. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 stops
-# that (pipeline/__init__.py sets it for local clusters), but `ray start --address` then refuses
+# that (rayenv.prepare_ray() sets it for local clusters), but `ray start --address` then refuses
 # to join a cluster at all. This is the real `ray` command with only that refusal lifted.
 RAY = [
     sys.executable,
@@ -327,16 +327,23 @@ def _logged_epochs(repo: Path, uri: str, history: list[dict]) -> None:
         assert [m.value for m in logged] == pytest.approx([value(r) for r in history]), key
 
 
-def test_a_local_train_stage_keeps_ray_on_loopback():
-    """Without RAY_ADDRESS the stage starts its own Ray; `pipeline` must set the loopback switch
-    before anything imports Ray, or Ray listens on every interface."""
+def test_a_local_train_stage_keeps_ray_on_loopback(tmp_path):
+    """Without RAY_ADDRESS the stage starts its own Ray; it must set the loopback switch before
+    anything imports Ray, or Ray listens on every interface. Importing the stage imports no
+    Ray; running it (here it stops at once: no dataset in an empty folder) sets the switch
+    before its first import of Ray."""
     check = (
-        "import stages.train, ray._private.ray_constants as c; "
-        "assert not c.ENABLE_RAY_CLUSTER, 'ray was imported before pipeline'"
+        "import sys, stages.train; assert 'ray' not in sys.modules, 'importing the stage'\n"
+        "try: stages.train.main()\n"
+        "except FileNotFoundError: pass\n"
+        "assert 'ray' in sys.modules, 'the stage stopped before importing ray'\n"
+        "import ray._private.ray_constants as c\n"
+        "assert not c.ENABLE_RAY_CLUSTER, 'ray was imported before rayenv.prepare_ray()'"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["PYTHONPATH"] = str(ROOT)
     result = subprocess.run(
-        [sys.executable, "-c", check], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
 

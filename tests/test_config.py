@@ -8,7 +8,7 @@ import yaml
 from conftest import ROOT, compose, raw_params
 from pydantic import BaseModel
 
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.config import ConfigError, Params, load_params, set_dotted
 
 
 def test_every_shipped_params_file_validates(params_file):
@@ -71,6 +71,15 @@ def test_the_schema_walk_finds_omitted_nested_and_union_fields():
 def test_temperature_pair_is_spaced_linearly_from_first_to_last_exit():
     params = compose(**{"model.n_blocks": 5, "boost.temperature": [0.2, 1.0]})
     assert params.boost.temperatures(5) == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+
+
+def test_dotted_keys_reach_any_depth_and_a_top_level_key():
+    raw = raw_params()
+    set_dotted(raw, "tune.space.temperature.per", "pair")
+    set_dotted(raw, "seed", 7)
+    assert raw["tune"]["space"]["temperature"]["per"] == "pair" and raw["seed"] == 7
+    with pytest.raises(KeyError):
+        set_dotted(raw, "tune.nowhere.per", "pair")
 
 
 def test_scalar_and_per_exit_lists_are_accepted():
@@ -136,13 +145,11 @@ BAD_CASES = [
 def test_bad_params_fail_on_the_offending_key(tmp_path, source, overrides, expected):
     raw = raw_params(source)
     for dotted, value in overrides.items():
-        section, *rest = dotted.split(".")
-        if not rest:
-            raw[section] = value
-        elif value is None:
-            del raw[section][rest[0]]
+        if value is None:  # a key left out
+            section, leaf = dotted.split(".")
+            del raw[section][leaf]
         else:
-            raw[section][rest[0]] = value
+            set_dotted(raw, dotted, value)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
 

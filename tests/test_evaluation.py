@@ -1,7 +1,9 @@
-"""Real early exit on a real (untrained, seeded) BoostNet agrees with the simulated assignment."""
+"""Real early exit on a real (untrained, seeded) BoostNet agrees with the simulated assignment;
+the evaluate stage's curves, speedups and metric layout from small synthetic scores."""
 
 import copy
 
+import pytest
 import torch
 from conftest import compose
 
@@ -15,7 +17,19 @@ from pipeline.calibration import (
     topk_hits,
 )
 from pipeline.data import Split
-from pipeline.evaluation import Source, collect_scores, early_exit, exit_costs, fold_batch_norm
+from pipeline.evaluation import (
+    EarlyExitRun,
+    Source,
+    Timings,
+    anytime_rows,
+    budget_curve,
+    budget_metrics,
+    collect_scores,
+    early_exit,
+    evaluate,
+    exit_costs,
+    fold_batch_norm,
+)
 
 DEVICE = torch.device("cpu")
 
@@ -73,3 +87,108 @@ def test_folding_batch_norm_keeps_outputs_and_counted_flops():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert torch.allclose(before, after, atol=1e-4, rtol=1e-4)
     assert exit_costs(folded, params) == flops
+
+
+def _scores() -> ExitScores:
+    """Four samples, two exits: exit 1 gets samples 0 and 2 right, exit 2 gets all four."""
+    return ExitScores(
+        confidence=torch.tensor([[0.9, 0.2, 0.8, 0.1], [0.95, 0.9, 0.9, 0.9]]),
+        prediction=torch.tensor([[1, 0, 2, 0], [1, 1, 2, 3]]),
+        top5=torch.ones(2, 4, dtype=torch.bool),
+        targets=torch.tensor([1, 1, 2, 3]),
+    )
+
+
+FLOPS = [1_000_000, 3_000_000]
+
+
+def test_anytime_rows_and_the_budget_curve_with_its_flat_envelope():
+    assert anytime_rows(_scores(), FLOPS) == [
+        {"exit": 1, "mflops": 1.0, "top1": 50.0, "top5": 100.0},
+        {"exit": 2, "mflops": 3.0, "top1": 100.0, "top5": 100.0},
+    ]
+    grid = [  # all at exit 1, half at each, all at exit 2; held-out top-1 peaks in the middle
+        {"p": 0.1, "thresholds": [0.0, 0.0], "top1": 60.0},
+        {"p": 0.5, "thresholds": [0.5, 0.0], "top1": 70.0},
+        {"p": 0.9, "thresholds": [2.0, 0.0], "top1": 65.0},
+    ]
+    curve = budget_curve(_scores(), grid, FLOPS)
+    assert [(r["p"], r["mflops"], r["top1"], r["val_top1"]) for r in curve] == [
+        (0.1, 1.0, 50.0, 60.0),
+        (0.5, 2.0, 100.0, 70.0),
+        (0.9, 3.0, 100.0, 65.0),
+    ]
+    # The costliest point's held-out top-1 is below a cheaper one's: it keeps that one's.
+    assert [r["top1_flat"] for r in curve] == [50.0, 100.0, 100.0]
+    assert list(curve[0]) == ["p", "mflops", "top1", "top1_flat", "val_top1"]
+
+
+def test_budget_metrics_speedups_measured_and_predicted():
+    run = EarlyExitRun(
+        predictions=torch.tensor([1, 1, 2, 0]),
+        exits=torch.tensor([0, 1, 0, 1]),
+        targets=torch.tensor([1, 1, 2, 3]),
+        seconds=1.5,
+    )
+    timings = Timings(all_exits_seconds=3.0, budget_seconds=[1.5], budget_runs=[run])
+    budgets = [{"budget": 2.5e6, "thresholds": [0.5, 0.0]}]
+    metrics = budget_metrics(_scores(), FLOPS, budgets, timings)
+    assert metrics == {
+        "budget_2M5": {
+            "target_mflops": 2.5,
+            "expected_mflops": 2.0,  # half the samples leave after 1 MFLOP, half after 3
+            "top1": 100.0,  # the thresholds on the test scores
+            "early_exit_top1": 75.0,  # the real early-exit run's predictions
+            "seconds": 1.5,
+            "images_per_second": pytest.approx(4 / 1.5),
+            "speedup_measured": 2.0,
+            "speedup_predicted": 1.5,  # 3 MFLOPs for every exit / 2 expected
+            "speedup_ratio": pytest.approx(2.0 / 1.5),
+        }
+    }
+
+
+def test_evaluate_reports_the_stage_layout_with_and_without_calibration():
+    params = compose(**{"model.n_blocks": 2, "evaluate.timing_repeats": 2})
+    torch.manual_seed(0)
+    net = BoostNet.from_params(params).eval()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    split = Split(images, torch.randint(0, 10, (32,), generator=generator))
+    source = Source(split, params.data, batch_size=16)
+    scores, _ = collect_scores(net, source, DEVICE)
+    fitted = [
+        fit_thresholds(scores.confidence, exit_distribution(p, params.model.n_exits)).tolist()
+        for p in (0.3, 0.7)
+    ]
+    calibration = {
+        "calibrated": True,
+        "grid": [
+            {"p": p, "thresholds": t, "top1": 50.0} for p, t in zip((0.3, 0.7), fitted, strict=True)
+        ],
+        "budgets": [{"budget": 3e6, "thresholds": fitted[1]}],
+    }
+    report = evaluate(net, source, DEVICE, calibration, params)
+    assert list(report.metrics) == [
+        "anytime",
+        "final_top1",
+        "mean_top1",
+        "all_exits",
+        "device",
+        "budgets",
+        "calibrated",
+    ]
+    assert list(report.metrics["budgets"]) == ["budget_3M"]
+    assert report.metrics["anytime"]["top1"] == {
+        f"exit_{r['exit']}": r["top1"] for r in report.anytime
+    }
+    assert len(report.anytime) == params.model.n_exits and len(report.budget_curve) == 2
+    assert report.summary()[0].startswith("test top-1 per exit: ")
+    assert report.summary()[1].startswith("budget_3M: top-1 ")
+
+    reason = "data.val_size is 0: nothing held out to calibrate on"
+    empty = {"calibrated": False, "reason": reason, "grid": [], "budgets": []}
+    report = evaluate(net, source, DEVICE, empty, params)
+    assert report.metrics["budgets"] == {} and report.budget_curve == []
+    assert report.metrics["calibrated"] is False
+    assert report.summary()[-1] == f"budgeted evaluation skipped: {reason}"
