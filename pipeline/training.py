@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -683,6 +684,19 @@ def train(
     return TrainOutcome(best["model"], best["epoch"], state["history"], state["device"])
 
 
+# Where Ray's state API (the placement-group cleaner's) finds the cluster. Without it the
+# cleaner looks for "the" cluster on the machine and, while another command's local cluster
+# runs, fails with a traceback ("Found multiple active Ray instances").
+API_SERVER = "RAY_API_SERVER_ADDRESS"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (the OS picks it)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextmanager
 def ray_session() -> Iterator[None]:
     """Ray for a stage or a search, until the block ends however it ends: SIGTERM stays Ctrl-C
@@ -692,6 +706,9 @@ def ray_session() -> Iterator[None]:
     kwargs = ray_init_kwargs()
     quiet_driver()  # after `import ray`, which sets its loggers' levels
     previous = signal.getsignal(signal.SIGTERM)
+    api_server = os.environ.get(API_SERVER)
+    if "dashboard_port" in kwargs:  # inherited by the cluster's processes, ours until the end
+        os.environ[API_SERVER] = f"http://127.0.0.1:{kwargs['dashboard_port']}"
     session = ray.init(**kwargs).address_info.get("session_dir")
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:
@@ -704,6 +721,10 @@ def ray_session() -> Iterator[None]:
         _stop_leftovers(started)
         if main_thread and previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if "dashboard_port" in kwargs:
+            os.environ.pop(API_SERVER, None)
+            if api_server is not None:
+                os.environ[API_SERVER] = api_server
         if session and "address" not in kwargs:  # never another cluster's folder
             _remove_session(Path(session))
 
@@ -741,7 +762,9 @@ def ray_init_kwargs() -> dict[str, Any]:
     return {
         "num_cpus": os.cpu_count(),
         # Train's placement-group cleaner asks the dashboard's state API about the controller;
-        # without it every check logs a failure. It listens on 127.0.0.1 only.
+        # without it every check logs a failure. It listens on 127.0.0.1 only, on a port we
+        # pick so that the cleaner can be told which cluster is ours (API_SERVER).
         "include_dashboard": True,
+        "dashboard_port": free_port(),
         "configure_logging": False,
     }

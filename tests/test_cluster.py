@@ -28,11 +28,12 @@ import psutil
 import pytest
 import yaml
 from conftest import ROOT, trained_run
-from test_pipeline import _free_port, _serving, _shrunk_copy
+from test_pipeline import _serving, _shrunk_copy
 
 from pipeline.config import load_params
 from pipeline.data import DEBIAN_FASHION_MNIST
 from pipeline.io import read_json
+from pipeline.training import free_port
 
 needs_data = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
@@ -58,7 +59,7 @@ class LoopbackCluster:
     all on 127.0.0.1 and sharing one token. `env` is what a driver needs to join."""
 
     def __init__(self) -> None:
-        self.port, self.dashboard_port = _free_port(), _free_port()
+        self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.token = secrets.token_hex(32)
         self.env = dict(
@@ -85,13 +86,13 @@ class LoopbackCluster:
         common = [
             *("--node-ip-address=127.0.0.1", f"--num-cpus={cpus}", f"--temp-dir={temp}"),
             *(f"--resources={json.dumps({name: 1})}", "--object-store-memory=300000000", "--block"),
-            f"--dashboard-agent-listen-port={_free_port()}",  # fixed 52365 unless given
+            f"--dashboard-agent-listen-port={free_port()}",  # fixed 52365 unless given
         ]
         if not self.nodes:
             role = [
                 *("--head", f"--port={self.port}", "--include-dashboard=true"),
                 *("--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"),
-                f"--ray-client-server-port={_free_port()}",  # fixed 10001 unless given
+                f"--ray-client-server-port={free_port()}",  # fixed 10001 unless given
             ]
         else:
             role = [f"--address={self.address}"]
@@ -294,7 +295,7 @@ def stack(tmp_path_factory) -> Iterator[tuple[LoopbackCluster, str, int]]:
     """A head and a worker node (one CPU each) and an `mlflow server` (its URI and process
     group), all on 127.0.0.1."""
     store = tmp_path_factory.mktemp("mlflow-server")
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     command = [
         *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--workers", "1"),
         *("--port", uri.rsplit(":", 1)[1], "--backend-store-uri", f"sqlite:///{store}/db.sqlite"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from pipeline.io import (
     save_arrays,
     write_json,
 )
+from pipeline.training import free_port
 
 
 @contextlib.contextmanager
@@ -185,12 +185,6 @@ def test_a_store_that_cannot_be_written_fails_before_work_in_one_line(store, tmp
     assert _status(run_id) == "RUNNING"  # nothing changed
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _env(**extra: str) -> dict[str, str]:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **extra)
     for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "RAY_ADDRESS"):
@@ -200,7 +194,7 @@ def _env(**extra: str) -> dict[str, str]:
 
 def test_runs_and_compare_give_up_on_a_closed_port_in_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     for command in (["runs"], ["compare", "abcd1234"], ["ui"]):
         start = time.monotonic()
         result = subprocess.run(
@@ -221,7 +215,7 @@ def test_runs_and_compare_give_up_on_a_closed_port_in_one_line(tmp_path):
 def mlflow_server(folder: Path) -> Iterator[tuple[str, subprocess.Popen]]:
     """A real `mlflow server` on 127.0.0.1 (one worker) with its store in `folder`, stopped by
     its PID (its process group) when the block ends, if the test has not stopped it already."""
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
         [
@@ -334,7 +328,7 @@ def test_search_logging_survives_a_dead_store(tmp_path, monkeypatch, capsys):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setattr(tracking, "_failed", [])
     tracking.bound_waits("stage")
-    trials = MlflowTrials(f"http://127.0.0.1:{_free_port()}", "0", "f" * 32, 1, 4)
+    trials = MlflowTrials(f"http://127.0.0.1:{free_port()}", "0", "f" * 32, 1, 4)
     trial = SimpleNamespace(trial_id="t1", config={}, last_result={"done": True}, error_file=None)
     start = time.monotonic()
     trials.on_trial_start(0, [trial], trial)

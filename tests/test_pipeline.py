@@ -20,6 +20,8 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,6 +34,7 @@ from pipeline.config import load_params
 from pipeline.data import DEBIAN_FASHION_MNIST, load_split
 from pipeline.io import read_json
 from pipeline.reports import budget_key
+from pipeline.training import free_port
 
 pytestmark = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
@@ -80,15 +83,6 @@ def _shrunk_copy(repo: Path, source: str = "params.yaml") -> Path:
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """The shrunk pipeline run once with the default store (SQLite in the project)."""
-    repo = _shrunk_copy(tmp_path_factory.mktemp("project"))
-    result = _run(["dvc", "repro"], repo)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return repo
-
-
-@pytest.fixture(scope="module")
 def baseline_run(project) -> str:
     """A second run, the joint-training baseline, made by `dvc exp run --temp` in DVC's
     temporary copy under .dvc/tmp/exps; returns its MLflow run id."""
@@ -104,12 +98,6 @@ def baseline_run(project) -> str:
         filter_string="tags.`dvc.experiment` = 'baseline'",
     )
     return run.info.run_id
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 CHROMIUM_FLAGS = [  # as root, offline: no sandbox, no background traffic to Google
@@ -140,21 +128,53 @@ def _serving(
         server.wait(timeout=60)
 
 
+@dataclass
+class Projects:
+    """Two shrunk pipelines `dvc repro`-ed at the same time, as two users' runs on one machine:
+    `local` with the default store (SQLite in the project), `served` against a real `mlflow
+    server` on 127.0.0.1 at `uri`; `consoles` holds what each printed."""
+
+    local: Path
+    served: Path
+    uri: str
+    consoles: dict[str, str]
+
+
 @pytest.fixture(scope="module")
-def server_project(tmp_path_factory) -> Iterator[tuple[Path, str]]:
-    """The shrunk pipeline run against a real `mlflow server` on 127.0.0.1."""
-    repo = _shrunk_copy(tmp_path_factory.mktemp("server-project"))
+def projects(tmp_path_factory) -> Iterator[Projects]:
+    local = _shrunk_copy(tmp_path_factory.mktemp("project"))
+    served = _shrunk_copy(tmp_path_factory.mktemp("server-project"))
     store = tmp_path_factory.mktemp("mlflow-server")
-    uri = f"http://127.0.0.1:{_free_port()}"
+    uri = f"http://127.0.0.1:{free_port()}"
     command = [
         *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--workers", "1"),
         *("--port", uri.rsplit(":", 1)[1], "--backend-store-uri", f"sqlite:///{store}/db.sqlite"),
         *("--artifacts-destination", str(store / "artifacts")),
     ]
     with _serving(command, f"{uri}/health", store):
-        result = _run(["dvc", "repro"], repo, MLFLOW_TRACKING_URI=uri)
-        assert result.returncode == 0, result.stdout + result.stderr
-        yield repo, uri
+        with ThreadPoolExecutor(2) as pool:
+            runs = {
+                "local": pool.submit(_run, ["dvc", "repro"], local),
+                "served": pool.submit(_run, ["dvc", "repro"], served, MLFLOW_TRACKING_URI=uri),
+            }
+            results = {name: run.result() for name, run in runs.items()}
+        for result in results.values():
+            assert result.returncode == 0, result.stdout + result.stderr
+        consoles = {name: r.stdout + r.stderr for name, r in results.items()}
+        yield Projects(local, served, uri, consoles)
+
+
+@pytest.fixture(scope="module")
+def project(projects) -> Path:
+    return projects.local
+
+
+def test_two_pipelines_at_once_keep_to_their_own_ray_clusters(projects):
+    """Each run's Ray Train asks the state API of its own cluster, never "the" cluster on the
+    machine (which fails with a traceback while another local cluster runs)."""
+    for name, console in projects.consoles.items():
+        assert "multiple active Ray instances" not in console, (name, console)
+        assert "Traceback" not in console, (name, console)
 
 
 def test_prepare_holds_out_a_seeded_validation_split(project):
@@ -294,9 +314,9 @@ def test_mlflow_run_holds_params_tags_metrics_and_artifacts(project):
     assert run.info.artifact_uri.startswith((project / "mlruns").as_uri())
 
 
-def test_a_real_mlflow_server_receives_the_same_run(server_project):
-    repo, uri = server_project
-    run = _check_logged_run(repo, uri)
+def test_a_real_mlflow_server_receives_the_same_run(projects):
+    repo = projects.served
+    run = _check_logged_run(repo, projects.uri)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()
 
@@ -544,7 +564,7 @@ def test_mlflow_ui_compares_the_runs_per_exit_in_a_real_browser(project, baselin
     workspace_run = trained_run(f"sqlite:///{project / 'mlflow.db'}", project).info.run_id
     experiment = client.get_run(baseline_run).info.experiment_id
     runs = json.dumps([workspace_run, baseline_run])
-    port = _free_port()
+    port = free_port()
     page_url = (
         f"http://127.0.0.1:{port}/#/metric/test_top1_by_exit?runs={runs}"
         f'&metric="test_top1_by_exit"&experiments=["{experiment}"]'
