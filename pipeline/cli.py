@@ -29,6 +29,7 @@ PARAMS_OPTION = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="boostpipe", message="boostpipe %(version)s")
 def main() -> None:
     """boostpipe: train, calibrate and evaluate BoostNet early-exit networks."""
     prepare_ray()  # before a command imports ray

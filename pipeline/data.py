@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ConfigError, DataConfig
+from pipeline.errors import DatasetNotFound
 from pipeline.folders import listing_fingerprint, scan
 from pipeline.io import load_arrays, save_arrays
 
@@ -30,10 +31,6 @@ FASHION_MNIST_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-
-
-class DatasetNotFound(FileNotFoundError):
-    """No location held the dataset; the message names every place looked in."""
 
 
 @dataclass

@@ -12,11 +12,9 @@ from typing import Any
 import click
 
 from pipeline.config import ConfigError
-from pipeline.data import DatasetNotFound
+from pipeline.errors import CorruptFile, DatasetNotFound, NotWritable, TrackingUnavailable, describe
 from pipeline.folders import DatasetError
-from pipeline.io import CorruptFile, NotWritable
 from pipeline.locks import Busy
-from pipeline.tracking import TrackingUnavailable, describe
 from pipeline.verbosity import quiet_driver, verbose
 
 ONE_LINE_ERRORS = (

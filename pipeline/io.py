@@ -17,15 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-class CorruptFile(ValueError):
-    """An input file that cannot be read back (truncated, overwritten); the message is one line
-    naming it and how to make it again."""
-
-
-class NotWritable(OSError):
-    """An output folder the stage cannot write; raised before the stage's work starts."""
-
+from pipeline.errors import CorruptFile, NotWritable
 
 # (temporary, final) pairs of the innermost `replaced_together` block, renamed when it ends.
 _deferred: list[list[tuple[str, Path]]] = []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
 import subprocess
 import time
@@ -27,10 +26,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Params
-
-
-class TrackingUnavailable(RuntimeError):
-    """The tracking store cannot be reached; the message is one line naming it."""
+from pipeline.errors import TrackingUnavailable, describe
 
 
 def project_root(cwd: Path | None = None) -> Path:
@@ -66,19 +62,6 @@ def bound_waits(kind: str = "stage") -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(retries))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(timeout))
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-
-
-def describe(exc: BaseException) -> str:
-    """An MLflow failure as a short phrase: the cause of a failed HTTP request, else the first
-    line of the innermost error (a database's own message, not its wrappers')."""
-    text = str(exc).strip()
-    cause = re.search(r"(\[Errno -?\d+\] [^'\")]+|Read timed out|Connection aborted)", text)
-    if "Max retries exceeded" in text or (cause and "API request" in text):
-        return f"no answer ({cause.group(1) if cause else 'after retries'})"
-    while exc.__cause__ or exc.__context__:
-        exc = exc.__cause__ or exc.__context__
-    lines = str(exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {lines[0][:200]}" if lines else exc.__class__.__name__
 
 
 def _check_server(uri: str) -> None:

@@ -4,6 +4,7 @@ import ast
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,23 @@ def test_every_stage_depends_on_every_project_file_it_imports(dvc_file):
         if gaps:
             missing[name] = gaps
     assert missing == {}
+
+
+@pytest.mark.parametrize("option", ["--help", "--version"])
+def test_help_and_version_load_neither_torch_ray_nor_mlflow(option):
+    """They answer in a fraction of a second: the CLI's top level and its error handling are
+    free of the heavy libraries, which each command imports when it runs."""
+    check = (
+        "import sys\n"
+        "from click.testing import CliRunner\n"
+        "from pipeline.cli import main\n"
+        f"result = CliRunner().invoke(main, ['{option}'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "print(result.output)\n"
+        "print(sorted({'torch', 'ray', 'mlflow'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.rstrip().endswith("[]"), out
+    assert ("Usage:" if option == "--help" else "boostpipe ") in out
