@@ -46,7 +46,16 @@ def trained_run(uri: str, repo: Path) -> Any:
     return run
 
 
-@pytest.fixture(params=PARAMS_FILES, ids=lambda p: p.stem)
+def imagenet_slow(values: list[Any], name: Any = lambda value: value.stem) -> list[Any]:
+    """Parameters for `parametrize`, named by `name`; ImageNet-sized ones (seconds each on a CPU)
+    are marked slow, so that `make test-fast` stays under a minute."""
+    return [
+        pytest.param(value, id=name(value), marks=[pytest.mark.slow] * ("imagenet" in name(value)))
+        for value in values
+    ]
+
+
+@pytest.fixture(params=imagenet_slow(PARAMS_FILES))
 def params_file(request: pytest.FixtureRequest) -> Path:
     return request.param
 

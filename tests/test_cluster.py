@@ -328,6 +328,7 @@ def _logged_epochs(repo: Path, uri: str, history: list[dict]) -> None:
         assert [m.value for m in logged] == pytest.approx([value(r) for r in history]), key
 
 
+@pytest.mark.slow
 def test_a_local_train_stage_keeps_ray_on_loopback(tmp_path):
     """Without RAY_ADDRESS the stage starts its own Ray; it must set the loopback switch before
     anything imports Ray, or Ray listens on every interface. Importing the stage imports no
@@ -349,6 +350,7 @@ def test_a_local_train_stage_keeps_ray_on_loopback(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.slow
 @needs_data
 def test_ddp_workers_train_on_two_nodes(stack, tmp_path):
     cluster, uri, server = stack
@@ -381,6 +383,7 @@ def test_ddp_workers_train_on_two_nodes(stack, tmp_path):
         assert any("RayTrainWorker" in title for title in titles), exposed
 
 
+@pytest.mark.slow
 @needs_data
 def test_training_survives_losing_a_node(stack, tmp_path):
     """The worker node dies (SIGKILL to all its processes) after the first checkpoint. With 2
@@ -415,6 +418,7 @@ def test_training_survives_losing_a_node(stack, tmp_path):
     _logged_epochs(repo, uri, history)
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_tune_search_runs_on_the_cluster(stack, tmp_path):
     """`boostpipe tune` through RAY_ADDRESS: two one-CPU trials at once, on a cluster whose two

@@ -40,6 +40,7 @@ def one_gpu_cluster():
             ray.shutdown()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("gpus", "expected"), [(1, "cuda:0"), (0.5, "cuda:0"), (0, "cpu")])
 def test_a_trial_trains_on_the_gpu_its_gpus_per_trial_reserved(
     one_gpu_cluster, tmp_path: Path, gpus: float, expected: str

@@ -154,6 +154,7 @@ def locked(database: Path) -> Iterator[None]:
         holder.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["read-only", "read-only resumed", "locked resumed"])
 def test_a_store_that_cannot_be_written_fails_before_work_in_one_line(store, tmp_path, fault):
     """The pre-flight writes (a tag), so a store that can be read but not written is caught for
@@ -192,6 +193,7 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_runs_and_compare_give_up_on_a_closed_port_in_one_line(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     uri = f"http://127.0.0.1:{free_port()}"

@@ -36,9 +36,12 @@ from pipeline.io import read_json
 from pipeline.reports import budget_key
 from pipeline.training import free_port
 
-pytestmark = pytest.mark.skipif(
-    not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
-)
+pytestmark = [
+    pytest.mark.slow,  # each module trains a project first
+    pytest.mark.skipif(
+        not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
+    ),
+]
 
 
 def _run(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:

@@ -22,9 +22,12 @@ from pipeline.evaluation import Source, collect_scores, early_exit, exit_costs, 
 from pipeline.io import write_json
 from pipeline.predict import UNREADABLE_EXIT_CODE
 
-pytestmark = pytest.mark.skipif(
-    not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
-)
+pytestmark = [
+    pytest.mark.slow,  # each module trains a project first
+    pytest.mark.skipif(
+        not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
+    ),
+]
 CPU = torch.device("cpu")
 N_IMAGES = 96
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT, compose
+from conftest import ROOT, compose, imagenet_slow
 
 from pipeline.config import load_params
 from pipeline.data import Split, split_holdout
@@ -15,7 +15,7 @@ from pipeline.training import keeps, selection_score
 PAPER_CONFIGS = sorted((ROOT / "configs").glob("*-msdnet-*.yaml"))
 
 
-@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", imagenet_slow(PAPER_CONFIGS))
 def test_paper_configs_follow_the_reference_protocol(path):
     params = load_params(path)
     assert params.train.amp is False
@@ -28,7 +28,7 @@ def test_paper_configs_follow_the_reference_protocol(path):
         assert params.train.select == "best"
 
 
-@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", imagenet_slow(PAPER_CONFIGS))
 def test_paper_budgets_lie_between_the_first_and_last_exit_cost(path):
     params = load_params(path)
     size = params.data.spec.image_size

@@ -19,6 +19,7 @@ def gpu_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_auto_takes_one_worker_per_gpu(gpu_cluster):
     assert worker_layout(compose(), gpu_cluster) == Layout(workers=1, use_gpu=True)
 
@@ -28,6 +29,7 @@ def test_auto_without_gpus_keeps_the_two_worker_cpu_layout():
     assert worker_layout(compose(), {"CPU": 1.0}) == Layout(workers=1, use_gpu=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

@@ -32,6 +32,7 @@ def test_connect_creates_the_experiment_once(tmp_path, monkeypatch):
     assert (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_register_adds_a_version_and_moves_the_evaluated_alias(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
@@ -64,6 +65,7 @@ print(tuple(model(torch.zeros(2, *map(int, sys.argv[3:]))).shape))
 """
 
 
+@pytest.mark.slow
 def test_the_logged_model_loads_without_this_checkout(tmp_path, monkeypatch):
     """`mlflow.pytorch.load_model` in a process that cannot import this repository's code:
     the model brings the package it needs (`code_paths`)."""

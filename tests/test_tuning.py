@@ -154,6 +154,7 @@ def _children(folder: Path, parent: str | None = None) -> tuple[object, list]:
     return client.get_run(parent), children
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_small_search_records_every_trial_in_mlflow(workdir):
     result = _tune(["--trials", "4"], workdir)
@@ -198,6 +199,7 @@ def _failing_on_trial_one(sampled, base, prepared):
     run_trial(sampled, base, prepared)
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_failing_trial_is_recorded_as_failed_and_the_others_finish(workdir, monkeypatch):
     monkeypatch.chdir(workdir)
@@ -312,16 +314,19 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
     assert {p: p.stat().st_mtime_ns for p in storage.rglob("*") if p.is_file()} == state
 
 
+@pytest.mark.slow
 @needs_data
 def test_ctrl_c_then_resume_runs_only_unfinished_trials(workdir):
     _interrupt_and_resume(workdir, "interrupted", signal.SIGINT)
 
 
+@pytest.mark.slow
 @needs_data
 def test_kill_9_then_resume_runs_only_unfinished_trials(workdir):
     _interrupt_and_resume(workdir, "killed", signal.SIGKILL)
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_second_identical_search_is_refused_and_the_first_finishes_untouched(workdir):
     """Two `boostpipe tune` with the same params: the second names the running one in one line
@@ -367,6 +372,7 @@ def test_a_second_identical_search_is_refused_and_the_first_finishes_untouched(w
     assert parent.info.status == "FINISHED" and len(runs) == 3
 
 
+@pytest.mark.slow
 @needs_data
 def test_trials_can_be_ray_train_ddp_jobs(workdir):
     raw = yaml.safe_load((workdir / "params.yaml").read_text())
@@ -384,6 +390,7 @@ def test_trials_can_be_ray_train_ddp_jobs(workdir):
     assert 0 < child.data.metrics["val_budget_auc"] <= 100
 
 
+@pytest.mark.slow
 def test_a_trial_larger_than_the_cluster_is_refused_not_left_pending(workdir):
     cpus = os.cpu_count()  # the local cluster has this many: two workers need twice as many
     result = _tune(["--workers-per-trial", "2", "--cpus-per-trial", str(cpus)], workdir)
