@@ -17,6 +17,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -524,4 +525,7 @@ def best_effort(action: Callable[[], None], what: str) -> None:
         action()
     except Exception as exc:
         _failed.append(what)
-        print(f"warning: could not log {what} to MLflow ({describe(exc)}); going on without it")
+        print(
+            f"warning: could not log {what} to MLflow ({describe(exc)}); going on without it",
+            file=sys.stderr,
+        )
