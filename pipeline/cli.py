@@ -375,28 +375,6 @@ def _confirmed_gain(confirmation: Any, metric: str) -> str:
     )
 
 
-def _apply(params_path: Path, outcome: Any, force: bool) -> str:
-    """`--apply`: the confirmed best goes into the params file only when its gain's interval
-    lies above zero (or with --force); otherwise the file is not touched."""
-    from pipeline.config import write_overrides
-
-    confirmation, chosen = outcome.confirmation, outcome.chosen
-    if not chosen:
-        return f"--apply: the params file's values are the best; {params_path} left unchanged"
-    if not force and confirmation is None:
-        return (
-            f"--apply: no confirmation (tune.confirm.top_k 0), so no interval; {params_path} "
-            "left unchanged (--apply --force writes the best trial's values)"
-        )
-    if not force and not confirmation.significant:
-        return (
-            "--apply: the confirmed gain's 95% interval does not lie above zero; "
-            f"{params_path} left unchanged (--apply --force writes it anyway)"
-        )
-    write_overrides(params_path, chosen)
-    return f"wrote the {'confirmed ' if confirmation else ''}best values into {params_path}"
-
-
 def _exp_run_line(dotted: dict[str, Any]) -> str:
     def literal(value: Any) -> str:
         if isinstance(value, list):
@@ -452,6 +430,7 @@ def tune(
     options override them. Trials are scored on the held-out validation split.
     """
     from pipeline import paths
+    from pipeline.confirmation import apply_confirmed
     from pipeline.io import read_json
     from pipeline.tracking import bound_waits
     from pipeline.tuning import SearchFinished, SearchInterrupted, SearchNotFound, run_search
@@ -502,7 +481,7 @@ def tune(
     if outcome.chosen:
         console.print(_exp_run_line(outcome.chosen))
     if apply:
-        console.print(_apply(params_path, outcome, force))
+        console.print(apply_confirmed(params_path, outcome, force))
 
 
 @main.command()

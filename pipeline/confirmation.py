@@ -146,9 +146,10 @@ def confirm_trial(
 
 def confirm(
     search: SearchSetup, outcome: SearchOutcome, resume: bool, trainable: Callable | None
-) -> Confirmation:
+) -> Confirmation | None:
     """Run (or, with `resume`, continue) the confirmation of a finished search, inside its Ray
-    session; raises SearchInterrupted when it stopped before every run ended."""
+    session; raises SearchInterrupted when it stopped before every run ended. None when no
+    trial but the params file's values finished: nothing to confirm."""
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
@@ -156,6 +157,8 @@ def confirm(
     params = search.params
     config = params.tune
     chosen = candidates(outcome, params, config.confirm.top_k)
+    if len(chosen) == 1:
+        return None
     seeds = fresh_seeds(params)
     points = [{"candidate": c.label, "seed": s, **c.sampled} for c in chosen for s in seeds]
     callbacks = trial_callbacks(params, outcome.parent_run_id, "confirm", "confirmation")
@@ -214,3 +217,26 @@ def log_confirmation(run_id: str, confirmation: Confirmation, metric: str, folde
     ranked = [{**vars(c), "mean": c.mean, "std": c.std} for c in confirmation.candidates]
     write_json(path, {"seeds": confirmation.seeds, "candidates": ranked})
     tracking.log_artifacts(run_id, [path])
+
+
+def apply_confirmed(params_path: Path, outcome: SearchOutcome, force: bool) -> str:
+    """`boostpipe tune --apply`: the confirmed best goes into the params file only when its
+    gain's interval lies above zero (or `force`); otherwise the file is not touched. Returns
+    the line that says which."""
+    from pipeline.config import write_overrides
+
+    confirmation, chosen = outcome.confirmation, outcome.chosen
+    if not chosen:
+        return f"--apply: the params file's values are the best; {params_path} left unchanged"
+    if not force and confirmation is None:
+        return (
+            f"--apply: no confirmation (tune.confirm.top_k 0), so no interval; {params_path} "
+            "left unchanged (--apply --force writes the best trial's values)"
+        )
+    if not force and not confirmation.significant:
+        return (
+            "--apply: the confirmed gain's 95% interval does not lie above zero; "
+            f"{params_path} left unchanged (--apply --force writes it anyway)"
+        )
+    write_overrides(params_path, chosen)
+    return f"wrote the {'confirmed ' if confirmation else ''}best values into {params_path}"
