@@ -15,7 +15,7 @@ from rich.table import Table
 
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.entry import exits_on_config_error
-from pipeline.verbosity import quiet_driver
+from pipeline.verbosity import VERBOSE_ENV, quiet_driver
 
 PARAMS_OPTION = click.option(
     "--params",
@@ -28,8 +28,16 @@ PARAMS_OPTION = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help=f"Libraries' own lines (Ray, MLflow) and tracebacks on the console ({VERBOSE_ENV}=1).",
+)
+def main(verbose: bool) -> None:
     """boostpipe: train, calibrate and evaluate BoostNet early-exit networks."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # for this process and the Ray workers it starts
     quiet_driver()
 
 

@@ -516,7 +516,7 @@ def _fit(
     config = params.tune
     log = storage / name / "tune.log"
     if not verbose():
-        print(f"Ray Tune's log: {log} (-v shows it here)", file=sys.stderr)
+        print(f"Ray Tune's log: {log} (`boostpipe -v tune` shows it here)", file=sys.stderr)
     quiet_ray_tune()
     with chatter_to(log), ray_session():
         check_fits(config, ray.cluster_resources())

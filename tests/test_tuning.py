@@ -395,6 +395,74 @@ def test_kill_9_then_resume_runs_only_unfinished_trials(workdir):
 
 
 @needs_data
+@pytest.mark.slow
+def test_ctrl_c_in_the_confirmation_then_resume_runs_only_unfinished_confirmation_runs(workdir):
+    """2 one-epoch trials, then 4 confirmation runs one at a time; Ctrl-C once one of them has
+    ended; `--resume --apply --force` runs the other 3 only, and writes the confirmed best."""
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["tracking"]["experiment"] = "confirm-resume"
+    raw["tune"].update(
+        trials=2, epochs=1, scheduler="fifo", max_concurrent=1, train_subset=200, val_subset=200
+    )
+    raw["tune"]["confirm"] = {"top_k": 1, "seeds": 2}
+    params_file = workdir / "confirm-resume.yaml"
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client.search_experiments()  # the store exists before two processes touch it
+
+    def runs(phase: str) -> list:
+        experiment = client.get_experiment_by_name("confirm-resume")
+        found = client.search_runs([experiment.experiment_id]) if experiment else []
+        return [r for r in found if r.data.tags.get("boostpipe.phase") == phase]
+
+    driver = subprocess.Popen(
+        ["boostpipe", "tune", "--params", params_file.name],
+        cwd=workdir,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (ended := [r for r in runs("confirm") if "tune.outcome" in r.data.tags]):
+            assert driver.poll() is None and time.monotonic() < deadline, "no run ended"
+            time.sleep(0.5)
+        os.kill(driver.pid, signal.SIGINT)
+        assert driver.wait(timeout=120) == 130
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    before = {r.info.run_id: r.info.end_time for r in ended + runs("search")}
+    result = _tune(["--params", params_file.name, "--resume", "--apply", "--force"], workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    confirming = runs("confirm")
+    assert len(confirming) == 4 and len({c.data.tags["ray.trial_id"] for c in confirming}) == 4
+    assert all(c.data.tags["tune.outcome"] == "finished" for c in confirming)
+    assert len(runs("search")) == 2
+    for run_id, end_time in before.items():  # ended runs were not run again
+        assert client.get_run(run_id).info.end_time == end_time
+    history = [client.get_metric_history(c.info.run_id, "val_budget_auc") for c in confirming]
+    assert all(len(points) == 1 for points in history)  # one epoch each, none trained twice
+    (parent,) = [
+        r
+        for r in client.search_runs([confirming[0].info.experiment_id])
+        if "mlflow.parentRunId" not in r.data.tags
+    ]
+    assert parent.info.status == "FINISHED"
+    if parent.data.tags["tune.confirmed_best"] == "params-file":
+        assert "the params file's values are the best" in result.stdout
+    else:  # --force: written whatever the interval
+        assert "wrote the confirmed best values" in result.stdout
+        assert load_params(params_file).boost.temperature != raw["boost"]["temperature"]
+
+
+@needs_data
 def test_a_second_identical_search_is_refused_and_the_first_finishes_untouched(workdir):
     """Two `boostpipe tune` with the same params: the second names the running one in one line
     and exits non-zero without touching its folder; the first ends with all its trials."""
