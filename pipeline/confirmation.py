@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import Params
 from pipeline.interrupts import sigint_handler_restored
 from pipeline.stats import Interval, paired_interval, std
 from pipeline.tuning import (
@@ -110,7 +111,7 @@ class Confirmation:
         return out
 
 
-def candidates(outcome: SearchOutcome, params: Any, top_k: int) -> list[Candidate]:
+def candidates(outcome: SearchOutcome, params: Params, top_k: int) -> list[Candidate]:
     """The best `top_k` finished trials other than the params file's values, and those values."""
     space = search_space(params.tune, params.model.n_exits)
     default_id = outcome.default.trial_id if outcome.default else None
@@ -131,7 +132,7 @@ def candidates(outcome: SearchOutcome, params: Any, top_k: int) -> list[Candidat
     ]
 
 
-def fresh_seeds(params: Any) -> list[int]:
+def fresh_seeds(params: Params) -> list[int]:
     """Seeds no search trial used (every trial trains with `seed`)."""
     return [params.seed + 1 + k for k in range(params.tune.confirm.seeds)]
 
