@@ -96,7 +96,7 @@ class Confirmation:
 
     def figures(self, metric: str) -> dict[str, Any]:
         """What the parent run and outputs/tune/summary.json record (the gain: the challenger's
-        over the params file's values)."""
+        over the params file's values). Names without dots, which DVC would read as nesting."""
         out: dict[str, Any] = {
             "confirmed_best": self.best.label,
             "challenger": self.challenger.label,
@@ -104,8 +104,8 @@ class Confirmation:
         }
         for candidate in self.candidates:
             if candidate.mean is not None:
-                out[f"confirmed_mean_{metric}.{candidate.label}"] = candidate.mean
-                out[f"confirmed_std_{metric}.{candidate.label}"] = candidate.std
+                out[f"confirmed_mean_{metric}_{candidate.label}"] = candidate.mean
+                out[f"confirmed_std_{metric}_{candidate.label}"] = candidate.std
         if (gain := self.gain) is not None:
             out |= {"confirmed_gain": gain.mean, "gain_ci_low": gain.low, "gain_ci_high": gain.high}
         return out
