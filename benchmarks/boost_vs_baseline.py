@@ -26,33 +26,21 @@ import yaml
 
 from benchmarks.inprocess import compose, train_and_score
 from pipeline.io import write_json
+from pipeline.stats import paired_interval, std
 
 RESULTS = Path("benchmarks/results/boost_vs_baseline.json")
-# Two-sided 95 % quantiles of Student's t, by degrees of freedom (df > 30: the normal's 1.96).
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-        9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120,
-        17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086, 25: 2.060, 30: 2.042}  # fmt: skip
 VARIANTS = {"boostnet": True, "baseline": False}
 
 
-def t_quantile(df: int) -> float:
-    if df > 30:
-        return 1.96
-    return T975[max(d for d in T975 if d <= df)]  # a lower df is the conservative side
-
-
 def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):6.2f}+-{spread:4.2f}"
+    return f"{statistics.mean(values):6.2f}+-{std(values):4.2f}"
 
 
 def paired(boost: list[float], base: list[float]) -> str:
-    diffs = [b - a for b, a in zip(boost, base, strict=True)]
-    mean = statistics.mean(diffs)
-    if len(diffs) < 2:
-        return f"{mean:+6.2f}"
-    half = t_quantile(len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return f"{mean:+6.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+    interval = paired_interval(boost, base)
+    if interval is None:
+        return f"{boost[0] - base[0]:+6.2f}"
+    return f"{interval.mean:+6.2f} [{interval.low:+.2f}, {interval.high:+.2f}]"
 
 
 def table(results: dict[str, Any]) -> str:

@@ -16,7 +16,7 @@ from rich.table import Table
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.entry import exits_on_config_error
 from pipeline.rayenv import prepare_ray
-from pipeline.verbosity import quiet_driver
+from pipeline.verbosity import VERBOSE_ENV, quiet_driver
 
 PARAMS_OPTION = click.option(
     "--params",
@@ -30,8 +30,16 @@ PARAMS_OPTION = click.option(
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="boostpipe", message="boostpipe %(version)s")
-def main() -> None:
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help=f"Libraries' own lines (Ray, MLflow) and tracebacks on the console ({VERBOSE_ENV}=1).",
+)
+def main(verbose: bool) -> None:
     """boostpipe: train, calibrate and evaluate BoostNet early-exit networks."""
+    if verbose:
+        os.environ[VERBOSE_ENV] = "1"  # for this process and the Ray workers it starts
     prepare_ray()  # before a command imports ray
     quiet_driver()
 
@@ -295,16 +303,22 @@ def _tune_params(params_path: Path, options: dict[str, Any]) -> Params:
 
     load_params(params_path)
     raw = yaml.safe_load(params_path.read_text())
-    raw.setdefault("tune", {}).update(options)
+    section = raw.setdefault("tune", {})
+    for key, value in options.items():
+        group, _, leaf = key.rpartition(".")
+        (section.setdefault(group, {}) if group else section)[leaf] = value
     try:
         return parse_params(raw, str(params_path))
     except ConfigError as exc:
         for key in options:
             prefix = f"{params_path}: tune.{key}:"
             if str(exc).startswith(prefix):
-                option = "--" + key.replace("_", "-")
+                option = TUNE_OPTION_NAMES.get(key) or "--" + key.replace("_", "-")
                 raise ConfigError(f"{option}:{str(exc)[len(prefix) :]}") from None
         raise
+
+
+TUNE_OPTION_NAMES = {"confirm.top_k": "--confirm"}  # keys whose option is not named after them
 
 
 def _ranked(outcome: Any, limit: int = 10) -> Table:
@@ -324,6 +338,52 @@ def _ranked(outcome: Any, limit: int = 10) -> Table:
             describe(trial.sampled),
         )
     return table
+
+
+def _confirmed(confirmation: Any, metric: str) -> Table:
+    from pipeline.tuning import describe
+
+    seeds = len(confirmation.seeds)
+    table = Table(title=f"confirmation: {metric} over {seeds} fresh seeds (validation)")
+    for column in ("#", "configuration", "search", "mean +- std", "runs", "values"):
+        table.add_column(column, justify="left" if column == "values" else "right")
+    for rank, candidate in enumerate(confirmation.candidates, start=1):
+        score, mean = candidate.search_score, candidate.mean
+        table.add_row(
+            str(rank),
+            candidate.label,
+            "-" if score is None else f"{score:.2f}",
+            "-" if mean is None else f"{mean:.2f} +- {candidate.std:.2f}",
+            f"{len(candidate.scores)}/{seeds}",
+            describe(candidate.sampled),
+        )
+    return table
+
+
+def _confirmed_gain(confirmation: Any, metric: str) -> str:
+    """The confirmed best, and the gain of the best other configuration over the params file's
+    values with its interval."""
+
+    def mean_std(candidate: Any) -> str:
+        return "-" if candidate.mean is None else f"{candidate.mean:.2f} +- {candidate.std:.2f}"
+
+    new, default = confirmation.challenger, confirmation.default
+    if confirmation.best is default:
+        line = (
+            f"confirmed best: the params file's values ({metric} {mean_std(default)}); "
+            f"next {new.label}: {mean_std(new)}"
+        )
+    else:
+        line = (
+            f"confirmed best {new.label}: {metric} {mean_std(new)} vs {mean_std(default)} "
+            "with the params file's values"
+        )
+    if (gain := confirmation.gain) is None:
+        return line + "; no interval (fewer than two seeds finished for both)"
+    return (
+        f"{line}; gain {gain.mean:+.2f}, 95% CI [{gain.low:+.2f}, {gain.high:+.2f}] "
+        f"({gain.n} paired seeds)"
+    )
 
 
 def _exp_run_line(dotted: dict[str, Any]) -> str:
@@ -351,21 +411,47 @@ def _exp_run_line(dotted: dict[str, Any]) -> str:
     is_flag=True,
     help="Continue the interrupted search these params name, else the latest interrupted one.",
 )
-@click.option("--apply", is_flag=True, help="Write the best values into the params file.")
+@click.option(
+    "--confirm",
+    "confirm_top_k",
+    type=int,
+    help="Retrain the best K and the params file's values over fresh seeds (tune.confirm.top_k).",
+)
+@click.option("--no-confirm", is_flag=True, help="No confirmation (--confirm 0).")
+@click.option(
+    "--apply",
+    is_flag=True,
+    help="Write the confirmed best into the params file if its gain's 95% interval is above 0.",
+)
+@click.option("--force", is_flag=True, help="With --apply: write the best values regardless.")
 @exits_on_config_error
-def tune(params_path: Path, address: str | None, resume: bool, apply: bool, **options: Any) -> None:
+def tune(
+    params_path: Path,
+    address: str | None,
+    resume: bool,
+    apply: bool,
+    force: bool,
+    confirm_top_k: int | None,
+    no_confirm: bool,
+    **options: Any,
+) -> None:
     """Search temperatures and loss weights with Ray Tune; every trial in MLflow.
 
     The search space, budget and scheduler come from the `tune` section of the params file;
     options override them. Trials are scored on the held-out validation split.
     """
     from pipeline import paths
-    from pipeline.config import write_overrides
+    from pipeline.confirmation import apply_confirmed
     from pipeline.io import read_json
     from pipeline.tracking import bound_waits
     from pipeline.tuning import SearchFinished, SearchInterrupted, SearchNotFound, run_search
 
-    params = _tune_params(params_path, {k: v for k, v in options.items() if v is not None})
+    if force and not apply:
+        raise ConfigError("--force: only with --apply")
+    options = {k: v for k, v in options.items() if v is not None}
+    if no_confirm or confirm_top_k is not None:
+        options["confirm.top_k"] = 0 if no_confirm else confirm_top_k
+    params = _tune_params(params_path, options)
     if not paths.PREPARED.exists() or not paths.DATASET_INFO.exists():
         raise click.ClickException(f"{paths.PREPARED}: missing; run `dvc repro prepare` first")
     if address:
@@ -397,13 +483,16 @@ def tune(params_path: Path, address: str | None, resume: bool, apply: bool, **op
         raise click.ClickException("no trial finished; see the failed trials' runs in MLflow")
     if default is not None and default.score is not None:
         console.print(
-            f"best {outcome.metric} {best.score:.2f} vs {default.score:.2f} with the params "
-            f"file's values ({best.score - default.score:+.2f})"
+            f"best trial {outcome.metric} {best.score:.2f} vs {default.score:.2f} with the params "
+            f"file's values ({best.score - default.score:+.2f}, one seed each)"
         )
-    console.print(_exp_run_line(best.overrides))
+    if outcome.confirmation is not None:
+        console.print(_confirmed(outcome.confirmation, outcome.metric))
+        console.print(_confirmed_gain(outcome.confirmation, outcome.metric))
+    if outcome.chosen:
+        console.print(_exp_run_line(outcome.chosen))
     if apply:
-        write_overrides(params_path, best.overrides)
-        console.print(f"wrote the best values into {params_path}")
+        console.print(apply_confirmed(params_path, outcome, force))
 
 
 @main.command()

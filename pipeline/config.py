@@ -305,6 +305,15 @@ class SearchSpace(_Section):
     grad_rescale: bool = False  # true: also try gradient rescaling on and off
 
 
+class ConfirmConfig(_Section):
+    """After the search, the best `top_k` configurations and the params file's values are
+    retrained with `seeds` fresh seeds each (the trials' budget), so the winner is judged on a
+    mean over seeds, not on one lucky draw. top_k 0: no confirmation."""
+
+    top_k: Annotated[int, Field(strict=True, ge=0)] = 3
+    seeds: Annotated[int, Field(strict=True, ge=2)] = 3  # two at least: a paired interval
+
+
 TUNE_METRICS = ("val_budget_auc", "val_mean_top1", "val_final_top1")
 
 
@@ -330,6 +339,7 @@ class TuneConfig(_Section):
     workers_per_trial: Count = 1  # >1: every trial is a Ray Train job with this many workers
     seed: Annotated[int, Field(strict=True, ge=0)] = 0
     space: SearchSpace = SearchSpace()
+    confirm: ConfirmConfig = ConfirmConfig()
 
     @model_validator(mode="after")
     def _check_schedule(self) -> TuneConfig:

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -507,4 +508,7 @@ def best_effort(action: Callable[[], None], what: str) -> None:
         action()
     except Exception as exc:
         _failed.append(what)
-        print(f"warning: could not log {what} to MLflow ({describe(exc)}); going on without it")
+        print(
+            f"warning: could not log {what} to MLflow ({describe(exc)}); going on without it",
+            file=sys.stderr,
+        )

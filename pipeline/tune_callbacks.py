@@ -21,6 +21,7 @@ from rich.live import Live
 from rich.table import Table
 
 from pipeline.tuning import describe
+from pipeline.verbosity import console_file, verbose
 
 # What a trial reports that is worth a chart (step = epoch).
 LOGGED_PREFIXES = ("val_", "train_loss_exit_", "train_seconds", "score_seconds")
@@ -29,13 +30,20 @@ LOGGED_PREFIXES = ("val_", "train_loss_exit_", "train_seconds", "score_seconds")
 class MlflowTrials(Callback):
     """A nested MLflow run per trial under the search's parent run: the sampled values and
     the params they become, per-epoch metrics, and how the trial ended (tag `tune.outcome`:
-    finished, stopped_early or failed; MLflow status FINISHED, KILLED or FAILED)."""
+    finished, stopped_early or failed; MLflow status FINISHED, KILLED or FAILED). Tag
+    `boostpipe.phase` tells the search's trials (`search`) from its confirmation's (`confirm`)."""
 
     def __init__(
-        self, uri: str, experiment_id: str, parent_run_id: str, epochs: int, n_exits: int
+        self,
+        uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        epochs: int,
+        n_exits: int,
+        phase: str = "search",
     ) -> None:
         self.uri, self.experiment_id, self.parent = uri, experiment_id, parent_run_id
-        self.epochs, self.n_exits = epochs, n_exits
+        self.epochs, self.n_exits, self.phase = epochs, n_exits, phase
         self.seconds = 0.0  # time spent logging, for the overhead figure
         self._client: Any = None
         self._runs: dict[str, str] = {}
@@ -86,12 +94,17 @@ class MlflowTrials(Callback):
         from pipeline.tuning import overrides
 
         dotted = overrides(trial.config, self.n_exits)
+        config = trial.config
+        name = f"trial-{trial.trial_id}"
+        if self.phase == "confirm":
+            name = f"confirm-{config['candidate']}-seed{config['seed']}"
+        tags = {
+            "mlflow.parentRunId": self.parent,
+            "ray.trial_id": trial.trial_id,
+            "boostpipe.phase": self.phase,
+        }
         run = self._timed(
-            lambda: self.client.create_run(
-                self.experiment_id,
-                run_name=f"trial-{trial.trial_id}",
-                tags={"mlflow.parentRunId": self.parent, "ray.trial_id": trial.trial_id},
-            )
+            lambda: self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         )
         values = {k: str(v) for k, v in {**trial.config, **dotted}.items()}
         params = [Param(k, v) for k, v in values.items()]
@@ -99,7 +112,7 @@ class MlflowTrials(Callback):
         return run.info.run_id
 
     def ended(self) -> int | None:
-        """How many of the search's trials have ended, over every attempt at the search; None
+        """How many of this phase's trials have ended, over every attempt at the search; None
         when the store cannot say (it failed during the search)."""
         counted: list[int] = []
         _best_effort(lambda: counted.append(self._count_ended()))
@@ -109,7 +122,10 @@ class MlflowTrials(Callback):
         children = self._timed(
             lambda: self.client.search_runs(
                 [self.experiment_id],
-                filter_string=f"tags.`mlflow.parentRunId` = '{self.parent}'",
+                filter_string=(
+                    f"tags.`mlflow.parentRunId` = '{self.parent}' "
+                    f"and tags.`boostpipe.phase` = '{self.phase}'"
+                ),
                 max_results=10_000,
             )
         )
@@ -179,8 +195,10 @@ def _best_effort(action: Any) -> None:
 class LiveTrialTable(Callback):
     """The trials as a table that redraws while the search runs (status, epoch, objective)."""
 
-    def __init__(self, metric: str, epochs: int, limit: int = 20) -> None:
-        self.metric, self.epochs, self.limit = metric, epochs, limit
+    def __init__(
+        self, metric: str, epochs: int, limit: int = 20, title: str = "boostpipe tune"
+    ) -> None:
+        self.metric, self.epochs, self.limit, self.title = metric, epochs, limit, title
         self._live: Live | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -188,7 +206,7 @@ class LiveTrialTable(Callback):
 
     def _table(self, trials: list) -> Table:
         done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-        table = Table(title=f"boostpipe tune: {done}/{len(trials)} trials ended")
+        table = Table(title=f"{self.title}: {done}/{len(trials)} trials ended")
         for column in ("trial", "status", "epoch", self.metric, "values"):
             table.add_column(column, justify="left" if column in ("status", "values") else "right")
         ranked = sorted(
@@ -209,7 +227,12 @@ class LiveTrialTable(Callback):
 
     def _draw(self, trials: list) -> None:
         if self._live is None:
-            self._live = Live(console=Console(), refresh_per_second=2)
+            # Prints go where they were going (Ray's chatter: its log file), not above the table.
+            self._live = Live(
+                console=Console(file=console_file()),
+                refresh_per_second=2,
+                redirect_stdout=verbose(),
+            )
             self._live.start()
         self._live.update(self._table(trials))
 
@@ -224,4 +247,6 @@ class LiveTrialTable(Callback):
         if self._live is not None:
             self._live.update(self._table(trials))
             self._live.stop()
+            if not self._live.console.is_terminal:  # Live leaves its last line unended there
+                self._live.console.line()
             self._live = None

@@ -264,26 +264,48 @@ class SearchSetup:
     callbacks: list[Any]
 
 
+def default_trainable(config: TuneConfig) -> Callable:
+    return run_trial if config.workers_per_trial == 1 else run_trial_on_ray_train
+
+
+def bound_trainable(setup: SearchSetup, trainable: Callable, **extra: Any) -> Any:
+    """`trainable(config, base=, prepared=, **extra)` with each trial's resources."""
+    from ray import tune
+
+    config = setup.params.tune
+    resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
+    if config.workers_per_trial > 1:  # the Train workers hold the resources; the trial waits
+        resources = {"cpu": 0.01}
+    base = setup.params.model_dump(mode="json")
+    return tune.with_resources(
+        tune.with_parameters(trainable, base=base, prepared=str(setup.prepared), **extra),
+        resources,
+    )
+
+
+def run_config(setup: SearchSetup) -> Any:
+    """Where Tune keeps the run's state (for `--resume`) and what it logs besides our callbacks."""
+    from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
+
+    return tune.RunConfig(
+        name=setup.name,
+        storage_path=str(setup.storage.resolve()),
+        callbacks=[*setup.callbacks, JsonLoggerCallback()],
+        verbose=1,  # its progress report: to the search's log file unless verbose (chatter_to)
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+    )
+
+
 def make_tuner(setup: SearchSetup, resume: bool, trainable: Callable | None = None) -> Any:
     """A new Tuner, or the interrupted one restored from its folder (finished trials kept)."""
     from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
     params, config = setup.params, setup.params.tune
     n_exits = params.model.n_exits
-    if trainable is None:
-        trainable = run_trial if config.workers_per_trial == 1 else run_trial_on_ray_train
-    resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
-    if config.workers_per_trial > 1:  # the Train workers hold the resources; the trial waits
-        resources = {"cpu": 0.01}
-    bound = tune.with_resources(
-        tune.with_parameters(
-            trainable, base=params.model_dump(mode="json"), prepared=str(setup.prepared)
-        ),
-        resources,
-    )
+    bound = bound_trainable(setup, trainable or default_trainable(config))
     folder = (setup.storage / setup.name).resolve()
     if resume:
         return tune.Tuner.restore(str(folder), bound, resume_errored=False)
@@ -324,13 +346,7 @@ def make_tuner(setup: SearchSetup, resume: bool, trainable: Callable | None = No
             scheduler=scheduler,
             reuse_actors=True,
         ),
-        run_config=tune.RunConfig(
-            name=setup.name,
-            storage_path=str(setup.storage.resolve()),
-            callbacks=[*setup.callbacks, JsonLoggerCallback()],
-            verbose=0,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        ),
+        run_config=run_config(setup),
     )
 
 
@@ -359,10 +375,19 @@ class SearchOutcome:
     metric: str
     trials: list[TrialSummary]  # best first; failed ones last
     default: TrialSummary | None  # trial 0: the params.yaml values
+    confirmation: Any = None  # confirmation.Confirmation, when tune.confirm.top_k > 0
 
     @property
     def best(self) -> TrialSummary | None:
         return self.trials[0] if self.trials and self.trials[0].score is not None else None
+
+    @property
+    def chosen(self) -> dict[str, Any]:
+        """The values to adopt: the confirmed best's ({} when the params file's values are),
+        or without a confirmation the best trial's."""
+        if self.confirmation is not None:
+            return self.confirmation.overrides
+        return self.best.overrides if self.best is not None else {}
 
     def count(self, outcome: str) -> int:
         return sum(trial.outcome == outcome for trial in self.trials)
@@ -437,6 +462,7 @@ def _search(
         import shutil
 
         shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(storage / confirm_name(name), ignore_errors=True)
         marker.unlink(missing_ok=True)
         write_json(_saved_params(storage, name), params.model_dump(mode="json"))
     parent = tracking.start_run(params, dataset["fingerprint"], dataset["source"], marker, name)
@@ -455,47 +481,73 @@ def _fit(
     resume: bool,
     trainable: Callable | None,
 ) -> SearchOutcome:
-    """The search itself, with its trials logged under `parent`, and the summary."""
-    import mlflow
+    """The search itself, with its trials logged under `parent`, its confirmation, and the
+    summary. Ray's own chatter goes to the search's log file (its path printed first)."""
     import ray
 
-    from pipeline import tracking
+    from pipeline import confirmation, tracking
     from pipeline.training import ray_session
-    from pipeline.tune_callbacks import LiveTrialTable, MlflowTrials
+    from pipeline.verbosity import chatter_to, verbose
 
     config = params.tune
-    uri = mlflow.get_tracking_uri()
-    experiment_id = mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
-    callbacks = [
-        MlflowTrials(uri, experiment_id, parent, config.epochs, params.model.n_exits),
-        LiveTrialTable(config.metric, config.epochs),
-    ]
+    log = storage / name / "tune.log"
+    if not verbose():
+        print(f"Ray Tune's log: {log} (`boostpipe -v tune` shows it here)", file=sys.stderr)
     quiet_ray_tune()
-    with ray_session():
+    with chatter_to(log), ray_session():
         check_fits(config, ray.cluster_resources())
+        callbacks = trial_callbacks(params, parent, "search", "boostpipe tune")
         setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
         with sigint_handler_restored():  # Tune's handler would swallow a later SIGTERM
             results = make_tuner(setup, resume, trainable).fit()
-    # After Ctrl-C Tune saves its state and returns as if done; the child runs say which
-    # trials really ended (finished, stopped by the scheduler, or failed), resumes included.
-    ended = callbacks[0].ended()
-    if ended is None:  # the store failed during the search: Tune's own record of the trials
-        ended = sum(1 for r in results if r.error or (r.metrics or {}).get("done"))
-    if ended < config.trials:
-        raise SearchInterrupted(
-            f"interrupted after {ended} of {config.trials} trials; "
-            "`boostpipe tune --resume` continues the search"
-        )
-    space = search_space(config, params.model.n_exits)
-    trials = summarise(results, params, space)
-    first = default_point(params, space)
-    default = next((t for t in trials if _same_point(t.sampled, first)), None)
-    outcome = SearchOutcome(name, parent, config.metric, trials, default)
+        # After Ctrl-C Tune saves its state and returns as if done; the child runs say which
+        # trials really ended (finished, stopped by the scheduler, or failed), resumes included.
+        check_ended(callbacks[0], results, config.trials, "trials")
+        space = search_space(config, params.model.n_exits)
+        trials = summarise(results, params, space)
+        first = default_point(params, space)
+        default = next((t for t in trials if _same_point(t.sampled, first)), None)
+        outcome = SearchOutcome(name, parent, config.metric, trials, default)
+        if config.confirm.top_k and outcome.best is not None:
+            outcome.confirmation = confirmation.confirm(setup, outcome, resume, trainable)
     tracking.best_effort(
         lambda: log_search(parent, outcome, params, storage / f"{name}-summary"),
         "the search's summary",
     )
     return outcome
+
+
+def trial_callbacks(params: Params, parent: str, phase: str, title: str) -> list[Any]:
+    """A phase's trials as MLflow child runs of `parent` and as a live table."""
+    import mlflow
+
+    from pipeline.tune_callbacks import LiveTrialTable, MlflowTrials
+
+    config = params.tune
+    uri = mlflow.get_tracking_uri()
+    experiment_id = mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
+    return [
+        MlflowTrials(uri, experiment_id, parent, config.epochs, params.model.n_exits, phase),
+        LiveTrialTable(config.metric, config.epochs, title=title),
+    ]
+
+
+def check_ended(runs: Any, results: Any, expected: int, what: str) -> None:
+    """Raise SearchInterrupted unless all `expected` trials of the phase have ended, by their
+    child runs (`runs`: the phase's MlflowTrials), or by Tune's record if the store failed."""
+    ended = runs.ended()
+    if ended is None:
+        ended = sum(1 for r in results if r.error or (r.metrics or {}).get("done"))
+    if ended < expected:
+        raise SearchInterrupted(
+            f"interrupted after {ended} of {expected} {what}; "
+            "`boostpipe tune --resume` continues the search"
+        )
+
+
+def confirm_name(name: str) -> str:
+    """The confirmation's Tune folder, beside the search's."""
+    return f"{name}-confirm"
 
 
 def _saved_params(storage: Path, name: str) -> Path:
@@ -604,7 +656,7 @@ def log_search(run_id: str, outcome: Any, params: Params, folder: Path) -> None:
             best.val_top1_by_exit,
             f"best trial {best.trial_id}: {metric} {best.score:.2f}",
         )
-        write_json(folder / "best_params.json", best.overrides)
+        write_json(folder / "best_params.json", outcome.chosen)
         files += [folder / "best_trial_exits.png", folder / "best_params.json"]
     plots.search_summary(folder / "search_summary.png", outcome.trials, metric)
     write_json(folder / "trials.json", [vars(trial) for trial in outcome.trials])
@@ -613,3 +665,7 @@ def log_search(run_id: str, outcome: Any, params: Params, folder: Path) -> None:
         client.set_tag(run_id, "tune.best_trial", best.trial_id)
     tracking.log_metrics(run_id, values)
     tracking.log_artifacts(run_id, files)
+    if outcome.confirmation is not None:
+        from pipeline.confirmation import log_confirmation
+
+        log_confirmation(run_id, outcome.confirmation, metric, folder)

@@ -4,8 +4,13 @@ stay off it unless `BOOSTPIPE_VERBOSE=1`, which also prints tracebacks above one
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
 
 VERBOSE_ENV = "BOOSTPIPE_VERBOSE"
 
@@ -34,3 +39,37 @@ def quiet_driver() -> None:
     if not verbose():
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("ray").setLevel(logging.ERROR)
+
+
+_console: list[TextIO] = []  # the real stdout while `chatter_to` redirects it
+
+
+def console_file() -> TextIO:
+    """Where our own live output goes: the console, even while Ray's chatter is redirected."""
+    return _console[-1] if _console else sys.stdout
+
+
+@contextlib.contextmanager
+def chatter_to(path: Path) -> Iterator[None]:
+    """Ray Tune's progress report (it prints to stdout) and Ray's log records from INFO up go
+    to `path` (appended) for the block instead of the console, where they would interleave
+    with our live table; with `BOOSTPIPE_VERBOSE=1` they stay on the console."""
+    if verbose():
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ray_logger = logging.getLogger("ray")
+    saved = ray_logger.level, ray_logger.handlers[:]
+    real = sys.stdout
+    with path.open("a") as log, contextlib.redirect_stdout(log):
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        ray_logger.handlers = [handler]
+        ray_logger.setLevel(logging.INFO)
+        _console.append(real)
+        try:
+            yield
+        finally:
+            _console.pop()
+            ray_logger.setLevel(saved[0])
+            ray_logger.handlers = saved[1]

@@ -1,5 +1,6 @@
 """DVC stage `tune` (tune/dvc.yaml, run only when asked: `dvc repro tune/dvc.yaml`): the Ray Tune
-search of `boostpipe tune` with the params file's settings; writes the best values found."""
+search of `boostpipe tune` with the params file's settings, confirmation included; writes the
+confirmed best values (none when the params file's values stay best)."""
 
 from pipeline import paths
 from pipeline.config import load_params
@@ -18,6 +19,7 @@ def main() -> None:
     if outcome.best is None:
         raise SystemExit("tune: no trial finished; see the failed trials' runs in MLflow")
     default = outcome.default.score if outcome.default else None
+    confirmed = outcome.confirmation.figures(outcome.metric) if outcome.confirmation else {}
     with replaced_together():
         write_json(
             paths.TUNE_SUMMARY,
@@ -28,10 +30,11 @@ def main() -> None:
                 **{
                     f"trials_{k}": outcome.count(k) for k in ("finished", "stopped_early", "failed")
                 },
+                **confirmed,
                 "mlflow_parent_run": outcome.parent_run_id,
             },
         )
-        write_json(paths.BEST_PARAMS, outcome.best.overrides)
+        write_json(paths.BEST_PARAMS, outcome.chosen)
 
 
 if __name__ == "__main__":

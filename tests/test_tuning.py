@@ -19,9 +19,12 @@ from conftest import ROOT, compose
 
 from pipeline.calibration import ExitScores, budget_auc
 from pipeline.config import ConfigError, load_params, write_overrides
+from pipeline.confirmation import PARAMS_FILE, Candidate, Confirmation, apply_confirmed
 from pipeline.data import DEBIAN_FASHION_MNIST
 from pipeline.io import read_json
+from pipeline.stats import paired_interval, t_quantile
 from pipeline.tuning import (
+    SearchOutcome,
     apply_overrides,
     default_point,
     overrides,
@@ -92,6 +95,47 @@ def test_write_overrides_keeps_comments_and_validates(tmp_path):
     assert load_params(path).boost.temperature == [0.3]  # the bad write never landed
 
 
+def test_the_paired_t_interval_on_known_numbers():
+    # Differences 2, 3, 4: mean 3, sd 1, df 2 (t = 4.303): 3 +- 4.303 / sqrt(3).
+    interval = paired_interval([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])
+    half = 4.303 / 3**0.5
+    assert interval.mean == pytest.approx(3.0) and interval.n == 3
+    assert (interval.low, interval.high) == pytest.approx((3 - half, 3 + half))
+    assert paired_interval([1.0], [0.0]) is None  # one pair: no interval
+    assert t_quantile(27) == 2.060 and t_quantile(31) == 1.96  # between rows: the lower df
+
+
+def _confirmed(challenger: list[float], default: list[float]) -> SearchOutcome:
+    new = Candidate("abc_00001", {"t": 0.3}, {"boost.temperature": [0.3]}, 70.0)
+    new.scores = dict(enumerate(challenger, start=1))
+    old = Candidate(PARAMS_FILE, {"t": 0.5}, {"boost.temperature": [0.5]}, 69.0)
+    old.scores = dict(enumerate(default, start=1))
+    ranked = sorted([new, old], key=lambda c: -c.mean)
+    return SearchOutcome(
+        "tune-x", "run", "val_budget_auc", [], None, Confirmation([1, 2, 3], ranked)
+    )
+
+
+@pytest.mark.parametrize(
+    ("challenger", "force", "written"),
+    [
+        ([71.0, 69.0, 72.0], False, False),  # gain +0.67, interval [-3.37, +4.71]: kept
+        ([71.0, 69.0, 72.0], True, True),  # --force writes it anyway
+        ([71.0, 71.2, 70.9], False, True),  # gain +1.03, interval [+0.89, +1.18]
+        ([69.0, 69.1, 68.8], True, False),  # the params file's values are the best
+    ],
+)
+def test_apply_writes_only_a_confirmed_gain_unless_forced(tmp_path, challenger, force, written):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text())
+    before = path.read_bytes()
+    line = apply_confirmed(path, _confirmed(challenger, [70.0, 70.1, 69.9]), force)
+    if written:
+        assert load_params(path).boost.temperature == [0.3] and line.startswith("wrote")
+    else:
+        assert path.read_bytes() == before and "left unchanged" in line
+
+
 def _tune(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env_vars)
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
@@ -132,6 +176,7 @@ def workdir(tmp_path_factory) -> Path:
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["data"].update(train_subset=1200, val_size=300, test_subset=100)
     raw["tune"].update(trials=4, epochs=2, train_subset=600, val_subset=300)
+    raw["tune"]["confirm"] = {"top_k": 0, "seeds": 2}  # tests that confirm ask with --confirm
     (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     subprocess.run(
@@ -140,7 +185,9 @@ def workdir(tmp_path_factory) -> Path:
     return folder
 
 
-def _children(folder: Path, parent: str | None = None) -> tuple[object, list]:
+def _children(
+    folder: Path, parent: str | None = None, phase: str = "search"
+) -> tuple[object, list]:
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
@@ -150,20 +197,45 @@ def _children(folder: Path, parent: str | None = None) -> tuple[object, list]:
     if parent is None:
         (only,) = parents
         parent = only.info.run_id
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    children = [
+        r
+        for r in runs
+        if r.data.tags.get("mlflow.parentRunId") == parent
+        and r.data.tags.get("boostpipe.phase") == phase
+    ]
     return client.get_run(parent), children
 
 
 @pytest.mark.slow
 @needs_data
-def test_a_small_search_records_every_trial_in_mlflow(workdir):
-    result = _tune(["--trials", "4"], workdir)
+def test_a_small_search_records_every_trial_in_mlflow_and_confirms_the_best(workdir):
+    """4 trials, then the best one and the params file's values over 2 fresh seeds each;
+    `--apply` writes only a confirmed gain."""
+    params_before = (workdir / "params.yaml").read_bytes()
+    result = _tune(["--trials", "4", "--confirm", "1", "--apply"], workdir)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 trials:" in result.stdout and "dvc exp run -S 'boost.temperature=" in result.stdout
+    assert "4 trials:" in result.stdout and "confirmed best" in result.stdout
+    assert "95% CI [" in result.stdout and "(2 paired seeds)" in result.stdout
     console = (result.stdout + result.stderr).lower()  # Ray's chatter stays off the console
     for chatter in ("warning", "snapshotting", "checkpoint successfully created"):
         assert chatter not in console, chatter
+    (log_line,) = [line for line in result.stderr.splitlines() if "Ray Tune's log:" in line]
+    assert "Trial status:" in (workdir / log_line.split()[3]).read_text()  # Tune's reporter
     parent, children = _children(workdir)
+    _, confirming = _children(workdir, parent.info.run_id, phase="confirm")
+    assert len(confirming) == (1 + 1) * 2
+    assert all(c.data.tags["tune.outcome"] == "finished" for c in confirming)
+    assert sorted(c.data.params["seed"] for c in confirming) == ["1", "1", "2", "2"]
+    best = parent.data.tags["tune.confirmed_best"]
+    assert best in {c.data.params["candidate"] for c in confirming}
+    low = parent.data.metrics["gain_ci_low"]
+    assert low <= parent.data.metrics["confirmed_gain"] <= parent.data.metrics["gain_ci_high"]
+    if best == "params-file" or low <= 0:  # nothing confirmed: params.yaml untouched
+        assert (workdir / "params.yaml").read_bytes() == params_before
+        assert "left unchanged" in result.stdout
+    else:
+        assert "wrote the confirmed best values" in result.stdout
+        (workdir / "params.yaml").write_bytes(params_before)  # for the module's other tests
     assert parent.info.status == "FINISHED" and len(children) == 4
     outcomes = [c.data.tags["tune.outcome"] for c in children]
     assert set(outcomes) <= {"finished", "stopped_early"} and "finished" in outcomes
@@ -327,6 +399,74 @@ def test_kill_9_then_resume_runs_only_unfinished_trials(workdir):
 
 
 @pytest.mark.slow
+@needs_data
+@pytest.mark.slow
+def test_ctrl_c_in_the_confirmation_then_resume_runs_only_unfinished_confirmation_runs(workdir):
+    """2 one-epoch trials, then 4 confirmation runs one at a time; Ctrl-C once one of them has
+    ended; `--resume --apply --force` runs the other 3 only, and writes the confirmed best."""
+    raw = yaml.safe_load((workdir / "params.yaml").read_text())
+    raw["tracking"]["experiment"] = "confirm-resume"
+    raw["tune"].update(
+        trials=2, epochs=1, scheduler="fifo", max_concurrent=1, train_subset=200, val_subset=200
+    )
+    raw["tune"]["confirm"] = {"top_k": 1, "seeds": 2}
+    params_file = workdir / "confirm-resume.yaml"
+    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    env.pop("RAY_ADDRESS", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client.search_experiments()  # the store exists before two processes touch it
+
+    def runs(phase: str) -> list:
+        experiment = client.get_experiment_by_name("confirm-resume")
+        found = client.search_runs([experiment.experiment_id]) if experiment else []
+        return [r for r in found if r.data.tags.get("boostpipe.phase") == phase]
+
+    driver = subprocess.Popen(
+        ["boostpipe", "tune", "--params", params_file.name],
+        cwd=workdir,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (ended := [r for r in runs("confirm") if "tune.outcome" in r.data.tags]):
+            assert driver.poll() is None and time.monotonic() < deadline, "no run ended"
+            time.sleep(0.5)
+        os.kill(driver.pid, signal.SIGINT)
+        assert driver.wait(timeout=120) == 130
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    before = {r.info.run_id: r.info.end_time for r in ended + runs("search")}
+    result = _tune(["--params", params_file.name, "--resume", "--apply", "--force"], workdir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    confirming = runs("confirm")
+    assert len(confirming) == 4 and len({c.data.tags["ray.trial_id"] for c in confirming}) == 4
+    assert all(c.data.tags["tune.outcome"] == "finished" for c in confirming)
+    assert len(runs("search")) == 2
+    for run_id, end_time in before.items():  # ended runs were not run again
+        assert client.get_run(run_id).info.end_time == end_time
+    history = [client.get_metric_history(c.info.run_id, "val_budget_auc") for c in confirming]
+    assert all(len(points) == 1 for points in history)  # one epoch each, none trained twice
+    (parent,) = [
+        r
+        for r in client.search_runs([confirming[0].info.experiment_id])
+        if "mlflow.parentRunId" not in r.data.tags
+    ]
+    assert parent.info.status == "FINISHED"
+    if parent.data.tags["tune.confirmed_best"] == "params-file":
+        assert "the params file's values are the best" in result.stdout
+    else:  # --force: written whatever the interval
+        assert "wrote the confirmed best values" in result.stdout
+        assert load_params(params_file).boost.temperature != raw["boost"]["temperature"]
+
+
 @needs_data
 def test_a_second_identical_search_is_refused_and_the_first_finishes_untouched(workdir):
     """Two `boostpipe tune` with the same params: the second names the running one in one line

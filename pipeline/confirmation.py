@@ -1,0 +1,243 @@
+"""A search's winner, confirmed: the best `tune.confirm.top_k` configurations and the params
+file's own values are retrained with `tune.confirm.seeds` fresh seeds each, on the trials'
+budget, and ranked by their mean objective. The best of many one-seed trials is biased upward
+(the winner's curse); a mean over fresh seeds is not, and pairing each seed with the params
+file's run on the same seed gives the gain a 95 % t interval. `boostpipe tune --apply` writes
+the confirmed best only when that interval lies above zero.
+
+The runs go through Ray Tune like the search's trials (a second, small Tuner over the
+(configuration, seed) pairs, the same trainable), so concurrency, GPU placement and `--resume`
+behave the same; they are MLflow child runs of the search's parent tagged `boostpipe.phase=confirm`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params
+from pipeline.interrupts import sigint_handler_restored
+from pipeline.stats import Interval, paired_interval, std
+from pipeline.tuning import (
+    MODE,
+    SearchOutcome,
+    SearchSetup,
+    bound_trainable,
+    check_ended,
+    confirm_name,
+    default_point,
+    default_trainable,
+    overrides,
+    run_config,
+    search_space,
+    trial_callbacks,
+)
+
+PARAMS_FILE = "params-file"  # the label of the params file's own values
+
+
+@dataclass
+class Candidate:
+    label: str  # the search trial's id, or PARAMS_FILE
+    sampled: dict[str, Any]
+    overrides: dict[str, Any]
+    search_score: float | None
+    scores: dict[int, float] = field(default_factory=dict)  # seed -> objective, finished runs
+
+    @property
+    def mean(self) -> float | None:
+        return statistics.mean(self.scores.values()) if self.scores else None
+
+    @property
+    def std(self) -> float:
+        return std(list(self.scores.values()))
+
+
+@dataclass
+class Confirmation:
+    seeds: list[int]
+    candidates: list[Candidate]  # by confirmed mean, best first; unscored ones last
+
+    @property
+    def best(self) -> Candidate:
+        return self.candidates[0]
+
+    @property
+    def default(self) -> Candidate:
+        return next(c for c in self.candidates if c.label == PARAMS_FILE)
+
+    @property
+    def challenger(self) -> Candidate:
+        """The best configuration other than the params file's values."""
+        return next(c for c in self.candidates if c.label != PARAMS_FILE)
+
+    @property
+    def gain(self) -> Interval | None:
+        """The challenger's gain over the params file's values, paired by seed; None when fewer
+        than two seeds finished for both."""
+        new, default = self.challenger, self.default
+        seeds = [s for s in self.seeds if s in new.scores and s in default.scores]
+        return paired_interval([new.scores[s] for s in seeds], [default.scores[s] for s in seeds])
+
+    @property
+    def significant(self) -> bool:
+        """The confirmed best is not the params file's values and its gain's 95 % interval lies
+        above zero: worth writing into the params file."""
+        gain = self.gain
+        return self.best is not self.default and gain is not None and gain.low > 0
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        """The confirmed best's values; none when the params file's values are the best."""
+        return {} if self.best is self.default else self.best.overrides
+
+    def figures(self, metric: str) -> dict[str, Any]:
+        """What the parent run and outputs/tune/summary.json record (the gain: the challenger's
+        over the params file's values). Names without dots, which DVC would read as nesting."""
+        out: dict[str, Any] = {
+            "confirmed_best": self.best.label,
+            "challenger": self.challenger.label,
+            "confirm_seeds": len(self.seeds),
+        }
+        for candidate in self.candidates:
+            if candidate.mean is not None:
+                out[f"confirmed_mean_{metric}_{candidate.label}"] = candidate.mean
+                out[f"confirmed_std_{metric}_{candidate.label}"] = candidate.std
+        if (gain := self.gain) is not None:
+            out |= {"confirmed_gain": gain.mean, "gain_ci_low": gain.low, "gain_ci_high": gain.high}
+        return out
+
+
+def candidates(outcome: SearchOutcome, params: Params, top_k: int) -> list[Candidate]:
+    """The best `top_k` finished trials other than the params file's values, and those values."""
+    space = search_space(params.tune, params.model.n_exits)
+    default_id = outcome.default.trial_id if outcome.default else None
+    top = [
+        t
+        for t in outcome.trials
+        if t.outcome == "finished" and t.score is not None and t.trial_id != default_id
+    ][:top_k]
+    point = default_point(params, space)
+    return [
+        *(Candidate(t.trial_id, t.sampled, t.overrides, t.score) for t in top),
+        Candidate(
+            PARAMS_FILE,
+            point,
+            overrides(point, params.model.n_exits),
+            outcome.default.score if outcome.default else None,
+        ),
+    ]
+
+
+def fresh_seeds(params: Params) -> list[int]:
+    """Seeds no search trial used (every trial trains with `seed`)."""
+    return [params.seed + 1 + k for k in range(params.tune.confirm.seeds)]
+
+
+def confirm_trial(
+    config: dict[str, Any], base: dict[str, Any], prepared: str, inner: Callable
+) -> None:
+    """The search's trainable (`inner`) on one (configuration, seed) pair."""
+    sampled = {k: v for k, v in config.items() if k not in ("candidate", "seed")}
+    inner(sampled, {**base, "seed": config["seed"]}, prepared)
+
+
+def confirm(
+    search: SearchSetup, outcome: SearchOutcome, resume: bool, trainable: Callable | None
+) -> Confirmation | None:
+    """Run (or, with `resume`, continue) the confirmation of a finished search, inside its Ray
+    session; raises SearchInterrupted when it stopped before every run ended. None when no
+    trial but the params file's values finished: nothing to confirm."""
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+    from ray.tune.search import BasicVariantGenerator
+
+    params = search.params
+    config = params.tune
+    chosen = candidates(outcome, params, config.confirm.top_k)
+    if len(chosen) == 1:
+        return None
+    seeds = fresh_seeds(params)
+    points = [{"candidate": c.label, "seed": s, **c.sampled} for c in chosen for s in seeds]
+    callbacks = trial_callbacks(params, outcome.parent_run_id, "confirm", "confirmation")
+    setup = SearchSetup(
+        params, search.prepared, search.storage, confirm_name(search.name), callbacks
+    )
+    bound = bound_trainable(setup, confirm_trial, inner=trainable or default_trainable(config))
+    folder = (setup.storage / setup.name).resolve()
+    if resume and (folder / "tuner.pkl").exists():
+        tuner = tune.Tuner.restore(str(folder), bound, resume_errored=False)
+    else:
+        space = search_space(config, params.model.n_exits)
+        space |= {"candidate": tune.choice([c.label for c in chosen]), "seed": tune.choice(seeds)}
+        tuner = tune.Tuner(
+            bound,
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=config.metric,
+                mode=MODE,
+                num_samples=len(points),
+                search_alg=BasicVariantGenerator(
+                    points_to_evaluate=points, max_concurrent=config.max_concurrent
+                ),
+                scheduler=FIFOScheduler(),  # every run gets the whole budget
+                reuse_actors=True,
+            ),
+            run_config=run_config(setup),
+        )
+    with sigint_handler_restored():
+        results = tuner.fit()
+    check_ended(callbacks[0], results, len(points), "confirmation runs")
+    by_label = {c.label: c for c in chosen}
+    for result in results:
+        metrics = result.metrics or {}
+        if result.error or metrics.get("training_iteration", 0) < config.epochs:
+            continue
+        by_label[result.config["candidate"]].scores[result.config["seed"]] = metrics[config.metric]
+    chosen.sort(key=lambda c: (c.mean is None, -(c.mean or 0.0)))
+    return Confirmation(seeds, chosen)
+
+
+def log_confirmation(run_id: str, confirmation: Confirmation, metric: str, folder: Path) -> None:
+    """The confirmed figures on the search's parent run: means and stds per configuration,
+    the gain with its interval (metrics), the confirmed best (tag) and confirmation.json."""
+    from mlflow import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.io import write_json
+
+    figures = confirmation.figures(metric)
+    client = MlflowClient()
+    client.set_tag(run_id, "tune.confirmed_best", figures.pop("confirmed_best"))
+    client.set_tag(run_id, "tune.challenger", figures.pop("challenger"))
+    tracking.log_metrics(run_id, [(key, value, 0) for key, value in figures.items()])
+    path = folder / "confirmation.json"
+    ranked = [{**vars(c), "mean": c.mean, "std": c.std} for c in confirmation.candidates]
+    write_json(path, {"seeds": confirmation.seeds, "candidates": ranked})
+    tracking.log_artifacts(run_id, [path])
+
+
+def apply_confirmed(params_path: Path, outcome: SearchOutcome, force: bool) -> str:
+    """`boostpipe tune --apply`: the confirmed best goes into the params file only when its
+    gain's interval lies above zero (or `force`); otherwise the file is not touched. Returns
+    the line that says which."""
+    from pipeline.config import write_overrides
+
+    confirmation, chosen = outcome.confirmation, outcome.chosen
+    if not chosen:
+        return f"--apply: the params file's values are the best; {params_path} left unchanged"
+    if not force and confirmation is None:
+        return (
+            f"--apply: no confirmation (tune.confirm.top_k 0), so no interval; {params_path} "
+            "left unchanged (--apply --force writes the best trial's values)"
+        )
+    if not force and not confirmation.significant:
+        return (
+            "--apply: the confirmed gain's 95% interval does not lie above zero; "
+            f"{params_path} left unchanged (--apply --force writes it anyway)"
+        )
+    write_overrides(params_path, chosen)
+    return f"wrote the {'confirmed ' if confirmation else ''}best values into {params_path}"
