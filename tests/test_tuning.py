@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -136,13 +137,41 @@ def test_apply_writes_only_a_confirmed_gain_unless_forced(tmp_path, challenger, 
         assert path.read_bytes() == before and "left unchanged" in line
 
 
-def _tune(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env_vars)
+def _env(**env_vars: str) -> dict[str, str]:
+    """This venv's commands first; no cluster or store from the caller's environment."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
+    return dict(env, **env_vars)
+
+
+def _tune(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["boostpipe", "tune", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        ["boostpipe", "tune", *args],
+        cwd=cwd,
+        env=_env(**env_vars),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+
+
+def _search_in_background(params_file: Path, workdir: Path) -> tuple[subprocess.Popen, Any]:
+    """`boostpipe tune` in a session of its own (the test signals it), and a client of the
+    project's store, created first: two processes must not create it at once."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    client.search_experiments()
+    driver = subprocess.Popen(
+        ["boostpipe", "tune", "--params", params_file.name],
+        cwd=workdir,
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return driver, client
 
 
 @pytest.mark.parametrize(
@@ -316,21 +345,7 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
     raw["tune"].update(trials=6, max_concurrent=1, scheduler="fifo")
     params_file = workdir / f"{experiment}.yaml"
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    client.search_experiments()  # the store exists before two processes touch it
-    driver = subprocess.Popen(
-        ["boostpipe", "tune", "--params", params_file.name],
-        cwd=workdir,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    driver, client = _search_in_background(params_file, workdir)
     try:
         deadline = time.monotonic() + 300
         ended: list = []
@@ -398,7 +413,6 @@ def test_kill_9_then_resume_runs_only_unfinished_trials(workdir):
     _interrupt_and_resume(workdir, "killed", signal.SIGKILL)
 
 
-@pytest.mark.slow
 @needs_data
 @pytest.mark.slow
 def test_ctrl_c_in_the_confirmation_then_resume_runs_only_unfinished_confirmation_runs(workdir):
@@ -412,27 +426,13 @@ def test_ctrl_c_in_the_confirmation_then_resume_runs_only_unfinished_confirmatio
     raw["tune"]["confirm"] = {"top_k": 1, "seeds": 2}
     params_file = workdir / "confirm-resume.yaml"
     params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    client.search_experiments()  # the store exists before two processes touch it
+    driver, client = _search_in_background(params_file, workdir)
 
     def runs(phase: str) -> list:
         experiment = client.get_experiment_by_name("confirm-resume")
         found = client.search_runs([experiment.experiment_id]) if experiment else []
         return [r for r in found if r.data.tags.get("boostpipe.phase") == phase]
 
-    driver = subprocess.Popen(
-        ["boostpipe", "tune", "--params", params_file.name],
-        cwd=workdir,
-        env=env,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     try:
         deadline = time.monotonic() + 300
         while not (ended := [r for r in runs("confirm") if "tune.outcome" in r.data.tags]):
@@ -475,13 +475,10 @@ def test_a_second_identical_search_is_refused_and_the_first_finishes_untouched(w
     raw["tracking"]["experiment"] = "twice"
     raw["tune"].update(trials=2, epochs=1, scheduler="fifo")
     (workdir / "twice.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
     first = subprocess.Popen(
         ["boostpipe", "tune", "--params", "twice.yaml"],
         cwd=workdir,
-        env=env,
+        env=_env(),
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
