@@ -338,7 +338,7 @@ def test_search_logging_survives_a_dead_store(tmp_path, monkeypatch, capsys):
     trials.on_trial_complete(0, [trial], trial)
     assert trials.ended() is None
     assert time.monotonic() - start < 60
-    warnings = [line for line in capsys.readouterr().out.splitlines() if "warning" in line]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1 and "Connection refused" in warnings[0], warnings
 
 

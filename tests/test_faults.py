@@ -289,7 +289,7 @@ def test_unwritable_outputs_and_a_dead_store(finished, tmp_path):
     metrics.unlink()
     result, seconds = _stage(repo, "evaluate", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
     assert result.returncode == 0, result.stderr[-3000:]
-    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "Connection refused" in warnings[0], warnings
     assert "Traceback" not in result.stdout + result.stderr
     assert metrics.exists()
