@@ -427,7 +427,10 @@ def test_a_tune_search_runs_on_the_cluster(stack, tmp_path):
 
     cluster, uri, server = stack
     repo = project(tmp_path / "repo", train_subset=1000, epochs=1)
-    for command in (("dvc", "repro", "prepare"), ("boostpipe", "tune", "--max-concurrent", "2")):
+    for command in (
+        ("dvc", "repro", "prepare"),
+        ("boostpipe", "tune", "--max-concurrent", "2", "--no-confirm"),
+    ):
         driver = Driver(repo, cluster, uri, server, command=command)
         try:
             output = driver.wait()
