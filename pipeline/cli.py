@@ -322,7 +322,7 @@ TUNE_OPTION_NAMES = {"confirm.top_k": "--confirm"}  # keys whose option is not n
 
 
 def _ranked(outcome: Any, limit: int = 10) -> Table:
-    from pipeline.tuning import describe
+    from pipeline.tune_callbacks import describe
 
     table = Table(title=f"best trials by {outcome.metric} (validation)")
     for column in ("#", "trial", "ended", "epochs", outcome.metric, "values"):
@@ -341,7 +341,7 @@ def _ranked(outcome: Any, limit: int = 10) -> Table:
 
 
 def _confirmed(confirmation: Any, metric: str) -> Table:
-    from pipeline.tuning import describe
+    from pipeline.tune_callbacks import describe
 
     seeds = len(confirmation.seeds)
     table = Table(title=f"confirmation: {metric} over {seeds} fresh seeds (validation)")

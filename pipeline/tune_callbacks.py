@@ -20,11 +20,20 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from pipeline.tuning import describe
 from pipeline.verbosity import console_file, verbose
 
 # What a trial reports that is worth a chart (step = epoch).
 LOGGED_PREFIXES = ("val_", "train_loss_exit_", "train_seconds", "score_seconds")
+
+
+def describe(sampled: dict[str, Any]) -> str:
+    """Compact, for tables: t=0.64 w=0.73/0.53/0.51/1.54 lr=0.1 grad_rescale=True."""
+    groups: dict[str, list[str]] = {}
+    for key, value in sampled.items():
+        name = key.split("_")[0] if key.startswith(("t_", "w_")) else key
+        text = f"{value:.3g}" if isinstance(value, float) else str(value)
+        groups.setdefault(name, []).append(text)
+    return " ".join(f"{name}={'/'.join(values)}" for name, values in groups.items())
 
 
 class MlflowTrials(Callback):

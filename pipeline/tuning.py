@@ -82,16 +82,6 @@ def overrides(sampled: dict[str, Any], n_exits: int) -> dict[str, Any]:
     return out
 
 
-def describe(sampled: dict[str, Any]) -> str:
-    """Compact, for tables: t=0.64 w=0.73/0.53/0.51/1.54 lr=0.1 grad_rescale=True."""
-    groups: dict[str, list[str]] = {}
-    for key, value in sampled.items():
-        name = key.split("_")[0] if key.startswith(("t_", "w_")) else key
-        text = f"{value:.3g}" if isinstance(value, float) else str(value)
-        groups.setdefault(name, []).append(text)
-    return " ".join(f"{name}={'/'.join(values)}" for name, values in groups.items())
-
-
 def apply_overrides(params: Params, dotted: dict[str, Any]) -> Params:
     return parse_with_overrides(params.model_dump(mode="json"), dotted, "tune trial")
 
