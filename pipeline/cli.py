@@ -443,8 +443,9 @@ def tune(
     from pipeline import paths
     from pipeline.confirmation import apply_confirmed
     from pipeline.io import read_json
+    from pipeline.search import run_search
     from pipeline.tracking import bound_waits
-    from pipeline.tuning import SearchFinished, SearchInterrupted, SearchNotFound, run_search
+    from pipeline.tuning import SearchFinished, SearchInterrupted, SearchNotFound
 
     if force and not apply:
         raise ConfigError("--force: only with --apply")

@@ -21,6 +21,7 @@ from typing import Any
 from pipeline.config import Params
 from pipeline.interrupts import sigint_handler_restored
 from pipeline.stats import Interval, paired_interval, std
+from pipeline.tune_callbacks import trial_callbacks
 from pipeline.tuning import (
     MODE,
     SearchOutcome,
@@ -33,7 +34,6 @@ from pipeline.tuning import (
     overrides,
     run_config,
     search_space,
-    trial_callbacks,
 )
 
 PARAMS_FILE = "params-file"  # the label of the params file's own values

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from pipeline.config import Params
 from pipeline.verbosity import console_file, verbose
 
 # What a trial reports that is worth a chart (step = epoch).
@@ -259,3 +260,16 @@ class LiveTrialTable(Callback):
             if not self._live.console.is_terminal:  # Live leaves its last line unended there
                 self._live.console.line()
             self._live = None
+
+
+def trial_callbacks(params: Params, parent: str, phase: str, title: str) -> list[Any]:
+    """A phase's trials as MLflow child runs of `parent` and as a live table."""
+    import mlflow
+
+    config = params.tune
+    uri = mlflow.get_tracking_uri()
+    experiment_id = mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
+    return [
+        MlflowTrials(uri, experiment_id, parent, config.epochs, params.model.n_exits, phase),
+        LiveTrialTable(config.metric, config.epochs, title=title),
+    ]

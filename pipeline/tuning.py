@@ -26,10 +26,9 @@ from typing import Any
 
 import torch
 
-from pipeline.config import ConfigError, Params, TuneConfig, parse_with_overrides
+from pipeline.config import Params, TuneConfig, parse_with_overrides
 from pipeline.devices import trial_device
-from pipeline.interrupts import sigint_handler_restored
-from pipeline.io import read_json, write_json
+from pipeline.io import read_json
 from pipeline.verbosity import quiet_worker
 
 MODE = "max"  # every objective is an accuracy
@@ -410,118 +409,6 @@ def summarise(results: Any, params: Params, space: dict[str, Any]) -> list[Trial
     return trials
 
 
-def run_search(
-    params: Params,
-    prepared: Path,
-    dataset: dict[str, Any],
-    storage: Path,
-    resume: bool = False,
-    trainable: Callable | None = None,
-) -> SearchOutcome:
-    """Run (or resume) the search with MLflow tracking: a parent run for the search, a child
-    per trial, and the summary on the parent. Ray must not be initialised yet. One process at
-    a time owns a search's folder: a second one raises `locks.Busy` before touching it."""
-    from pipeline.locks import exclusive
-
-    if resume:
-        params = resumable(params, dataset["fingerprint"], storage)
-    name = search_name(params, dataset["fingerprint"])
-    with exclusive(storage / f"{name}.lock", f"search {name}"):
-        return _search(params, prepared, dataset, storage, name, resume, trainable)
-
-
-def _search(
-    params: Params,
-    prepared: Path,
-    dataset: dict[str, Any],
-    storage: Path,
-    name: str,
-    resume: bool,
-    trainable: Callable | None,
-) -> SearchOutcome:
-    from pipeline import tracking
-    from pipeline.io import check_archive
-
-    if params.data.val_size == 0:
-        raise ConfigError("data.val_size: is 0, but tune scores trials on the held-out split")
-    check_archive(prepared)  # a damaged file fails here in one line, not in every trial
-    folder, marker = storage / name, storage / f"{name}.mlflow-run"
-    if resume and not (folder / "tuner.pkl").exists():
-        raise SearchNotFound(f"--resume: no interrupted search {name} under {storage}")
-    if not resume:  # a new search: forget an earlier one with the same settings
-        import shutil
-
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.rmtree(storage / confirm_name(name), ignore_errors=True)
-        marker.unlink(missing_ok=True)
-        write_json(_saved_params(storage, name), params.model_dump(mode="json"))
-    parent = tracking.start_run(params, dataset["fingerprint"], dataset["source"], marker, name)
-    with tracking.status_of(parent, finish=True):  # KILLED on Ctrl-C, open for --resume
-        outcome = _fit(params, prepared, storage, name, parent, resume, trainable)
-    marker.unlink(missing_ok=True)
-    return outcome
-
-
-def _fit(
-    params: Params,
-    prepared: Path,
-    storage: Path,
-    name: str,
-    parent: str,
-    resume: bool,
-    trainable: Callable | None,
-) -> SearchOutcome:
-    """The search itself, with its trials logged under `parent`, its confirmation, and the
-    summary. Ray's own chatter goes to the search's log file (its path printed first)."""
-    import ray
-
-    from pipeline import confirmation, tracking
-    from pipeline.training import ray_session
-    from pipeline.verbosity import chatter_to, verbose
-
-    config = params.tune
-    log = storage / name / "tune.log"
-    if not verbose():
-        print(f"Ray Tune's log: {log} (`boostpipe -v tune` shows it here)", file=sys.stderr)
-    quiet_ray_tune()
-    with chatter_to(log), ray_session():
-        check_fits(config, ray.cluster_resources())
-        callbacks = trial_callbacks(params, parent, "search", "boostpipe tune")
-        setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
-        with sigint_handler_restored():  # Tune's handler would swallow a later SIGTERM
-            results = make_tuner(setup, resume, trainable).fit()
-        # After Ctrl-C Tune saves its state and returns as if done; the child runs say which
-        # trials really ended (finished, stopped by the scheduler, or failed), resumes included.
-        check_ended(callbacks[0], results, config.trials, "trials")
-        space = search_space(config, params.model.n_exits)
-        trials = summarise(results, params, space)
-        first = default_point(params, space)
-        default = next((t for t in trials if _same_point(t.sampled, first)), None)
-        outcome = SearchOutcome(name, parent, config.metric, trials, default)
-        if config.confirm.top_k and outcome.best is not None:
-            outcome.confirmation = confirmation.confirm(setup, outcome, resume, trainable)
-    tracking.best_effort(
-        lambda: log_search(parent, outcome, params, storage / f"{name}-summary"),
-        "the search's summary",
-    )
-    return outcome
-
-
-def trial_callbacks(params: Params, parent: str, phase: str, title: str) -> list[Any]:
-    """A phase's trials as MLflow child runs of `parent` and as a live table."""
-    import mlflow
-
-    from pipeline.tune_callbacks import LiveTrialTable, MlflowTrials
-
-    config = params.tune
-    uri = mlflow.get_tracking_uri()
-    experiment_id = mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
-    return [
-        MlflowTrials(uri, experiment_id, parent, config.epochs, params.model.n_exits, phase),
-        LiveTrialTable(config.metric, config.epochs, title=title),
-    ]
-
-
 def check_ended(runs: Any, results: Any, expected: int, what: str) -> None:
     """Raise SearchInterrupted unless all `expected` trials of the phase have ended, by their
     child runs (`runs`: the phase's MlflowTrials), or by Tune's record if the store failed."""
@@ -540,7 +427,7 @@ def confirm_name(name: str) -> str:
     return f"{name}-confirm"
 
 
-def _saved_params(storage: Path, name: str) -> Path:
+def saved_params(storage: Path, name: str) -> Path:
     return storage / f"{name}.params.json"
 
 
@@ -558,7 +445,7 @@ def resumable(params: Params, fingerprint: str, storage: Path) -> Params:
             marker
             for marker in storage.glob("tune-*.mlflow-run")
             if (storage / marker.stem / "tuner.pkl").exists()
-            and _saved_params(storage, marker.stem).exists()
+            and saved_params(storage, marker.stem).exists()
         ),
         key=lambda marker: marker.stat().st_mtime,
     )
@@ -578,7 +465,7 @@ def resumable(params: Params, fingerprint: str, storage: Path) -> Params:
         + (f"; also interrupted: {', '.join(others)}" if others else ""),
         file=sys.stderr,
     )
-    return Params.model_validate(read_json(_saved_params(storage, latest)))
+    return Params.model_validate(read_json(saved_params(storage, latest)))
 
 
 def check_fits(config: TuneConfig, cluster: dict[str, float]) -> None:
@@ -599,7 +486,7 @@ def check_fits(config: TuneConfig, cluster: dict[str, float]) -> None:
         )
 
 
-def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
+def same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.keys() == b.keys() and all(
         a[k] == b[k] if isinstance(b[k], bool) else abs(a[k] - b[k]) < 1e-9 for k in b
     )
@@ -616,46 +503,3 @@ class SearchNotFound(FileNotFoundError):
 class SearchInterrupted(KeyboardInterrupt):
     """The search stopped before every trial ended (Ctrl-C, or SIGTERM in a stage); its state
     and MLflow run wait for `--resume`."""
-
-
-def log_search(run_id: str, outcome: Any, params: Params, folder: Path) -> None:
-    """The search's summary on its parent run: the best and default objectives, how trials
-    ended, the best trial's per-exit curve (step = exit) and values, and two plots."""
-    from mlflow import MlflowClient
-
-    from pipeline import plots, tracking
-    from pipeline.boosting import BoostNet
-    from pipeline.evaluation import exit_costs
-
-    client = MlflowClient()
-    metric, best = outcome.metric, outcome.best
-    values: list[tuple[str, float, int]] = [
-        (f"trials_{kind}", outcome.count(kind), 0)
-        for kind in ("finished", "stopped_early", "failed")
-    ]
-    if outcome.default is not None and outcome.default.score is not None:
-        values.append((f"default_{metric}", outcome.default.score, 0))
-    files = []
-    if best is not None:
-        values.append((f"best_{metric}", best.score, 0))
-        values += [("best_val_top1_by_exit", v, k) for k, v in enumerate(best.val_top1_by_exit, 1)]
-        mflops = [f / 1e6 for f in exit_costs(BoostNet.from_params(params), params)]
-        plots.exit_curve(
-            folder / "best_trial_exits.png",
-            mflops,
-            best.val_top1_by_exit,
-            f"best trial {best.trial_id}: {metric} {best.score:.2f}",
-        )
-        write_json(folder / "best_params.json", outcome.chosen)
-        files += [folder / "best_trial_exits.png", folder / "best_params.json"]
-    plots.search_summary(folder / "search_summary.png", outcome.trials, metric)
-    write_json(folder / "trials.json", [vars(trial) for trial in outcome.trials])
-    files += [folder / "search_summary.png", folder / "trials.json"]
-    if best is not None:
-        client.set_tag(run_id, "tune.best_trial", best.trial_id)
-    tracking.log_metrics(run_id, values)
-    tracking.log_artifacts(run_id, files)
-    if outcome.confirmation is not None:
-        from pipeline.confirmation import log_confirmation
-
-        log_confirmation(run_id, outcome.confirmation, metric, folder)

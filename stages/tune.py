@@ -7,12 +7,13 @@ from pipeline.config import load_params
 from pipeline.entry import stage_main
 from pipeline.io import check_writable, read_json, replaced_together, write_json
 from pipeline.rayenv import prepare_ray
-from pipeline.tuning import run_search
 
 
 @stage_main
 def main() -> None:
-    prepare_ray()  # before the search imports ray
+    prepare_ray()  # Ray reads it on import: before pipeline.search imports ray
+    from pipeline.search import run_search
+
     params = load_params(paths.PARAMS)
     check_writable([paths.TUNE_DIR])
     outcome = run_search(params, paths.PREPARED, read_json(paths.DATASET_INFO), paths.TUNE_STORAGE)

@@ -23,13 +23,13 @@ from pipeline.config import ConfigError, load_params, write_overrides
 from pipeline.confirmation import PARAMS_FILE, Candidate, Confirmation, apply_confirmed
 from pipeline.data import DEBIAN_FASHION_MNIST
 from pipeline.io import read_json
+from pipeline.search import run_search
 from pipeline.stats import paired_interval, t_quantile
 from pipeline.tuning import (
     SearchOutcome,
     apply_overrides,
     default_point,
     overrides,
-    run_search,
     run_trial,
     search_space,
 )
