@@ -97,3 +97,28 @@ def test_help_and_version_load_neither_torch_ray_nor_mlflow(option):
     ).stdout
     assert out.rstrip().endswith("[]"), out
     assert ("Usage:" if option == "--help" else "boostpipe ") in out
+
+
+def test_the_library_has_no_import_cycles():
+    """Modules layered one way: following the imports between pipeline modules (function-level
+    ones included) never leads back to the module it started from."""
+    graph: dict[str, set[str]] = {}
+    for file in (ROOT / "pipeline").rglob("*.py"):
+        module = ".".join(file.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        graph[module] = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pipeline"):
+                graph[module].add(node.module)
+                if node.module == "pipeline":  # from pipeline import tracking
+                    graph[module] |= {f"pipeline.{alias.name}" for alias in node.names}
+    in_cycles = []
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen and module in graph:
+                seen.add(module)
+                todo += graph[module]
+        if start in seen:
+            in_cycles.append(start)
+    assert in_cycles == []
