@@ -28,6 +28,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.errors import TrackingUnavailable, describe
+from pipeline.verbosity import quiet_driver
 
 
 def project_root(cwd: Path | None = None) -> Path:
@@ -100,6 +101,7 @@ def connect(params: Params) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     import mlflow
 
+    quiet_driver()  # importing mlflow puts its loggers back at INFO (store creation lines)
     root = project_root()
     uri = tracking_uri(params, root)
     reach(uri)
