@@ -387,3 +387,64 @@ def test_sigterm_after_training_is_an_interruption_not_a_silent_exit():
     finally:
         signal.signal(signal.SIGTERM, previous_term)
         signal.signal(signal.SIGINT, previous_int)
+
+
+def test_sigterm_swallowed_by_a_handler_inside_the_block_still_interrupts():
+    """A SIGTERM as the last epoch ends: Ray Train's handler finds its run already over and
+    returns, so `fit()` returns normally; the stage must still stop (CI saw it write nothing
+    and print nothing, then finish as if never told to stop)."""
+    from pipeline import interrupts
+
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous_term = signal.signal(signal.SIGTERM, interrupts.as_ctrl_c)
+    calls: list[int] = []
+    try:
+        with pytest.raises(KeyboardInterrupt), interrupts.sigint_handler_restored():
+            signal.signal(signal.SIGINT, lambda signum, _: calls.append(signum))  # returns
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handler runs; nothing is raised inside the block
+            assert calls == [signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with interrupts.sigint_handler_restored():  # a later block without signals ends quietly
+            pass
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def test_a_stage_behind_a_shell_stops_when_the_process_that_ran_the_shell_dies(tmp_path):
+    """DVC runs a stage through `$SHELL -c` (/bin/sh when SHELL is unset); dash stays between
+    them and outlives a killed DVC, so the kernel's parent-death signal never comes. CI saw the
+    stage train on to the end after DVC was killed. The stage watches the shell's parent too."""
+    stage = tmp_path / "stage.py"
+    stage.write_text(
+        "import sys, time\n"
+        "from pipeline.interrupts import stop_with_parent\n"
+        "stop_with_parent()\n"
+        "print('ready', flush=True)\n"
+        "try:\n"
+        "    time.sleep(60)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True)\n"
+    )
+    out = tmp_path / "out.txt"
+    shell = ["/bin/sh", "-c", f"{sys.executable} {stage} > {out}"]
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys; subprocess.run(sys.argv[1:])", *shell],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while "ready" not in (out.read_text() if out.exists() else ""):
+            assert time.monotonic() < deadline, "the stage never started"
+            time.sleep(0.1)
+        launcher.kill()  # as a process manager would, without a word to the shell
+        launcher.wait()
+        deadline = time.monotonic() + 10
+        while "interrupted" not in out.read_text():
+            assert time.monotonic() < deadline, "the stage went on after its launcher died"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)

@@ -33,6 +33,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
     env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("SHELL", None)  # DVC then runs stages through /bin/sh, which stays in between (CI)
     return env
 
 
