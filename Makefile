@@ -33,8 +33,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two test files at a time (a file's tests share its fixtures): the pipeline tests spend most of
+# their time starting processes and waiting on them, so two halve the wall time on 2 cores.
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Everything but the tests that run real pipelines, clusters and searches (`slow`): a minute.
 test-fast: setup
