@@ -10,8 +10,10 @@ Every run is the pipeline's own code in-process (benchmarks/inprocess.py: `pipel
 on Ray Train with params.yaml's DDP workers, then the calibrate and evaluate stages' functions),
 without DVC and MLflow. The seed sets initialisation, data order and augmentation; the held-out
 split is the prepared one (data/prepared.npz from `dvc repro prepare`) for every run, so each pair
-differs only in the loss. Results are appended to the JSON file after every run (a killed study
-keeps what it finished; re-running skips runs already there).
+differs only in the loss; a study on other data (`data.train_subset`) runs in a copy of the
+project whose params.yaml sets it, after `dvc repro prepare` there. Results are appended to the
+JSON file after every run (a killed study keeps what it finished; re-running skips runs already
+there).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from inprocess import compose, train_and_score
 
-from benchmarks.inprocess import compose, train_and_score
-from pipeline.io import write_json
+from pipeline import paths
+from pipeline.io import read_json, write_json
 from pipeline.stats import paired_interval, std
 
 RESULTS = Path("benchmarks/results/boost_vs_baseline.json")
@@ -50,7 +53,8 @@ def table(results: dict[str, Any]) -> str:
     by = {(r["variant"], r["seed"]): r for r in runs}
     first = by["boostnet", seeds[0]]
     lines = [
-        f"{len(seeds)} paired seeds {seeds}; overrides {results['overrides'] or 'none'}",
+        f"{len(seeds)} paired seeds {seeds}; overrides {results['overrides'] or 'none'}"
+        + "".join(f"; {n} {split}" for split, n in results.get("splits", {}).items()),
         f"{'':22s} {'BoostNet':>12s} {'baseline':>12s}   BoostNet - baseline [95% CI]",
     ]
     rows = [(f"exit {k + 1} ({m:.2f} MFLOPs)", "exit_top1", k) for k, m in
@@ -81,6 +85,8 @@ def study(seeds: list[int], overrides: dict[str, Any], path: Path) -> None:
     if results["runs"] and results.get("overrides") != overrides:
         raise SystemExit(f"{path} holds a study with overrides {results['overrides']}; use --out")
     done = {(r["variant"], r["seed"]) for r in results["runs"]}
+    info = read_json(paths.DATASET_INFO)  # what `dvc repro prepare` made of params.yaml's data
+    splits = {split: info[split] for split in ("train", "val", "test")}
     ray.init(**ray_init_kwargs())
     try:
         for seed in seeds:
@@ -89,7 +95,7 @@ def study(seeds: list[int], overrides: dict[str, Any], path: Path) -> None:
                     continue
                 params = compose({**overrides, "seed": seed, "boost.enabled": enabled})
                 scored = train_and_score(params)
-                results.update(overrides=overrides, budgets=params.calibrate.budgets)
+                results.update(overrides=overrides, budgets=params.calibrate.budgets, splits=splits)
                 results["runs"].append({"variant": variant, "seed": seed, **{
                     k: v for k, v in vars(scored).items() if k != "history"}})  # fmt: skip
                 write_json(path, results)

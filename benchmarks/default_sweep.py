@@ -22,8 +22,8 @@ import time
 from typing import Any
 
 import torch
+from inprocess import Scored, compose, train_and_score
 
-from benchmarks.inprocess import Scored, compose, train_and_score
 from pipeline.augment import normalise
 from pipeline.boosting import BoostNet
 from pipeline.config import Params

@@ -310,7 +310,7 @@ class ConfirmConfig(_Section):
     retrained with `seeds` fresh seeds each (the trials' budget), so the winner is judged on a
     mean over seeds, not on one lucky draw. top_k 0: no confirmation."""
 
-    top_k: Annotated[int, Field(strict=True, ge=0)] = 3
+    top_k: Annotated[int, Field(strict=True, ge=0)] = 2
     seeds: Annotated[int, Field(strict=True, ge=2)] = 3  # two at least: a paired interval
 
 
@@ -331,8 +331,8 @@ class TuneConfig(_Section):
     reduction_factor: Annotated[float, Field(strict=True, gt=1)] = 3
     metric: Literal[TUNE_METRICS] = "val_budget_auc"
     epochs: Count = 3
-    train_subset: Count | None = 4000
-    val_subset: Count | None = 2000
+    train_subset: Count | None = 2500
+    val_subset: Count | None = 1500
     max_concurrent: Count = 2
     cpus_per_trial: Positive = 1
     gpus_per_trial: NonNegative = 0  # fractions share a GPU between trials

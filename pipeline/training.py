@@ -759,6 +759,9 @@ def ray_init_kwargs() -> dict[str, Any]:
     # The Train controller polls its workers every 2 s by default; on short CPU runs that is
     # ~10 s of idle start-up and tear-down. Local clusters inherit this from the driver.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+    # No spot-instance preemption on one machine; Train's watcher for it logs an ERROR line
+    # (its constructor arguments live in the object store) to the console on every run.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     return {
         "num_cpus": os.cpu_count(),
         # Train's placement-group cleaner asks the dashboard's state API about the controller;

@@ -179,6 +179,7 @@ def test_two_pipelines_at_once_keep_to_their_own_ray_clusters(projects):
     for name, console in projects.consoles.items():
         assert "multiple active Ray instances" not in console, (name, console)
         assert "Traceback" not in console, (name, console)
+        assert "core_worker.cc" not in console, (name, console)  # Ray's C++ log lines
 
 
 def test_prepare_holds_out_a_seeded_validation_split(project):
