@@ -20,8 +20,11 @@ def verbose() -> bool:
 
 
 def library_log_level() -> str:
-    """For Ray's `LoggingConfig` (the job's processes and Ray Train's own loggers)."""
-    return "INFO" if verbose() else "WARNING"
+    """For Ray's `LoggingConfig` (the job's processes and Ray Train's own loggers). Errors
+    only: Train's warnings are about its own plumbing (on a busy machine its controller prints
+    "Failed to send resource request ... safe to ignore" with a traceback), and a failure that
+    matters ends `fit()` with an exception we report."""
+    return "INFO" if verbose() else "ERROR"
 
 
 def quiet_worker() -> None:

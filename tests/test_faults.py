@@ -70,9 +70,11 @@ def _checksums(repo: Path) -> dict[str, str]:
 @needs_data
 @pytest.mark.slow
 def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
-    """`kill <dvc pid>` during training: the stage stops as on Ctrl-C (PR_SET_PDEATHSIG), Ray
-    goes with it within 15 s, no output is written, Ray's session folder is removed; Ctrl-C to
-    the stage exits 130; and the next `dvc repro` resumes from the checkpoint."""
+    """`kill <dvc pid>` during training: the stage stops as on Ctrl-C (its parent's death, or
+    its shell parent's parent's, signals it), Ray goes with it, no output is written, Ray's
+    session folder is removed; Ctrl-C to the stage exits 130; kill -9 of the whole run changes
+    nothing either; and the next `dvc repro` resumes from the checkpoint, in the same MLflow
+    run."""
     repo = _shrunk_copy(tmp_path)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["data"]["train_subset"] = 4000
@@ -139,6 +141,26 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
             os.killpg(train.pid, signal.SIGKILL)
     lines = stage_log.read_text().splitlines()
     assert "stages.train: interrupted by SIGINT; `dvc repro` runs" in "\n".join(lines[-5:])
+    assert _checksums(repo) == before
+
+    # kill -9 of everything (DVC, the stage, Ray) as it resumes: a crash, no handler runs.
+    crash_log = tmp_path / "crash.log"
+    with crash_log.open("w") as out:
+        crash = subprocess.Popen(
+            ["dvc", "repro"], cwd=repo, env=_env(), start_new_session=True, stdout=out, stderr=out
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while "resuming after epoch" not in crash_log.read_text():
+            assert crash.poll() is None and time.monotonic() < deadline, crash_log.read_text()
+            time.sleep(0.2)
+        os.killpg(crash.pid, signal.SIGKILL)
+        crash.wait()
+        time.sleep(2)
+    finally:
+        for _ in range(3):  # Ray processes the run started and that outlived the kill
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(crash.pid, signal.SIGKILL)
     assert _checksums(repo) == before
 
     second = _run(["dvc", "repro"], repo)

@@ -518,46 +518,6 @@ def test_rerunning_prepare_on_the_same_data_keeps_later_stages_valid(project):
     assert "up to date" in status.stdout, status.stdout
 
 
-# Last: it trains again with other params, so the outputs above no longer match params.yaml.
-def test_training_killed_mid_epoch_resumes_from_its_last_checkpoint(project):
-    params_path = project / "params.yaml"
-    good = params_path.read_text()
-    params = yaml.safe_load(good)
-    params["data"]["train_subset"] = 4000
-    params["train"]["epochs"] = 3
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    try:
-        first = subprocess.Popen(
-            ["dvc", "repro"],
-            cwd=project,
-            env=env,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 600
-        while not list((project / ".boostpipe/ray").glob("train-*/checkpoint_*")):
-            assert first.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.2)
-        os.killpg(first.pid, signal.SIGKILL)  # kill -9 the whole run, Ray included
-        first.wait()
-        time.sleep(2)
-        for _ in range(3):  # Ray processes the run started and that outlived the kill
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(first.pid, signal.SIGKILL)
-        assert not (project / "outputs/train/history.json").exists()  # DVC removed it first
-
-        second = _run(["dvc", "repro"], project)
-        assert second.returncode == 0, second.stdout + second.stderr
-        assert "resuming after epoch" in second.stdout + second.stderr
-        history = read_json(project / "outputs/train/history.json")
-        assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3]
-    finally:
-        params_path.write_text(good)
-
-
 CHROMIUM = Path("/usr/bin/chromium")
 
 
