@@ -5,6 +5,7 @@ running (checked by PID) and each failure ends in one line and a non-zero exit."
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -67,6 +68,16 @@ def _checksums(repo: Path) -> dict[str, str]:
     return {str(path.relative_to(repo)): _sha(path) for path in files}
 
 
+def _checkpointed(repo: Path) -> bool:
+    """Ray Train has recorded a checkpoint of the run (a resume will find it). The checkpoint's
+    folder appears earlier, while it is written: a kill then would leave nothing to resume."""
+    for path in (repo / ".boostpipe/ray").glob("train-*/checkpoint_manager_snapshot.json"):
+        with contextlib.suppress(ValueError):  # being written
+            if json.loads(path.read_text()).get("latest_checkpoint_result"):
+                return True
+    return False
+
+
 @needs_data
 @pytest.mark.slow
 def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
@@ -87,7 +98,7 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
     children: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 600
-        while not list((repo / ".boostpipe/ray").glob("train-*/checkpoint_*")):
+        while not _checkpointed(repo):
             assert dvc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.2)
         before = _checksums(repo)
