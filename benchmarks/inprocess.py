@@ -67,11 +67,13 @@ def score(net: BoostNet, params: Params) -> tuple[list[float], ...]:
 
 def train_and_score(params: Params) -> Scored:
     """One training run as the train stage does it, then the calibrate/evaluate figures."""
+    from pipeline.storage import open_storage
     from pipeline.training import run_name, train  # imports ray: after the caller's prepare_ray()
 
     fingerprint = read_json(paths.DATASET_INFO)["fingerprint"]
     start = time.perf_counter()
-    outcome = train(params, paths.PREPARED, STORAGE, run_name(params, fingerprint))
+    storage = open_storage(params.ray, STORAGE)
+    outcome = train(params, paths.PREPARED, storage, run_name(params, fingerprint))
     seconds = time.perf_counter() - start
     net = BoostNet.from_params(params)
     net.load_state_dict(outcome.model_state)

@@ -275,6 +275,32 @@ class TrackingConfig(_Section):
     registered_model: str | None = None
 
 
+SECRET_OPTIONS = ("access_key", "secret_key", "session_token")
+
+
+class RayConfig(_Section):
+    """Where Ray keeps checkpoints and search state (pipeline/storage.py); how it runs, not
+    what it learns, so no stage's results depend on it."""
+
+    # None: a folder in the project (one machine). On a cluster: a mount every node shares, or
+    # object storage such as s3://bucket/prefix. BOOSTPIPE_STORAGE overrides it.
+    storage: str | None = None
+    # pyarrow.fs.S3FileSystem options (endpoint_override, region, scheme, ...); credentials come
+    # from the standard AWS environment variables, never from params.
+    storage_options: dict[str, str | float | int | bool] = {}
+
+    @model_validator(mode="after")
+    def _no_secrets(self) -> RayConfig:
+        for name in SECRET_OPTIONS:
+            if name in self.storage_options:
+                raise _KeyError(
+                    f"ray.storage_options.{name}",
+                    "credentials stay out of params: set AWS_ACCESS_KEY_ID / "
+                    "AWS_SECRET_ACCESS_KEY (/ AWS_SESSION_TOKEN) in the environment",
+                )
+        return self
+
+
 class SearchRange(_Section):
     """A range [low, high] to sample from; `log` samples log-uniformly."""
 
@@ -360,6 +386,7 @@ class Params(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> Params:

@@ -12,6 +12,7 @@ behave the same; they are MLflow child runs of the search's parent tagged `boost
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from pipeline.tuning import (
     default_point,
     default_trainable,
     overrides,
+    restored,
     run_config,
     search_space,
 )
@@ -138,7 +140,7 @@ def fresh_seeds(params: Params) -> list[int]:
 
 
 def confirm_trial(
-    config: dict[str, Any], base: dict[str, Any], prepared: str, inner: Callable
+    config: dict[str, Any], base: dict[str, Any], prepared: Any, inner: Callable
 ) -> None:
     """The search's trainable (`inner`) on one (configuration, seed) pair."""
     sampled = {k: v for k, v in config.items() if k not in ("candidate", "seed")}
@@ -163,13 +165,10 @@ def confirm(
     seeds = fresh_seeds(params)
     points = [{"candidate": c.label, "seed": s, **c.sampled} for c in chosen for s in seeds]
     callbacks = trial_callbacks(params, outcome.parent_run_id, "confirm", "confirmation")
-    setup = SearchSetup(
-        params, search.prepared, search.storage, confirm_name(search.name), callbacks
-    )
+    setup = dataclasses.replace(search, name=confirm_name(search.name), callbacks=callbacks)
     bound = bound_trainable(setup, confirm_trial, inner=trainable or default_trainable(config))
-    folder = (setup.storage / setup.name).resolve()
-    if resume and (folder / "tuner.pkl").exists():
-        tuner = tune.Tuner.restore(str(folder), bound, resume_errored=False)
+    if resume and setup.ray_storage.exists(f"{setup.name}/tuner.pkl"):
+        tuner = restored(setup, bound)
     else:
         space = search_space(config, params.model.n_exits)
         space |= {"candidate": tune.choice([c.label for c in chosen]), "seed": tune.choice(seeds)}

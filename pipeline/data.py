@@ -74,11 +74,20 @@ def save_splits(path: Path, splits: dict[str, AnySplit]) -> None:
 
 
 def load_split(path: Path, name: str) -> AnySplit:
-    arrays = load_arrays(path)
-    targets = torch.from_numpy(arrays[f"{name}_targets"])
+    return split_from(load_arrays(path), name)
+
+
+def split_from(arrays: dict[str, np.ndarray], name: str) -> AnySplit:
+    """Split `name` of the arrays `save_splits` wrote: read from the file, or handed to a Ray
+    worker through the object store (read-only there, so copied into the worker's memory)."""
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array if array.flags.writeable else array.copy())
+
+    targets = tensor(arrays[f"{name}_targets"])
     if f"{name}_files" in arrays:
         return FileSplit(arrays[f"{name}_files"], targets)
-    return Split(torch.from_numpy(arrays[f"{name}_images"]), targets)
+    return Split(tensor(arrays[f"{name}_images"]), targets)
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,13 @@ from pipeline.config import ConfigError, Params
 from pipeline.confirmation import log_confirmation
 from pipeline.interrupts import sigint_handler_restored
 from pipeline.io import write_json
+from pipeline.storage import Storage
 from pipeline.tune_callbacks import trial_callbacks
 from pipeline.tuning import (
     SearchNotFound,
     SearchOutcome,
     SearchSetup,
+    TrialInputs,
     check_ended,
     check_fits,
     confirm_name,
@@ -46,12 +48,14 @@ def run_search(
     per trial, and the summary on the parent. Ray must not be initialised yet. One process at
     a time owns a search's folder: a second one raises `locks.Busy` before touching it."""
     from pipeline.locks import exclusive
+    from pipeline.storage import open_storage
 
+    ray_storage = open_storage(params.ray, storage)  # Tune's state; checked before any work
     if resume:
-        params = resumable(params, dataset["fingerprint"], storage)
+        params = resumable(params, dataset["fingerprint"], storage, ray_storage)
     name = search_name(params, dataset["fingerprint"])
     with exclusive(storage / f"{name}.lock", f"search {name}"):
-        return _search(params, prepared, dataset, storage, name, resume, trainable)
+        return _search(params, prepared, dataset, storage, ray_storage, name, resume, trainable)
 
 
 def _search(
@@ -59,37 +63,40 @@ def _search(
     prepared: Path,
     dataset: dict[str, Any],
     storage: Path,
+    ray_storage: Storage,
     name: str,
     resume: bool,
     trainable: Callable | None,
 ) -> SearchOutcome:
     from pipeline import tracking
-    from pipeline.io import check_archive
+    from pipeline.io import load_arrays
 
     if params.data.val_size == 0:
         raise ConfigError("data.val_size: is 0, but tune scores trials on the held-out split")
-    check_archive(prepared)  # a damaged file fails here in one line, not in every trial
-    folder, marker = storage / name, storage / f"{name}.mlflow-run"
-    if resume and not (folder / "tuner.pkl").exists():
-        raise SearchNotFound(f"--resume: no interrupted search {name} under {storage}")
+    arrays = load_arrays(prepared)  # a damaged file fails here in one line, not in every trial
+    marker = storage / f"{name}.mlflow-run"
+    if resume and not ray_storage.exists(f"{name}/tuner.pkl"):
+        raise SearchNotFound(f"--resume: no interrupted search {name} under {ray_storage.uri}")
     if not resume:  # a new search: forget an earlier one with the same settings
         import shutil
 
-        shutil.rmtree(folder, ignore_errors=True)
-        shutil.rmtree(storage / confirm_name(name), ignore_errors=True)
+        for folder in (name, confirm_name(name)):
+            shutil.rmtree(storage / folder, ignore_errors=True)
+            ray_storage.delete(folder)
         marker.unlink(missing_ok=True)
         write_json(saved_params(storage, name), params.model_dump(mode="json"))
     parent = tracking.start_run(params, dataset["fingerprint"], dataset["source"], marker, name)
     with tracking.status_of(parent, finish=True):  # KILLED on Ctrl-C, open for --resume
-        outcome = _fit(params, prepared, storage, name, parent, resume, trainable)
+        outcome = _fit(params, arrays, storage, ray_storage, name, parent, resume, trainable)
     marker.unlink(missing_ok=True)
     return outcome
 
 
 def _fit(
     params: Params,
-    prepared: Path,
+    arrays: dict[str, Any],
     storage: Path,
+    ray_storage: Storage,
     name: str,
     parent: str,
     resume: bool,
@@ -100,6 +107,7 @@ def _fit(
     import ray
 
     from pipeline import confirmation, tracking
+    from pipeline.storage import REACH_STORAGE, check_nodes_reach
     from pipeline.training import ray_session
     from pipeline.verbosity import chatter_to, verbose
 
@@ -110,8 +118,15 @@ def _fit(
     quiet_ray_tune()
     with chatter_to(log), ray_session():
         check_fits(config, ray.cluster_resources())
+        reach = {}  # trials log through Tune's callbacks, in this process: no MLflow store
+        if params.data.is_folder:
+            reach[str(Path(params.data.root).resolve())] = REACH_STORAGE
+        needs = {"CPU": config.cpus_per_trial, "GPU": config.gpus_per_trial}
+        check_nodes_reach(ray_storage, {k: v for k, v in needs.items() if v}, reach)
+        # Trials on any node read the splits from Ray's object store, not from this disk.
+        inputs = TrialInputs(ray.put(arrays), ray_storage.child("tune-train"))
         callbacks = trial_callbacks(params, parent, "search", "boostpipe tune")
-        setup = SearchSetup(params, prepared.resolve(), storage, name, callbacks)
+        setup = SearchSetup(params, inputs, storage, ray_storage, name, callbacks)
         with sigint_handler_restored():  # Tune's handler would swallow a later SIGTERM
             results = make_tuner(setup, resume, trainable).fit()
         # After Ctrl-C Tune saves its state and returns as if done; the child runs say which

@@ -51,6 +51,15 @@ def tracking_uri(params: Params, root: Path | None = None) -> str:
     )
 
 
+def local_store(uri: str) -> str | None:
+    """The file behind a store on this machine's disk (SQLite, or a folder), which another node
+    cannot reach; None for a server."""
+    for scheme in ("sqlite:///", "file://"):
+        if uri.startswith(scheme):
+            return uri[len(scheme) :]
+    return uri if "://" not in uri else None
+
+
 # MLflow's HTTP client retries 7 times with backoff and waits up to 120 s a request: minutes
 # against a dead server. (retries, seconds per request): worst case about 22 s for a command,
 # 49 s for a stage, backoff included. Values already in the environment win.

@@ -42,13 +42,14 @@ from pipeline import tracking
 from pipeline.augment import batch_augment, normalise
 from pipeline.boosting import BoostNet, effective_samples
 from pipeline.config import ConfigError, Params, TrainConfig
-from pipeline.data import AnySplit, FileSplit, load_split
+from pipeline.data import AnySplit, FileSplit, split_from
 from pipeline.devices import describe
 from pipeline.folders import DatasetError
 from pipeline.inputs import BadImage, check_bad, default_loader_workers, eval_batches, file_loader
 from pipeline.interrupts import as_ctrl_c, sigint_handler_restored
-from pipeline.io import CorruptFile, check_archive, load_checkpoint
+from pipeline.io import CorruptFile, load_arrays, load_checkpoint
 from pipeline.rayenv import check_prepared
+from pipeline.storage import REACH_STORAGE, REACH_TRACKING, Storage, check_nodes_reach
 from pipeline.verbosity import library_log_level, quiet_driver, quiet_worker
 
 
@@ -387,7 +388,7 @@ def torch_trainer(
     cpus: float,
     gpus: float,
     name: str,
-    storage: Path,
+    storage: Storage,
     **run_options: Any,
 ) -> TorchTrainer:
     """A Ray Train job of `workers` workers, each holding `cpus` CPUs and `gpus` GPUs, named
@@ -402,7 +403,8 @@ def torch_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=str(storage.resolve()),
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
             logging_config=ray.LoggingConfig(log_level=library_log_level()),
             **run_options,
         ),
@@ -481,20 +483,21 @@ DETERMINISTIC: tuple[type[Exception], ...] = (BadImage, DatasetError, CorruptFil
 def _worker_loop(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker. A deterministic error (an unreadable image or file, a
     bad setting) is written down for the driver, and Ray's restarts after it (FailureConfig)
-    stop at once instead of failing the same way again."""
-    marker = Path(config["error_marker"])
-    if marker.exists():
-        _raise_recorded(marker)
+    stop at once instead of failing the same way again. (The note goes to the run's storage,
+    which the driver reads whichever node the worker ran on.)"""
+    storage, marker = config["storage"], config["error_marker"]
+    if storage.exists(marker):
+        _raise_recorded(storage, marker)
     try:
         _train_worker(config)
     except DETERMINISTIC as exc:
-        marker.write_text(json.dumps({"type": type(exc).__name__, "message": str(exc)}))
+        storage.write_text(marker, json.dumps({"type": type(exc).__name__, "message": str(exc)}))
         raise
 
 
-def _raise_recorded(marker: Path) -> None:
+def _raise_recorded(storage: Storage, marker: str) -> None:
     """The deterministic error a worker wrote down, as its own type: one line, no traceback."""
-    recorded = json.loads(marker.read_text())
+    recorded = json.loads(storage.read_text(marker))
     kind = next(cls for cls in DETERMINISTIC if cls.__name__ == recorded["type"])
     raise kind(recorded["message"])
 
@@ -505,8 +508,9 @@ def _train_worker(config: dict[str, Any]) -> None:
     rank, world, device = start_worker(train_cfg.scaling.cpus_per_worker)
     torch.manual_seed(params.seed)
 
-    train_split = load_split(Path(config["prepared"]), "train")
-    val_split = load_split(Path(config["prepared"]), "val")
+    arrays = ray.get(config["prepared"])  # from the object store: no worker reads our disk
+    train_split, val_split = split_from(arrays, "train"), split_from(arrays, "val")
+    del arrays
     val_shard = val_split.subset(torch.arange(len(val_split))[rank::world])  # may be empty
     root = Path(config["root"]) if config["root"] else None
     loaders = default_loader_workers(train_cfg.scaling.cpus_per_worker, train_cfg.loader_workers)
@@ -637,26 +641,34 @@ def worker_layout(params: Params, cluster: dict[str, float]) -> Layout:
 def train(
     params: Params,
     prepared: Path,
-    storage: Path,
+    storage: Storage,
     name: str,
     root: Path | None = None,
     log_to: dict[str, str] | None = None,
 ) -> TrainOutcome:
-    """Fit on Ray Train (Ray must be initialised) and return the selected weights. `root`:
-    where a folder dataset's files are (the manifest in `prepared` is relative to it);
-    `log_to`: the MLflow store (`uri`) and run (`run_id`) that receive each epoch's metrics."""
+    """Fit on Ray Train (Ray must be initialised) and return the selected weights. The
+    prepared splits reach the workers through Ray's object store; checkpoints go to `storage`
+    (see pipeline/storage.py). `root`: where a folder dataset's files are (the manifest is
+    relative to it), which every node must read; `log_to`: the MLflow store (`uri`) and run
+    (`run_id`) that receive each epoch's metrics."""
     layout = worker_layout(params, ray.cluster_resources())
-    storage.mkdir(parents=True, exist_ok=True)
-    check_archive(prepared)  # a damaged file fails here in one line, not in every worker
-    error_marker = storage / f"{name}.error"
-    error_marker.unlink(missing_ok=True)
+    needs = {"CPU": params.train.scaling.cpus_per_worker, **({"GPU": 1} if layout.use_gpu else {})}
+    reach = {str(root.resolve()): REACH_STORAGE} if root else {}
+    if log_to and (store := tracking.local_store(log_to["uri"])):  # rank 0 logs each epoch
+        reach[store] = REACH_TRACKING
+    check_nodes_reach(storage, needs, reach)
+    # A damaged file fails here in one line, not in every worker.
+    arrays = ray.put(load_arrays(prepared))
+    error_marker = f"{name}.error"
+    storage.delete(error_marker)
     trainer = torch_trainer(
         _worker_loop,
         {
             "params": params.model_dump(mode="json"),
-            "prepared": str(prepared.resolve()),
+            "prepared": arrays,
             "root": str(root.resolve()) if root else None,
-            "error_marker": str(error_marker.resolve()),
+            "storage": storage,
+            "error_marker": error_marker,
             "log_to": log_to,
         },
         workers=layout.workers,
@@ -673,14 +685,14 @@ def train(
     except SystemExit:  # how fit() ends after Train's Ctrl-C handler aborted the run
         raise KeyboardInterrupt from None
     except Exception:
-        if error_marker.exists():  # one line naming the cause, not Ray's wrapped traceback
+        if storage.exists(error_marker):  # one line naming the cause, not Ray's wrapped traceback
             try:
-                _raise_recorded(error_marker)
+                _raise_recorded(storage, error_marker)
             finally:
-                error_marker.unlink()
+                storage.delete(error_marker)
         raise
     state, best = read_checkpoint(result.checkpoint, "state.pt", "best.pt")
-    shutil.rmtree(storage / name, ignore_errors=True)  # stage outputs now hold what matters
+    storage.delete(name)  # stage outputs now hold what matters
     return TrainOutcome(best["model"], best["epoch"], state["history"], state["device"])
 
 

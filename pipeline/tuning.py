@@ -29,6 +29,7 @@ import torch
 from pipeline.config import Params, TuneConfig, parse_with_overrides
 from pipeline.devices import trial_device
 from pipeline.io import read_json
+from pipeline.storage import Storage
 from pipeline.verbosity import quiet_worker
 
 MODE = "max"  # every objective is an accuracy
@@ -104,7 +105,7 @@ def default_point(params: Params, space: dict[str, Any]) -> dict[str, Any]:
 
 def search_name(params: Params, fingerprint: str) -> str:
     """Same params, search settings and data -> same name, so `--resume` finds the search."""
-    shaping = params.model_dump(mode="json", exclude={"tracking", "calibrate", "evaluate"})
+    shaping = params.model_dump(mode="json", exclude={"tracking", "calibrate", "evaluate", "ray"})
     for key in ("max_concurrent", "cpus_per_trial", "gpus_per_trial"):
         shaping["tune"].pop(key)
     blob = json.dumps([shaping, fingerprint], sort_keys=True).encode()
@@ -114,11 +115,23 @@ def search_name(params: Params, fingerprint: str) -> str:
 # --- inside a trial -------------------------------------------------------------------------
 
 
-def _trial_data(params: Params, prepared: Path) -> tuple[Any, Any]:
-    from pipeline.data import load_split
+@dataclass(frozen=True)
+class TrialInputs:
+    """What every trial takes from the driver, reachable from any node: the prepared splits
+    (in Ray's object store) and where a trial's own Ray Train job keeps its checkpoints."""
+
+    arrays: Any  # ray.ObjectRef of the prepared arrays
+    storage: Storage
+
+
+def _trial_data(params: Params, inputs: TrialInputs) -> tuple[Any, Any]:
+    import ray
+
+    from pipeline.data import split_from
 
     config = params.tune
-    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    arrays = ray.get(inputs.arrays)
+    train, val = split_from(arrays, "train"), split_from(arrays, "val")
     if config.train_subset and config.train_subset < len(train):
         train = train.subset(torch.arange(config.train_subset))
     if config.val_subset and config.val_subset < len(val):
@@ -144,7 +157,7 @@ def _score(net: torch.nn.Module, val: Any, params: Params, exit_flops: list[int]
 
 def _trial_loop(
     params: Params,
-    prepared: Path,
+    inputs: TrialInputs,
     report: Callable,
     rank: int,
     world: int,
@@ -166,7 +179,7 @@ def _trial_loop(
     )
 
     torch.manual_seed(params.seed)
-    train, val = _trial_data(params, prepared)
+    train, val = _trial_data(params, inputs)
     net = BoostNet.from_params(params)
     exit_flops = exit_costs(net, params)
     net = worker_net(net, params, device, ray_train=world > 1)
@@ -196,7 +209,7 @@ def _trial_params(sampled: dict[str, Any], base: dict[str, Any]) -> Params:
     return apply_overrides(params, overrides(sampled, params.model.n_exits))
 
 
-def run_trial(sampled: dict[str, Any], base: dict[str, Any], prepared: str) -> None:
+def run_trial(sampled: dict[str, Any], base: dict[str, Any], prepared: TrialInputs) -> None:
     """The function trainable: one configuration, trained in this process on the GPU that
     gpus_per_trial reserved for it, if any."""
     import ray
@@ -206,7 +219,7 @@ def run_trial(sampled: dict[str, Any], base: dict[str, Any], prepared: str) -> N
     params = _trial_params(sampled, base)
     torch.set_num_threads(max(1, int(params.tune.cpus_per_trial)))
     device = trial_device(ray.get_gpu_ids())
-    _trial_loop(params, Path(prepared), ray.tune.report, rank=0, world=1, device=device)
+    _trial_loop(params, prepared, ray.tune.report, rank=0, world=1, device=device)
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -216,10 +229,12 @@ def _train_worker(config: dict[str, Any]) -> None:
 
     params = Params.model_validate(config["params"])
     rank, world, device = start_worker(params.tune.cpus_per_trial)
-    _trial_loop(params, Path(config["prepared"]), ray.train.report, rank, world, device)
+    _trial_loop(params, config["inputs"], ray.train.report, rank, world, device)
 
 
-def run_trial_on_ray_train(sampled: dict[str, Any], base: dict[str, Any], prepared: str) -> None:
+def run_trial_on_ray_train(
+    sampled: dict[str, Any], base: dict[str, Any], prepared: TrialInputs
+) -> None:
     """The trainable when `workers_per_trial > 1`: the trial is a Ray Train job (DDP), and
     rank 0's metrics reach Tune through Train's TuneReportCallback."""
     import ray.tune
@@ -231,12 +246,12 @@ def run_trial_on_ray_train(sampled: dict[str, Any], base: dict[str, Any], prepar
     config = params.tune
     torch_trainer(
         _train_worker,
-        {"params": params.model_dump(mode="json"), "prepared": prepared},
+        {"params": params.model_dump(mode="json"), "inputs": prepared},
         workers=config.workers_per_trial,
         cpus=config.cpus_per_trial,
         gpus=config.gpus_per_trial,
         name=ray.tune.get_context().get_trial_id(),
-        storage=Path(prepared).resolve().parents[1] / ".boostpipe" / "tune-train",
+        storage=prepared.storage,
         callbacks=[TuneReportCallback()],
     ).fit()
 
@@ -247,8 +262,9 @@ def run_trial_on_ray_train(sampled: dict[str, Any], base: dict[str, Any], prepar
 @dataclass
 class SearchSetup:
     params: Params
-    prepared: Path
-    storage: Path  # Ray Tune's experiment folders live here, inside the project
+    inputs: TrialInputs
+    storage: Path  # this machine's record of the search: lock, MLflow marker, params, log
+    ray_storage: Storage  # Ray Tune's experiment folders (pipeline/storage.py)
     name: str
     callbacks: list[Any]
 
@@ -258,7 +274,8 @@ def default_trainable(config: TuneConfig) -> Callable:
 
 
 def bound_trainable(setup: SearchSetup, trainable: Callable, **extra: Any) -> Any:
-    """`trainable(config, base=, prepared=, **extra)` with each trial's resources."""
+    """`trainable(config, base=, prepared=, **extra)` with each trial's resources; `prepared`
+    is the search's TrialInputs."""
     from ray import tune
 
     config = setup.params.tune
@@ -267,7 +284,7 @@ def bound_trainable(setup: SearchSetup, trainable: Callable, **extra: Any) -> An
         resources = {"cpu": 0.01}
     base = setup.params.model_dump(mode="json")
     return tune.with_resources(
-        tune.with_parameters(trainable, base=base, prepared=str(setup.prepared), **extra),
+        tune.with_parameters(trainable, base=base, prepared=setup.inputs, **extra),
         resources,
     )
 
@@ -279,7 +296,8 @@ def run_config(setup: SearchSetup) -> Any:
 
     return tune.RunConfig(
         name=setup.name,
-        storage_path=str(setup.storage.resolve()),
+        storage_path=setup.ray_storage.path,
+        storage_filesystem=setup.ray_storage.filesystem,
         callbacks=[*setup.callbacks, JsonLoggerCallback()],
         verbose=1,  # its progress report: to the search's log file unless verbose (chatter_to)
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -295,9 +313,8 @@ def make_tuner(setup: SearchSetup, resume: bool, trainable: Callable | None = No
     params, config = setup.params, setup.params.tune
     n_exits = params.model.n_exits
     bound = bound_trainable(setup, trainable or default_trainable(config))
-    folder = (setup.storage / setup.name).resolve()
     if resume:
-        return tune.Tuner.restore(str(folder), bound, resume_errored=False)
+        return restored(setup, bound)
     space = search_space(config, n_exits)
     first = [default_point(params, space)]
     if config.search == "optuna":
@@ -337,6 +354,16 @@ def make_tuner(setup: SearchSetup, resume: bool, trainable: Callable | None = No
         ),
         run_config=run_config(setup),
     )
+
+
+def restored(setup: SearchSetup, bound: Any) -> Any:
+    """The interrupted Tuner of `setup`, from its folder in the Ray storage (finished trials
+    kept, errored ones not rerun)."""
+    from ray import tune
+
+    folder = setup.ray_storage.join(setup.name)
+    filesystem = setup.ray_storage.filesystem
+    return tune.Tuner.restore(folder, bound, resume_errored=False, storage_filesystem=filesystem)
 
 
 def quiet_ray_tune() -> None:
@@ -431,20 +458,21 @@ def saved_params(storage: Path, name: str) -> Path:
     return storage / f"{name}.params.json"
 
 
-def resumable(params: Params, fingerprint: str, storage: Path) -> Params:
+def resumable(params: Params, fingerprint: str, storage: Path, ray_storage: Storage) -> Params:
     """What `--resume` continues: the search these params name if it is unfinished, else the
     most recently started unfinished one (with the params it was started with); a finished
     search is reported only when nothing else is left to resume. A search
-    is unfinished while its MLflow marker file exists (removed when its summary is logged)."""
+    is unfinished while its MLflow marker file exists (removed when its summary is logged);
+    it started once Tune saved its state in `ray_storage`."""
     name = search_name(params, fingerprint)
-    named_started = (storage / name / "tuner.pkl").exists()
+    named_started = ray_storage.exists(f"{name}/tuner.pkl")
     if named_started and (storage / f"{name}.mlflow-run").exists():
         return params
     waiting = sorted(
         (
             marker
             for marker in storage.glob("tune-*.mlflow-run")
-            if (storage / marker.stem / "tuner.pkl").exists()
+            if ray_storage.exists(f"{marker.stem}/tuner.pkl")
             and saved_params(storage, marker.stem).exists()
         ),
         key=lambda marker: marker.stat().st_mtime,

@@ -11,6 +11,7 @@ from pipeline.config import load_params
 from pipeline.entry import stage_main
 from pipeline.io import atomic_path, check_writable, read_json, replaced_together, write_json
 from pipeline.rayenv import prepare_ray
+from pipeline.storage import open_storage
 
 
 @stage_main
@@ -22,6 +23,7 @@ def main() -> None:
     params = load_params(paths.PARAMS).with_dataset(dataset)
     name = run_name(params, dataset["fingerprint"])
     check_writable([paths.TRAIN_DIR])
+    storage = open_storage(params.ray, paths.RAY_STORAGE)  # checkpoints: a real write, up front
     # Created (or, after an interruption, reopened) with a real write before training: a store
     # that cannot be written fails here, not after an hour of training.
     run_file = paths.RAY_STORAGE / f"{name}.mlflow-run"
@@ -30,7 +32,7 @@ def main() -> None:
     with ray_session():
         root = Path(params.data.root) if params.data.is_folder else None
         log_to = {"uri": tracking.current_uri(), "run_id": run_id}  # live per-epoch metrics
-        outcome = train(params, paths.PREPARED, paths.RAY_STORAGE, name, root, log_to)
+        outcome = train(params, paths.PREPARED, storage, name, root, log_to)
     with replaced_together():  # the model, its history and curves, or none
         with atomic_path(paths.MODEL) as tmp:
             torch.save(

@@ -58,7 +58,7 @@ class LoopbackCluster:
     """Ray nodes started with `ray start --block`, each in its own process group and temp dir,
     all on 127.0.0.1 and sharing one token. `env` is what a driver needs to join."""
 
-    def __init__(self) -> None:
+    def __init__(self, **env: str) -> None:
         self.port, self.dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.token = secrets.token_hex(32)
@@ -73,14 +73,17 @@ class LoopbackCluster:
             # Ray's own processes look for "the" cluster on the machine when they are given no
             # address (Train's placement-group cleaner does): with others running, name ours.
             RAY_ADDRESS=self.address,
+            **env,
         )
         self.nodes: dict[str, subprocess.Popen] = {}  # resource name -> `ray start` process
         self.logs: dict[str, Path] = {}
         self.temp_dirs: list[Path] = []
 
-    def start_node(self, name: str, cpus: int) -> None:
+    def start_node(self, name: str, cpus: int, hide: Path | None = None) -> None:
         """A node offering `cpus` CPUs and one unit of the custom resource `name`; the first is
-        the head. Ray's socket paths must stay under 108 characters: short temp dirs in /tmp."""
+        the head. Ray's socket paths must stay under 108 characters: short temp dirs in /tmp.
+        `hide`: a folder this node cannot see, as on another machine. The node runs in a mount
+        namespace of its own where an empty tmpfs covers that folder (`unshare`, as root)."""
         temp = Path(tempfile.mkdtemp(prefix="bpray-", dir="/tmp"))
         self.temp_dirs.append(temp)
         common = [
@@ -97,9 +100,13 @@ class LoopbackCluster:
         else:
             role = [f"--address={self.address}"]
         self.logs[name] = temp / "node.log"
+        hiding = []
+        if hide is not None:
+            cover = 'mount -t tmpfs -o size=1m,mode=0700 hidden "$0" && exec "$@"'
+            hiding = ["unshare", "--mount", "--propagation", "private", "sh", "-c", cover, hide]
         with self.logs[name].open("w") as log:
             self.nodes[name] = subprocess.Popen(
-                [*RAY, "start", *role, *common],
+                [*hiding, *RAY, "start", *role, *common],
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -199,6 +206,7 @@ class Driver:
         tracking_uri: str,
         *groups: int,
         command: tuple[str, ...] = ("dvc", "repro", "train"),
+        **extra_env: str,
     ) -> None:
         self.repo, self.cluster = repo, cluster
         self.output = repo.parent / f"{repo.name}-dvc.log"
@@ -207,6 +215,7 @@ class Driver:
             RAY_ADDRESS=cluster.address,
             MLFLOW_TRACKING_URI=tracking_uri,
             RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25",
+            **extra_env,
         )
         with self.output.open("w") as out:
             self.process = subprocess.Popen(
@@ -278,12 +287,15 @@ def project(root: Path, train_subset: int, epochs: int) -> Path:
 
 
 @contextlib.contextmanager
-def loopback_cluster(*nodes: tuple[str, int]) -> Iterator[LoopbackCluster]:
-    """The nodes started (the first is the head) and joined; every process gone afterwards."""
-    cluster = LoopbackCluster()
+def loopback_cluster(
+    *nodes: tuple[str, int], hide: dict[str, Path] | None = None, **env: str
+) -> Iterator[LoopbackCluster]:
+    """The nodes started (the first is the head) and joined, each named node unable to see its
+    folder in `hide`; every process gone afterwards."""
+    cluster = LoopbackCluster(**env)
     try:
         for name, cpus in nodes:
-            cluster.start_node(name, cpus)
+            cluster.start_node(name, cpus, (hide or {}).get(name))
         cluster.wait_for(*(name for name, _ in nodes))
         yield cluster
     finally:

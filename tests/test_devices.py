@@ -12,7 +12,8 @@ from conftest import ROOT, compose
 
 from pipeline.config import ConfigError
 from pipeline.devices import stage_device, trial_device
-from pipeline.tuning import SearchSetup, make_tuner
+from pipeline.storage import open_storage
+from pipeline.tuning import SearchSetup, TrialInputs, make_tuner
 
 
 def _device_probe(sampled, base, prepared) -> None:
@@ -46,7 +47,9 @@ def test_a_trial_trains_on_the_gpu_its_gpus_per_trial_reserved(
     one_gpu_cluster, tmp_path: Path, gpus: float, expected: str
 ):
     params = compose(**{"tune.trials": 1, "tune.scheduler": "fifo", "tune.gpus_per_trial": gpus})
-    setup = SearchSetup(params, tmp_path / "prepared.npz", tmp_path, f"probe-{gpus}", [])
+    storage = open_storage(params.ray, tmp_path)
+    inputs = TrialInputs(None, storage)  # the probe reads no data
+    setup = SearchSetup(params, inputs, tmp_path, storage, f"probe-{gpus}", [])
     (result,) = make_tuner(setup, resume=False, trainable=_device_probe).fit()
     assert result.error is None, result.error
     assert result.metrics["device"] == expected

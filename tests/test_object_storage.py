@@ -1,0 +1,272 @@
+"""A cluster without a shared filesystem: two Ray nodes on 127.0.0.1, the second in a mount
+namespace where the test's folder (the project, its data, its `.boostpipe`) is covered by an
+empty tmpfs, as on another machine; a real S3 server (moto's, on 127.0.0.1) holds what Ray
+keeps. Training needs two one-CPU workers and each node has one CPU, so one worker always runs
+on the node that cannot see the project."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+import yaml
+from test_cluster import BIN, Driver, loopback_cluster, needs_data, project
+from test_pipeline import _serving
+
+from pipeline.io import read_json
+from pipeline.training import free_port
+
+pytestmark = [
+    pytest.mark.slow,
+    needs_data,
+    pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare"),
+]
+
+BUCKET = "boostpipe"
+
+
+def _can_hide() -> bool:
+    """Whether this user may cover a folder in a private mount namespace (root may)."""
+    check = ["unshare", "--mount", "sh", "-c", "mount -t tmpfs none /mnt"]
+    return subprocess.run(check, capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """moto's S3 server on 127.0.0.1 with one bucket; the AWS variables every node and driver
+    gets, as a cluster's nodes get their credentials from their environment."""
+    port = free_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "boostpipe-test",
+        "AWS_SECRET_ACCESS_KEY": "boostpipe-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    cwd = tmp_path_factory.mktemp("s3")
+    with _serving(command, f"{env['AWS_ENDPOINT_URL']}/moto-api/", cwd):
+        bucket = _bucket(env, allow_bucket_creation=True)
+        bucket.create_dir(BUCKET)
+        yield env
+
+
+def _bucket(env: dict[str, str], **options) -> pafs.S3FileSystem:
+    return pafs.S3FileSystem(
+        endpoint_override=env["AWS_ENDPOINT_URL"],
+        access_key=env["AWS_ACCESS_KEY_ID"],
+        secret_key=env["AWS_SECRET_ACCESS_KEY"],
+        region=env["AWS_DEFAULT_REGION"],
+        **options,
+    )
+
+
+@pytest.fixture
+def hidden_cluster(s3, tmp_path):
+    """A head node (sees everything) and a worker node that cannot see `tmp_path`."""
+    if not _can_hide():
+        pytest.skip("cannot make a private mount namespace here (needs root)")
+    with loopback_cluster(
+        ("head_node", 1), ("worker_node", 1), hide={"worker_node": tmp_path}, **s3
+    ) as cluster:
+        yield cluster
+
+
+def _set_storage(repo: Path, storage: str | None) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["ray"]["storage"] = storage
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "commit", "-qam", "storage"], cwd=repo, check=True)
+
+
+def _snapshots(bucket: pafs.S3FileSystem, prefix: str) -> dict[str, dict]:
+    """Ray Train's checkpoint-manager snapshots under the prefix, by run folder."""
+    found = {}
+    selector = pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True)
+    for info in bucket.get_file_info(selector):
+        if info.base_name == "checkpoint_manager_snapshot.json":
+            with bucket.open_input_stream(info.path) as source:
+                found[info.path.rsplit("/", 2)[-2]] = json.loads(source.read())
+    return found
+
+
+def _checkpointed(bucket: pafs.S3FileSystem) -> bool:
+    return any(s.get("latest_checkpoint_result") for s in _snapshots(bucket, "runs").values())
+
+
+def test_training_checkpoints_to_s3_and_resumes_on_a_node_that_cannot_see_the_project(
+    hidden_cluster, s3, tracking_server, tmp_path
+):
+    """`dvc repro train` with `ray.storage: s3://...`: one worker on the node that cannot see the
+    project, checkpoints in the bucket and none on the project's disk; the whole `dvc repro` is
+    killed (SIGKILL) after a checkpoint, and the next one resumes from the bucket."""
+    cluster = hidden_cluster
+    nodes = cluster.wait_for("head_node", "worker_node")
+    repo = project(tmp_path / "repo", train_subset=4000, epochs=3)
+    _set_storage(repo, f"s3://{BUCKET}/runs")
+    bucket = _bucket(s3)
+    driver = Driver(repo, cluster, tracking_server, **s3)
+    try:
+        deadline = time.monotonic() + 300
+        while not _checkpointed(bucket):
+            assert driver.poll() is None, driver.text()[-6000:]
+            assert time.monotonic() < deadline, "no checkpoint reached the bucket"
+            time.sleep(0.5)
+        (run,) = _snapshots(bucket, "runs")
+        stored = bucket.get_file_info(pafs.FileSelector(f"{BUCKET}/runs/{run}", recursive=True))
+        assert any("checkpoint_" in info.path for info in stored)
+        assert not list((repo / ".boostpipe/ray").glob("train-*/checkpoint_*"))
+        driver.stop()  # the whole `dvc repro`, as a lost login or a dead driver machine would
+        first = driver.text()
+
+        again = Driver(repo, cluster, tracking_server, **s3)
+        try:
+            output = again.wait()
+        finally:
+            again.stop()
+    finally:
+        driver.stop()
+    resumed = re.search(r"resuming after epoch (\d+)", output)
+    assert resumed, first[-3000:] + output[-6000:]
+    history = read_json(repo / "outputs/train/history.json")["epochs"]
+    assert [r["epoch"] for r in history] == [1, 2, 3]
+    for record in history:
+        assert sorted(record["nodes"]) == sorted(nodes.values()), record
+    assert _snapshots(bucket, "runs") == {}  # a finished run's checkpoints are cleared
+    assert "Traceback" not in output
+
+
+def test_local_storage_on_such_a_cluster_stops_at_once_naming_the_node_and_path(
+    hidden_cluster, tracking_server, tmp_path
+):
+    """The same cluster with the default storage (a folder in the project): the run stops before
+    any training with one line naming the node and the folder it cannot read."""
+    cluster = hidden_cluster
+    nodes = cluster.wait_for("head_node", "worker_node")
+    repo = project(tmp_path / "repo", train_subset=2000, epochs=1)
+    started = time.monotonic()
+    driver = Driver(repo, cluster, tracking_server)
+    try:
+        deadline = time.monotonic() + 300
+        while driver.poll() is None:
+            assert time.monotonic() < deadline, "the run did not stop"
+            time.sleep(0.5)
+    finally:
+        driver.stop()
+    output = driver.text()
+    print(f"stopped {time.monotonic() - started:.0f} s after `dvc repro` started")
+    assert driver.process.returncode != 0
+    storage = (repo / ".boostpipe/ray").resolve()
+    line = (
+        f"worker on node 127.0.0.1 ({nodes['worker_node'][:8]}) cannot read {storage}: "
+        "set ray.storage / data.root to storage every node can reach"
+    )
+    assert line in output, output[-4000:]
+    assert "Traceback" not in output and "epoch 1" not in output, output[-4000:]
+    assert not (repo / "outputs/train/model.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory) -> Iterator[str]:
+    """An `mlflow server` on 127.0.0.1, where rank 0 logs each epoch from whichever node."""
+    store = tmp_path_factory.mktemp("mlflow-server")
+    uri = f"http://127.0.0.1:{free_port()}"
+    command = [
+        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--workers", "1"),
+        *("--port", uri.rsplit(":", 1)[1], "--backend-store-uri", f"sqlite:///{store}/db.sqlite"),
+        *("--artifacts-destination", str(store / "artifacts")),
+    ]
+    with _serving(command, f"{uri}/health", store):
+        yield uri
+
+
+def _actors_on(cluster, node_id: str, class_name: str) -> int:
+    """How many actors of `class_name` ran on the node (Ray's state API, dead ones included)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{cluster.dashboard_port}/api/v0/actors?limit=10000",
+        headers={"Authorization": f"Bearer {cluster.token}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        rows = json.load(response)["data"]["result"]["result"]
+    return sum(row["class_name"] == class_name and row["node_id"] == node_id for row in rows)
+
+
+def test_a_search_keeps_its_state_in_s3_and_resumes_after_ctrl_c(
+    hidden_cluster, s3, tracking_server, tmp_path
+):
+    """`boostpipe tune` on the same cluster with `ray.storage: s3://...`: trials run on both
+    nodes, Ctrl-C after two of four trials, and `--resume` restores the search from the bucket
+    and runs only the other two."""
+    from mlflow import MlflowClient
+
+    cluster = hidden_cluster
+    nodes = cluster.wait_for("head_node", "worker_node")
+    repo = project(tmp_path / "repo", train_subset=1200, epochs=1)
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["ray"]["storage"] = f"s3://{BUCKET}/searches"
+    raw["data"].update(val_size=300, test_subset=100)
+    raw["tune"].update(trials=4, epochs=1, train_subset=300, val_subset=200, scheduler="fifo")
+    raw["tune"]["confirm"] = {"top_k": 0, "seeds": 2}
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**cluster.env, **s3, "MLFLOW_TRACKING_URI": tracking_server}
+    subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=repo, env=env, check=True)
+    client = MlflowClient(tracking_server)
+
+    def ended() -> list:
+        experiment = client.get_experiment_by_name("boostpipe")
+        if experiment is None:
+            return []
+        runs = client.search_runs([experiment.experiment_id], max_results=100)
+        return [r for r in runs if "tune.outcome" in r.data.tags]
+
+    log = tmp_path / "tune.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(
+            ["boostpipe", "tune"],
+            cwd=repo,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while len(ended()) < 2:
+            assert driver.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no trial ended"
+            time.sleep(1)
+        os.kill(driver.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state (to S3) and returns
+        assert driver.wait(timeout=120) == 130, log.read_text()[-4000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    bucket = _bucket(s3)
+    stored = bucket.get_file_info(pafs.FileSelector(f"{BUCKET}/searches", recursive=True))
+    assert any(info.base_name == "tuner.pkl" for info in stored)
+    assert not list((repo / ".boostpipe/tune").glob("tune-*/tuner.pkl"))  # nothing on our disk
+
+    result = subprocess.run(
+        ["boostpipe", "tune", "--resume"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trials = ended()
+    assert len(trials) == 4 and all(r.data.tags["tune.outcome"] == "finished" for r in trials)
+    assert _actors_on(cluster, nodes["worker_node"], "ImplicitFunc") >= 1
+    assert "Traceback" not in result.stdout + result.stderr
