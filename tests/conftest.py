@@ -22,6 +22,26 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 prepare_ray()  # before any test module imports ray
 
 
+# The files that run whole pipelines, longest first (per-file time in CI, 2026-11-26).
+LONGEST_FILES = (
+    "test_faults.py",
+    "test_pipeline.py",
+    "test_tuning.py",
+    "test_object_storage.py",
+    "test_cluster.py",
+    "test_protocol_pipeline.py",
+    "test_folder_pipeline.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The longest files first. `make test` hands whole files to two workers (xdist
+    --dist loadfile) in this order; a long file left to the end would keep one worker busy
+    while the other idles. The sort is stable, so each file keeps its own order."""
+    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def raw_params(path: Path = ROOT / "params.yaml") -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
