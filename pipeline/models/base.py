@@ -58,4 +58,4 @@ class MultiExitBackbone(nn.Module, ABC):
 
     @abstractmethod
     def select(self, state: BlockState, keep: torch.Tensor) -> BlockState:
-        """The state of the samples where the boolean mask `keep` is true."""
+        """The state of the samples `keep` names (indices into the batch, in order)."""
