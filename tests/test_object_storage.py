@@ -108,6 +108,87 @@ def _snapshots(bucket: pafs.S3FileSystem, prefix: str) -> dict[str, dict]:
     return found
 
 
+def _actors_on(cluster, node_id: str, class_name: str) -> int:
+    """How many actors of `class_name` ran on the node (Ray's state API, dead ones included)."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{cluster.dashboard_port}/api/v0/actors?limit=10000",
+        headers={"Authorization": f"Bearer {cluster.token}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        rows = json.load(response)["data"]["result"]["result"]
+    return sum(row["class_name"] == class_name and row["node_id"] == node_id for row in rows)
+
+
+def test_a_search_keeps_its_state_in_s3_and_resumes_after_ctrl_c(
+    hidden_cluster, s3, tracking_server, hidden, tmp_path
+):
+    """`boostpipe tune` on the same cluster with `ray.storage: s3://...`: trials run on both
+    nodes, Ctrl-C after two of four trials, and `--resume` restores the search from the bucket
+    and runs only the other two. First in this file: on the fresh cluster both CPUs are free,
+    so the first two trials start at once, one on each node."""
+    from mlflow import MlflowClient
+
+    cluster = hidden_cluster
+    nodes = cluster.wait_for("head_node", "worker_node")
+    repo = project(hidden / "search", train_subset=1200, epochs=1)
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["ray"]["storage"] = f"s3://{BUCKET}/searches"
+    raw["data"].update(val_size=300, test_subset=100)
+    raw["tune"].update(trials=4, epochs=1, train_subset=300, val_subset=200, scheduler="fifo")
+    raw["tune"]["confirm"] = {"top_k": 0, "seeds": 2}
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**cluster.env, **s3, "MLFLOW_TRACKING_URI": tracking_server}
+    subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=repo, env=env, check=True)
+    client = MlflowClient(tracking_server)
+
+    def ended() -> list:
+        experiment = client.get_experiment_by_name("boostpipe")
+        if experiment is None:
+            return []
+        runs = client.search_runs([experiment.experiment_id], max_results=100)
+        return [r for r in runs if "tune.outcome" in r.data.tags]
+
+    log = tmp_path / "tune.log"
+    with log.open("w") as out:
+        driver = subprocess.Popen(
+            ["boostpipe", "tune"],
+            cwd=repo,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while len(ended()) < 2:
+            assert driver.poll() is None, log.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no trial ended"
+            time.sleep(1)
+        os.kill(driver.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state (to S3) and returns
+        assert driver.wait(timeout=120) == 130, log.read_text()[-4000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    bucket = _bucket(s3)
+    stored = bucket.get_file_info(pafs.FileSelector(f"{BUCKET}/searches", recursive=True))
+    assert any(info.base_name == "tuner.pkl" for info in stored)
+    assert not list((repo / ".boostpipe/tune").glob("tune-*/tuner.pkl"))  # nothing on our disk
+
+    result = subprocess.run(
+        ["boostpipe", "tune", "--resume"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    trials = ended()
+    assert len(trials) == 4 and all(r.data.tags["tune.outcome"] == "finished" for r in trials)
+    assert _actors_on(cluster, nodes["worker_node"], "ImplicitFunc") >= 1
+    assert "Traceback" not in result.stdout + result.stderr
+
+
 def _checkpointed(bucket: pafs.S3FileSystem) -> bool:
     return any(s.get("latest_checkpoint_result") for s in _snapshots(bucket, "runs").values())
 
@@ -196,83 +277,3 @@ def tracking_server(tmp_path_factory) -> Iterator[str]:
     ]
     with _serving(command, f"{uri}/health", store):
         yield uri
-
-
-def _actors_on(cluster, node_id: str, class_name: str) -> int:
-    """How many actors of `class_name` ran on the node (Ray's state API, dead ones included)."""
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{cluster.dashboard_port}/api/v0/actors?limit=10000",
-        headers={"Authorization": f"Bearer {cluster.token}"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        rows = json.load(response)["data"]["result"]["result"]
-    return sum(row["class_name"] == class_name and row["node_id"] == node_id for row in rows)
-
-
-def test_a_search_keeps_its_state_in_s3_and_resumes_after_ctrl_c(
-    hidden_cluster, s3, tracking_server, hidden, tmp_path
-):
-    """`boostpipe tune` on the same cluster with `ray.storage: s3://...`: trials run on both
-    nodes, Ctrl-C after two of four trials, and `--resume` restores the search from the bucket
-    and runs only the other two."""
-    from mlflow import MlflowClient
-
-    cluster = hidden_cluster
-    nodes = cluster.wait_for("head_node", "worker_node")
-    repo = project(hidden / "search", train_subset=1200, epochs=1)
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
-    raw["ray"]["storage"] = f"s3://{BUCKET}/searches"
-    raw["data"].update(val_size=300, test_subset=100)
-    raw["tune"].update(trials=4, epochs=1, train_subset=300, val_subset=200, scheduler="fifo")
-    raw["tune"]["confirm"] = {"top_k": 0, "seeds": 2}
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {**cluster.env, **s3, "MLFLOW_TRACKING_URI": tracking_server}
-    subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=repo, env=env, check=True)
-    client = MlflowClient(tracking_server)
-
-    def ended() -> list:
-        experiment = client.get_experiment_by_name("boostpipe")
-        if experiment is None:
-            return []
-        runs = client.search_runs([experiment.experiment_id], max_results=100)
-        return [r for r in runs if "tune.outcome" in r.data.tags]
-
-    log = tmp_path / "tune.log"
-    with log.open("w") as out:
-        driver = subprocess.Popen(
-            ["boostpipe", "tune"],
-            cwd=repo,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        deadline = time.monotonic() + 300
-        while len(ended()) < 2:
-            assert driver.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, "no trial ended"
-            time.sleep(1)
-        os.kill(driver.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state (to S3) and returns
-        assert driver.wait(timeout=120) == 130, log.read_text()[-4000:]
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(driver.pid, signal.SIGKILL)
-    bucket = _bucket(s3)
-    stored = bucket.get_file_info(pafs.FileSelector(f"{BUCKET}/searches", recursive=True))
-    assert any(info.base_name == "tuner.pkl" for info in stored)
-    assert not list((repo / ".boostpipe/tune").glob("tune-*/tuner.pkl"))  # nothing on our disk
-
-    result = subprocess.run(
-        ["boostpipe", "tune", "--resume"],
-        cwd=repo,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    trials = ended()
-    assert len(trials) == 4 and all(r.data.tags["tune.outcome"] == "finished" for r in trials)
-    assert _actors_on(cluster, nodes["worker_node"], "ImplicitFunc") >= 1
-    assert "Traceback" not in result.stdout + result.stderr
