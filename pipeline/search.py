@@ -122,7 +122,7 @@ def _fit(
         if params.data.is_folder:
             reach[str(Path(params.data.root).resolve())] = REACH_STORAGE
         needs = {"CPU": config.cpus_per_trial, "GPU": config.gpus_per_trial}
-        check_nodes_reach(ray_storage, {k: v for k, v in needs.items() if v}, reach)
+        check_nodes_reach(ray_storage, needs, reach)
         # Trials on any node read the splits from Ray's object store, not from this disk.
         inputs = TrialInputs(ray.put(arrays), ray_storage.child("tune-train"))
         callbacks = trial_callbacks(params, parent, "search", "boostpipe tune")

@@ -652,7 +652,7 @@ def train(
     relative to it), which every node must read; `log_to`: the MLflow store (`uri`) and run
     (`run_id`) that receive each epoch's metrics."""
     layout = worker_layout(params, ray.cluster_resources())
-    needs = {"CPU": params.train.scaling.cpus_per_worker, **({"GPU": 1} if layout.use_gpu else {})}
+    needs = {"CPU": params.train.scaling.cpus_per_worker, "GPU": 1 if layout.use_gpu else 0}
     reach = {str(root.resolve()): REACH_STORAGE} if root else {}
     if log_to and (store := tracking.local_store(log_to["uri"])):  # rank 0 logs each epoch
         reach[store] = REACH_TRACKING
