@@ -435,7 +435,11 @@ def test_ctrl_c_in_the_confirmation_then_resume_runs_only_unfinished_confirmatio
 
     try:
         deadline = time.monotonic() + 300
-        while not (ended := [r for r in runs("confirm") if "tune.outcome" in r.data.tags]):
+        while not (
+            ended := [
+                r for r in runs("confirm") if "tune.outcome" in r.data.tags and r.info.end_time
+            ]
+        ):
             assert driver.poll() is None and time.monotonic() < deadline, "no run ended"
             time.sleep(0.5)
         os.kill(driver.pid, signal.SIGINT)
