@@ -20,6 +20,7 @@ from torch import nn
 
 from pipeline.config import Params
 from pipeline.models import MultiExitBackbone, build_backbone
+from pipeline.models.base import BlockState, gather_rows
 
 
 class BoostNet(nn.Module):
@@ -91,11 +92,17 @@ class ExitRunner:
     gradients of exits n..N.
     """
 
-    def __init__(self, net: BoostNet, x: torch.Tensor) -> None:
+    def __init__(
+        self,
+        net: BoostNet,
+        state: BlockState,
+        ensemble: torch.Tensor | None = None,
+        next_exit: int = 0,
+    ) -> None:
         self.net = net
-        self.state = x
-        self.ensemble: torch.Tensor | None = None
-        self.next_exit = 0
+        self.state = state  # the image batch before block 0, then what the last block left
+        self.ensemble = ensemble
+        self.next_exit = next_exit
 
     def step(self) -> torch.Tensor:
         """Run the next block and its head; return that exit's logits for the remaining batch."""
@@ -127,6 +134,20 @@ class ExitRunner:
         self.state = self.net.backbone.select(self.state, index)
         if self.ensemble is not None:
             self.ensemble = self.ensemble[index]
+
+    @staticmethod
+    def gather(parts: Sequence[tuple[ExitRunner, torch.Tensor]]) -> ExitRunner:
+        """One runner for the samples `parts` name (a runner, indices into its batch), one part
+        after another. All runners have run the same blocks, at least one."""
+        runners, indices = [r for r, _ in parts], [i for _, i in parts]
+        first = runners[0]
+        if any(r.next_exit != first.next_exit for r in runners):
+            raise ValueError("runners at different exits cannot be gathered")
+        state = first.net.backbone.gather([r.state for r in runners], indices)
+        ensemble = None
+        if first.ensemble is not None:
+            ensemble = gather_rows([r.ensemble for r in runners], indices)
+        return ExitRunner(first.net, state, ensemble, first.next_exit)
 
 
 def effective_samples(exit_losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 Files are decoded and cropped as evaluation reads the dataset (pipeline/inputs.py: grey for
 Fashion-MNIST, resize + centre crop for folder datasets) in loader processes, and every batch runs
-the same early exit as evaluate (`evaluation.exit_batch`), so a test image saved as PNG gets the
+the same early exit as evaluate (`evaluation.ExitQueue`), so a test image saved as PNG gets the
 prediction evaluate gave it. Thresholds come from the calibrate stage's output: the ones fitted
 for a budget, or a file of one threshold per exit.
 """
@@ -23,7 +23,7 @@ from pipeline import paths
 from pipeline.boosting import BoostNet
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.data import FileSplit
-from pipeline.evaluation import exit_batch, exit_costs, load_model, network_input
+from pipeline.evaluation import ExitQueue, exit_costs, load_model, network_input
 from pipeline.folders import IMAGE_SUFFIXES
 from pipeline.inputs import file_loader
 from pipeline.io import read_json
@@ -167,32 +167,33 @@ def predict(
     device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> Outcome:
-    """Early exit on every file, batch by batch; unreadable files are collected, not fatal.
-    `progress` is called with the number of files each batch finished."""
+    """Early exit on every file (an `ExitQueue` over the loader's batches); unreadable files are
+    collected, not fatal. `progress` is called with the number of files each batch finished."""
     device = device or torch.device("cpu")
     spec = params.data.spec
     # The file's index travels as its "target", so results find their file past skipped ones.
     split = FileSplit(np.array([str(f) for f in files]), torch.arange(len(files)))
     loader = file_loader(split, Path("."), params.data, batch_size, workers=workers)
-    predictions: list[Prediction] = []
+    queue = ExitQueue(net, thresholds, batch_size)
     unreadable: list[str] = []
     net.eval()
     start = time.perf_counter()
     for images, indices, bad in loader:
         unreadable += bad
         if len(indices):
-            exited = exit_batch(net, network_input(images, spec.mean, spec.std, device), thresholds)
-            rows = zip(
-                indices.tolist(),
-                exited.predictions.tolist(),
-                exited.confidence.tolist(),
-                exited.exits.tolist(),
-                strict=True,
-            )
-            predictions += [
-                Prediction(str(files[i]), y, names[y] if names else None, c, k + 1, exit_flops[k])
-                for i, y, c, k in rows
-            ]
+            queue.push(network_input(images, spec.mean, spec.std, device), indices)
         if progress is not None:
             progress(len(indices) + len(bad))
+    indices, exited = queue.finish()
+    rows = zip(
+        indices.tolist(),
+        exited.predictions.tolist(),
+        exited.confidence.tolist(),
+        exited.exits.tolist(),
+        strict=True,
+    )
+    predictions = [
+        Prediction(str(files[i]), y, names[y] if names else None, c, k + 1, exit_flops[k])
+        for i, y, c, k in rows
+    ]
     return Outcome(predictions, unreadable, time.perf_counter() - start)

@@ -19,6 +19,7 @@ from pipeline.calibration import (
 from pipeline.data import Split
 from pipeline.evaluation import (
     EarlyExitRun,
+    ExitQueue,
     Source,
     Timings,
     anytime_rows,
@@ -29,6 +30,7 @@ from pipeline.evaluation import (
     evaluate,
     exit_costs,
     fold_batch_norm,
+    network_input,
 )
 
 DEVICE = torch.device("cpu")
@@ -61,6 +63,41 @@ def test_early_exit_predicts_and_exits_as_the_thresholds_say():
     assert torch.equal(run.predictions[same], expected_predictions[same])
     assert torch.equal(run.targets, split.targets)
     assert run.seconds > 0
+
+
+def test_exit_queue_runs_every_block_on_full_batches_and_returns_results_by_id():
+    params, net, split = _problem()
+    source = Source(split, params.data, batch_size=64)
+    scores, _ = collect_scores(net, source, DEVICE)
+    thresholds = fit_thresholds(scores.confidence, exit_distribution(0.7, params.model.n_exits))
+    sizes = {i: [] for i in range(net.n_exits)}
+
+    def record(index: int, state) -> None:  # a block reads the images or a list of maps
+        sizes[index].append(len(state if torch.is_tensor(state) else state[-1]))
+
+    hooks = [
+        block.register_forward_pre_hook(lambda m, args, i=i: record(i, args[0]))
+        for i, block in enumerate(net.backbone.blocks)
+    ]
+    x = network_input(split.images, params.data.spec.mean, params.data.spec.std, DEVICE)
+    ids = torch.randperm(300, generator=torch.Generator().manual_seed(2))
+    queue = ExitQueue(net, thresholds.tolist(), batch_size=64)
+    for start in range(0, 300, 50):  # batches of 50 in, blocks of 64 run
+        part = ids[start : start + 50]
+        queue.push(x[part], part)
+    returned, exited = queue.finish()
+    for hook in hooks:
+        hook.remove()
+
+    assert torch.equal(returned, torch.arange(300))
+    reached = [300 - int((exited.exits < i).sum()) for i in range(net.n_exits)]
+    for index, seen in sizes.items():
+        assert sum(seen) == reached[index]  # every sample ran each block up to its exit once
+        if index > 0:  # later blocks: full batches, one part batch at the end
+            assert all(size == 64 for size in seen[:-1]) and 0 < seen[-1] <= 64
+    agree = (exited.exits == assign_exits(scores.confidence, thresholds)).float().mean()
+    assert agree > 0.98
+    assert ((exited.confidence >= 0) & (exited.confidence <= 1)).all()
 
 
 def test_topk_accuracy_counts_hits_per_exit():

@@ -2,10 +2,11 @@ import pytest
 import torch
 from conftest import ROOT, compose
 
-from pipeline.boosting import BoostNet
+from pipeline.boosting import BoostNet, ExitRunner
 from pipeline.config import load_params
 from pipeline.evaluation import exit_costs
 from pipeline.models import msdnet_spec, ranet_spec
+from pipeline.models.base import gather_rows
 from pipeline.models.msdnet import block_lengths, plan_blocks
 from pipeline.models.ranet import RANetState, plan_flows
 
@@ -79,6 +80,34 @@ def test_incremental_runner_on_a_shrinking_batch_matches_the_full_forward(path):
             keep[keep.nonzero()[0]] = False
         with pytest.raises(IndexError):
             runner.step()
+
+
+@pytest.mark.parametrize("path", [ROOT / "params.yaml", RANET], ids=["msdnet", "ranet"])
+def test_runner_gathered_from_two_batches_continues_like_the_full_forward(path):
+    """Early exit's re-batching: samples of two batches that stopped at one exit, gathered into
+    one runner, get the logits the whole network gives them."""
+    torch.manual_seed(0)
+    net = BoostNet.from_params(compose(path)).eval()
+    x = torch.randn(10, 1, 28, 28)
+    with torch.no_grad():
+        full = net(x)
+        first, second = net.start(x[:6]), net.start(x[6:])
+        first.step(), second.step()
+        parts = [(first, torch.tensor([1, 4, 5])), (second, torch.tensor([0, 3]))]
+        runner = ExitRunner.gather(parts)
+        rows = torch.tensor([1, 4, 5, 6, 9])
+        for index in range(1, net.n_exits):
+            assert torch.allclose(runner.step(), full[index][rows], atol=1e-5)
+
+
+def test_gathered_rows_keep_the_channels_last_layout():
+    a = torch.randn(4, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(3, 3, 5, 5).contiguous(memory_format=torch.channels_last)
+    out = gather_rows([a, b], [torch.tensor([3, 0]), torch.tensor([2])])
+    assert torch.equal(out, torch.stack([a[3], a[0], b[2]]))
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    flat = gather_rows([torch.arange(6).view(3, 2)], [torch.tensor([2, 1])])
+    assert flat.tolist() == [[4, 5], [2, 3]]
 
 
 def _state_tensors(state):

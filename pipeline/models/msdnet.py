@@ -12,12 +12,13 @@ builds what the plan says.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from pipeline.models.base import BlockState, MultiExitBackbone, scale_gradient
+from pipeline.models.base import BlockState, MultiExitBackbone, gather_rows, scale_gradient
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,9 @@ class MSDNet(MultiExitBackbone):
 
     def select(self, state: BlockState, keep: torch.Tensor) -> BlockState:
         return [x[keep] for x in state]
+
+    def gather(self, states: Sequence[BlockState], indices: Sequence[torch.Tensor]) -> BlockState:
+        return [gather_rows(maps, indices) for maps in zip(*states, strict=True)]
 
 
 def init_weights(module: nn.Module) -> None:

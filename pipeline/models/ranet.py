@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models.base import BlockState, MultiExitBackbone
+from pipeline.models.base import BlockState, MultiExitBackbone, gather_rows
 from pipeline.models.msdnet import build_head, conv_bn_relu, init_weights
 
 
@@ -243,11 +243,32 @@ class RANetState:
     current: list[list[torch.Tensor]] = field(default_factory=list)  # running flow, per block
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> RANetState:
+        return RANetState.zip_map([self], lambda tensors: fn(tensors[0]))
+
+    @staticmethod
+    def zip_map(
+        states: Sequence[RANetState], fn: Callable[[list[torch.Tensor]], torch.Tensor]
+    ) -> RANetState:
+        """A state whose every tensor is `fn` of the matching tensors of `states` (which share
+        one layout: the same exit of the same network)."""
+        first = states[0]
+
+        Nested = list[list[torch.Tensor]]
+
+        def nested(get: Callable[[RANetState], Nested]) -> Nested:
+            return [
+                [fn([get(s)[b][i] for s in states]) for i in range(len(block))]
+                for b, block in enumerate(get(first))
+            ]
+
         return RANetState(
-            stem_maps=[None if m is None else fn(m) for m in self.stem_maps],
-            x=None if self.x is None else fn(self.x),
-            coarser=[[fn(t) for t in block] for block in self.coarser],
-            current=[[fn(t) for t in block] for block in self.current],
+            stem_maps=[
+                None if m is None else fn([s.stem_maps[i] for s in states])
+                for i, m in enumerate(first.stem_maps)
+            ],
+            x=None if first.x is None else fn([s.x for s in states]),
+            coarser=nested(lambda s: s.coarser),
+            current=nested(lambda s: s.current),
         )
 
 
@@ -323,3 +344,6 @@ class RANet(MultiExitBackbone):
 
     def select(self, state: BlockState, keep: torch.Tensor) -> BlockState:
         return state.map(lambda t: t[keep])
+
+    def gather(self, states: Sequence[BlockState], indices: Sequence[torch.Tensor]) -> BlockState:
+        return RANetState.zip_map(states, lambda tensors: gather_rows(tensors, indices))
