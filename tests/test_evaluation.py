@@ -85,8 +85,8 @@ def test_exit_queue_runs_every_block_on_full_batches_and_returns_results_by_id()
     for start in range(0, 300, 50):  # batches of 50 in, blocks of 64 run
         part = ids[start : start + 50]
         queue.push(x[part], part)
-        for waiting in queue.waiting:  # a runner waits with at most twice its samples' state
-            assert all(len(runner.ensemble) <= 2 * len(rows) for runner, rows, _ in waiting)
+        for waiting in queue.waiting:  # at most twice its samples' state (but the next in line)
+            assert all(len(runner.ensemble) <= 2 * len(rows) for runner, rows, _ in waiting[1:])
     returned, exited = queue.finish()
     for hook in hooks:
         hook.remove()
