@@ -7,7 +7,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export MLFLOW_DISABLE_TELEMETRY := true
 export DVC_NO_ANALYTICS := 1
 
-.PHONY: setup data run test test-fast lint bench
+.PHONY: setup data run test test-fast lint bench docs
 
 # The venv is rebuilt only when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -44,3 +44,7 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_step.py
+
+# The docs site into site/ (mkdocs.yml; the params reference and results pages are generated).
+docs: setup
+	$(BIN)/mkdocs build --strict

@@ -39,22 +39,33 @@ NonNegativeList = Annotated[
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Field docstrings become their descriptions (the docs site's params reference).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class DataConfig(_Section):
     dataset: Literal["fashion-mnist", "cifar10", "cifar100", "imagenet", "imagefolder"] = (
         "fashion-mnist"
     )
-    root: str | None = None  # None: the dataset's usual locations (see the prepare stage)
-    # Images held out of the training split for selection and calibration; 0 trains on every
-    # image (the paper's anytime setting), leaving nothing to select or calibrate on.
+    """fashion-mnist, cifar10 and cifar100 are decoded into memory by prepare; imagenet and
+    imagefolder are read from folders of images."""
+    root: str | None = None
+    """Where the data is; null: the dataset's usual locations (Debian's Fashion-MNIST, else
+    torchvision's download). Folder datasets: the folder holding train/ and val/."""
     val_size: Annotated[int, Field(strict=True, ge=0)] = 5000
-    train_subset: Count | None = None  # quick runs: train on this many images only
+    """Images held out of the training split for selection and calibration; 0 trains on every
+    image (the paper's anytime setting), leaving nothing to select or calibrate on."""
+    train_subset: Count | None = None
+    """Quick runs: train on this many images only; null: all of them."""
     test_subset: Count | None = None
-    image_size: Count | None = None  # folder datasets: training crop and evaluation side
-    resize: Count | None = None  # folder datasets: evaluation resize before the centre crop
-    skip_bad: bool = False  # folder datasets: skip (and count) unreadable images, else stop
+    """Quick runs: evaluate on this many test images only; null: all of them."""
+    image_size: Count | None = None
+    """Folder datasets: the training crop and the evaluation side (required for imagefolder)."""
+    resize: Count | None = None
+    """Folder datasets: evaluation resize of the shorter side before the centre crop; null:
+    image_size * 8/7."""
+    skip_bad: bool = False
+    """Folder datasets: true skips unreadable images and counts them; false stops at the first."""
 
     @model_validator(mode="after")
     def _check_folder_keys(self) -> DataConfig:
@@ -98,24 +109,41 @@ class MSDNetConfig(_Section):
     """MSDNet hyper-parameters, named after Huang et al. (2018) in snake_case."""
 
     arch: Literal["msdnet"] = "msdnet"
+    """The backbone; each architecture takes its own keys."""
     n_blocks: Count
+    """Blocks, each followed by an exit."""
     base: Count
+    """Layers in the first block."""
     step: Count
+    """Layers per later block (even), or the increment per block (lin_grow)."""
     step_mode: Literal["even", "lin_grow"] = "even"
+    """How block depth grows: even (the same for every later block) or lin_grow (linearly)."""
     n_channels: Count
+    """Stem width at the finest scale (times gr_factor at the others)."""
     growth_rate: Count
+    """Channels each layer adds at the finest scale (times gr_factor at the others)."""
     gr_factor: list[Count] = Field(min_length=1)
+    """Width multiplier per scale, finest first; its length is the number of scales."""
     bn_factor: list[Count] = Field(min_length=1)
+    """Bottleneck width multiplier per scale (as many as gr_factor)."""
     bottleneck: bool = True
+    """1x1 bottleneck convolutions before the 3x3 ones."""
     prune: Literal["max", "min"] = "max"
+    """How finer scales are dropped as depth grows (max: the paper's choice)."""
     reduction: Annotated[float, Field(strict=True, ge=0, le=1)] = 0.5
-    in_channels: Count | None = None  # None: from the dataset
-    num_classes: Count | None = None  # None: from the dataset
-    head_channels: Count | None = None  # None: 128, or the input width with the ImageNet stem
-    first_head_channels: Count | None = None  # None: head_channels (a narrow one: a weak exit 1)
-    # he: He (fan_out) convs, unit BN, zero biases; torch-default: PyTorch's own layer defaults,
-    # which is what the reference implementation effectively runs (its init loop reaches no conv).
+    """Channel compression of the transition layers."""
+    in_channels: Count | None = None
+    """Input channels; null: from the dataset (must match it when given)."""
+    num_classes: Count | None = None
+    """Classes; null: from the dataset (imagefolder: counted by prepare)."""
+    head_channels: Count | None = None
+    """Width of the exit heads; null: 128, or the input width with the ImageNet stem."""
+    first_head_channels: Count | None = None
+    """Width of exit 1's head only; null: head_channels. A narrow one makes a cheap, weak exit 1."""
     init: Literal["he", "torch-default"] = "he"
+    """he: He (fan-out) convolutions, unit batch-norm, zero biases; torch-default: PyTorch's own
+    layer defaults, which is what the reference implementation effectively runs (its init loop
+    reaches no convolution)."""
 
     @property
     def n_exits(self) -> int:
@@ -144,20 +172,35 @@ class RANetConfig(_Section):
     """
 
     arch: Literal["ranet"]
+    """The backbone; each architecture takes its own keys."""
     n_blocks: Count
+    """Exits per sub-network."""
     step: Count
+    """Layers per dense block (even), or the increment per block (lin_grow)."""
     step_mode: Literal["even", "lin_grow"] = "even"
+    """How dense-block depth grows: even or lin_grow (step * b for the b-th block)."""
     n_channels: Count
+    """Base width (times gr_factor per sub-network)."""
     growth_rate: Count
+    """Channels each layer adds (times gr_factor per sub-network)."""
     scale_list: list[Count] = Field(min_length=1)
+    """Resolution of each sub-network, coarsest (1) first; starts at 1, rises by 0 or 1."""
     gr_factor: list[Count] = Field(min_length=1)
+    """Width multiplier per sub-network."""
     bn_factor: list[Count] = Field(min_length=1)
+    """Bottleneck width multiplier per sub-network."""
     compress_factor: Annotated[float, Field(strict=True, ge=0, lt=1)] = 0.25
+    """Share of a fused layer's new features computed from the coarser sub-network."""
     bn_after: bool = True
+    """Bottleneck as conv-BN-ReLU (true, what the reference builds) or BN-ReLU-conv."""
     reduction: Annotated[float, Field(strict=True, gt=0, le=1)] = 0.5
+    """Channel compression of the transition layers."""
     in_channels: Count | None = None
+    """Input channels; null: from the dataset (must match it when given)."""
     num_classes: Count | None = None
+    """Classes; null: from the dataset (imagefolder: counted by prepare)."""
     head_channels: Count | None = None
+    """Width of the exit heads; null: 128."""
 
     @property
     def n_exits(self) -> int:
@@ -197,9 +240,14 @@ class BoostConfig(_Section):
     """BoostNet (Yu et al., AAAI 2023); enabled=false trains the joint-loss baseline."""
 
     enabled: bool = True
-    temperature: NonNegativeList = [0.5]  # one value, a [first, last] pair, or one per exit
-    loss_weights: NonNegativeList = [1.0]  # one value or one per exit
-    grad_rescale: bool = True  # IMTA gradient equilibrium on the coarsest-scale feature
+    """false trains the joint-loss baseline, each exit on its own logits."""
+    temperature: NonNegativeList = [0.5]
+    """t_n, the weight of the earlier ensemble in exit n's: one value, a [first, last] pair
+    (spaced linearly), or one per exit."""
+    loss_weights: NonNegativeList = [1.0]
+    """w_n, each exit's weight in the loss: one value or one per exit."""
+    grad_rescale: bool = True
+    """IMTA's gradient equilibrium on the coarsest-scale feature (MSDNet only)."""
 
     def temperatures(self, n_exits: int) -> list[float]:
         """Per-exit t_n. A pair is spaced linearly from the first exit to the last."""
@@ -218,37 +266,54 @@ class BoostConfig(_Section):
 class ScalingConfig(_Section):
     """How many Ray Train workers, and on what (`auto`: GPU when the cluster has one)."""
 
-    workers: Literal["auto"] | Count = "auto"  # auto: one per GPU, else the 2-worker CPU layout
+    workers: Literal["auto"] | Count = "auto"
+    """Ray Train workers; auto: one per GPU, else two 1-CPU workers. A count the cluster cannot
+    hold fails before training."""
     use_gpu: Literal["auto"] | bool = "auto"
+    """Train on GPUs; auto: when the cluster has them."""
     cpus_per_worker: Positive = 2
+    """CPUs each worker reserves."""
     sync_bn: bool = False
+    """Synchronised batch-norm across workers."""
 
 
 class TrainConfig(_Section):
     epochs: Count
-    batch_size: Count = 64  # per worker
+    """Training epochs."""
+    batch_size: Count = 64
+    """Batch size per worker."""
     optimizer: Literal["sgd", "adamw"] = "sgd"
+    """sgd (with momentum) or adamw."""
     lr: Positive = 0.1
+    """Learning rate (the peak, for onecycle)."""
     momentum: NonNegative = 0.9
+    """SGD momentum."""
     weight_decay: NonNegative = 1e-4
-    # onecycle: warm up to lr over the first 30 % of steps, then anneal (short runs)
+    """Weight decay, one value for every parameter."""
     schedule: Literal["multistep", "cosine", "onecycle", "constant"] = "multistep"
-    milestones: list[Count] = []  # epochs at which multistep multiplies the lr by gamma
+    """Learning-rate schedule, stepped per batch; onecycle warms up to lr over the first 30 % of
+    steps, then anneals (short runs)."""
+    milestones: list[Count] = []
+    """Epochs at which multistep multiplies the learning rate by gamma, increasing."""
     gamma: Positive = 0.1
+    """multistep's factor at each milestone."""
     augment: Literal["none", "crop-flip", "random-resized-crop"] = "crop-flip"
-    # bfloat16 autocast when training on CUDA (ignored on CPU): pays for large models only; on
-    # CIFAR-sized ones the casts cost more than they save (0.7-0.9x the fp32 step on an H200).
+    """Training augmentation: crop-flip pads, crops and flips whole batches; random-resized-crop
+    is the ImageNet recipe (folder datasets)."""
     amp: bool = False
-    # torch.compile the training step: true, false, or auto (on CUDA, and on CPU for runs of 20
-    # epochs or more, where the minutes of compilation pay for themselves).
+    """bfloat16 autocast when training on CUDA (ignored on CPU). It pays for large models only:
+    on CIFAR-sized ones the extra cast kernels cost more than the narrower arithmetic saves."""
     compile: bool | Literal["auto"] = "auto"
-    # Which epoch's weights the run keeps: the last, or the best on the held-out split by
-    # `select_metric` (mean top-1 over exits, or the last exit's top-1 as the reference does).
+    """torch.compile the training step: true, false, or auto (on CUDA, and on CPU for runs of 20
+    epochs or more, where the minutes of compilation pay for themselves)."""
     select: Literal["last", "best"] = "best"
+    """Which epoch's weights the run keeps: the last, or the best on the held-out split."""
     select_metric: Literal["mean", "last-exit"] = "mean"
-    eval_batch_size: Count = 512  # scoring the held-out split after every epoch
-    # Folder datasets: decoding processes per Ray worker (None: the worker's CPUs minus one).
+    """What best means: mean top-1 over exits, or the last exit's top-1 (the reference's)."""
+    eval_batch_size: Count = 512
+    """Batch size when scoring the held-out split after every epoch."""
     loader_workers: Annotated[int, Field(strict=True, ge=0)] | None = None
+    """Folder datasets: decoding processes per Ray worker; null: the worker's CPUs minus one."""
     scaling: ScalingConfig = ScalingConfig()
 
 
@@ -268,11 +333,13 @@ class EvaluateConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else SQLite in the project root
+    uri: str | None = None
+    """The MLflow store; null: MLFLOW_TRACKING_URI, else SQLite in the project root."""
     experiment: str = "boostpipe"
-    # A registered-model name: evaluate registers the model it evaluated under it, with the
-    # alias `evaluated` (None: no registry entry).
+    """The MLflow experiment the runs go to."""
     registered_model: str | None = None
+    """A registered-model name: evaluate registers the model it evaluated under it, with the
+    alias `evaluated`; null: no registry entry."""
 
 
 SECRET_OPTIONS = ("access_key", "secret_key", "session_token")
@@ -282,12 +349,12 @@ class RayConfig(_Section):
     """Where Ray keeps checkpoints and search state (pipeline/storage.py); how it runs, not
     what it learns, so no stage's results depend on it."""
 
-    # None: a folder in the project (one machine). On a cluster: a mount every node shares, or
-    # object storage such as s3://bucket/prefix. BOOSTPIPE_STORAGE overrides it.
     storage: str | None = None
-    # pyarrow.fs.S3FileSystem options (endpoint_override, region, scheme, ...); credentials come
-    # from the standard AWS environment variables, never from params.
+    """null: a folder in the project (one machine). On a cluster: a mount every node shares, or
+    object storage such as s3://bucket/prefix. BOOSTPIPE_STORAGE overrides it."""
     storage_options: dict[str, str | float | int | bool] = {}
+    """pyarrow.fs.S3FileSystem options (endpoint_override, region, scheme, ...); credentials come
+    from the standard AWS environment variables, never from params."""
 
     @model_validator(mode="after")
     def _no_secrets(self) -> RayConfig:
@@ -305,8 +372,11 @@ class SearchRange(_Section):
     """A range [low, high] to sample from; `log` samples log-uniformly."""
 
     low: NonNegative
+    """Lower end."""
     high: NonNegative
+    """Upper end (above low)."""
     log: bool = False
+    """Sample log-uniformly (low above 0)."""
 
     @model_validator(mode="after")
     def _check_order(self) -> SearchRange:
@@ -318,17 +388,21 @@ class SearchRange(_Section):
 
 
 class TemperatureRange(SearchRange):
-    # shared: one t for every exit; pair: [first, last], spaced linearly; exit: one per exit
     per: Literal["shared", "pair", "exit"] = "shared"
+    """shared: one t for every exit; pair: [first, last], spaced linearly; exit: one per exit."""
 
 
 class SearchSpace(_Section):
     """What `boostpipe tune` samples; null leaves the params.yaml value in place."""
 
     temperature: TemperatureRange | None = TemperatureRange(low=0.0, high=1.0)
-    loss_weights: SearchRange | None = SearchRange(low=0.5, high=2.0, log=True)  # one per exit
+    """Range of boost.temperature; null keeps the params file's value."""
+    loss_weights: SearchRange | None = SearchRange(low=0.5, high=2.0, log=True)
+    """Range of boost.loss_weights, one weight sampled per exit; null keeps the file's value."""
     lr: SearchRange | None = None
-    grad_rescale: bool = False  # true: also try gradient rescaling on and off
+    """Range of train.lr; null keeps the params file's value."""
+    grad_rescale: bool = False
+    """true: also try gradient rescaling on and off."""
 
 
 class ConfirmConfig(_Section):
@@ -337,7 +411,9 @@ class ConfirmConfig(_Section):
     mean over seeds, not on one lucky draw. top_k 0: no confirmation."""
 
     top_k: Annotated[int, Field(strict=True, ge=0)] = 2
-    seeds: Annotated[int, Field(strict=True, ge=2)] = 3  # two at least: a paired interval
+    """How many of the best trials are retrained; 0: no confirmation."""
+    seeds: Annotated[int, Field(strict=True, ge=2)] = 3
+    """Fresh seeds per configuration; two at least, for a paired interval."""
 
 
 TUNE_METRICS = ("val_budget_auc", "val_mean_top1", "val_final_top1")
@@ -351,21 +427,38 @@ class TuneConfig(_Section):
     """
 
     trials: Count = 64
+    """Trials; the params file's own values are the first."""
     search: Literal["random", "optuna"] = "random"
+    """random sampling, or optuna (TPE)."""
     scheduler: Literal["asha", "fifo"] = "asha"
-    grace_period: Count = 1  # ASHA: epochs before a trial can be stopped
+    """asha stops weak trials early; fifo runs every trial to the end."""
+    grace_period: Count = 1
+    """ASHA: epochs before a trial can be stopped."""
     reduction_factor: Annotated[float, Field(strict=True, gt=1)] = 3
+    """ASHA: 1/reduction_factor of the trials go on at each rung."""
     metric: Literal[TUNE_METRICS] = "val_budget_auc"
+    """The objective, on the held-out split: val_budget_auc is the mean best top-1 over budgets
+    from exit 1's cost to the last exit's."""
     epochs: Count = 3
+    """Epochs per trial."""
     train_subset: Count | None = 2500
+    """Training images per trial; null: all."""
     val_subset: Count | None = 1500
+    """Held-out images a trial is scored on after each epoch; null: all."""
     max_concurrent: Count = 2
+    """Trials running at once."""
     cpus_per_trial: Positive = 1
-    gpus_per_trial: NonNegative = 0  # fractions share a GPU between trials
-    workers_per_trial: Count = 1  # >1: every trial is a Ray Train job with this many workers
+    """CPUs each trial reserves."""
+    gpus_per_trial: NonNegative = 0
+    """GPUs each trial reserves; fractions share a GPU between trials."""
+    workers_per_trial: Count = 1
+    """Above 1: every trial is a Ray Train DDP job with this many workers."""
     seed: Annotated[int, Field(strict=True, ge=0)] = 0
+    """The trials' seed; confirmation uses the next ones."""
     space: SearchSpace = SearchSpace()
+    """What the search samples."""
     confirm: ConfirmConfig = ConfirmConfig()
+    """Retraining the best over fresh seeds after the search."""
 
     @model_validator(mode="after")
     def _check_schedule(self) -> TuneConfig:
@@ -378,6 +471,7 @@ class TuneConfig(_Section):
 
 class Params(_Section):
     seed: Annotated[int, Field(strict=True, ge=0)] = 0
+    """Seeds the held-out split, data order, augmentation and initialisation."""
     data: DataConfig = DataConfig()
     model: Annotated[ModelConfig, BeforeValidator(_default_arch)]
     boost: BoostConfig = BoostConfig()
