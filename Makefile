@@ -47,4 +47,4 @@ bench: setup
 
 # The docs site into site/ (mkdocs.yml; the params reference and results pages are generated).
 docs: setup
-	$(BIN)/mkdocs build --strict
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
