@@ -79,7 +79,7 @@ def study(seeds: list[int], overrides: dict[str, Any], path: Path) -> None:
     prepare_ray()  # before `import ray`
     import ray
 
-    from pipeline.training import ray_init_kwargs
+    from pipeline.cluster import ray_init_kwargs
 
     results = json.loads(path.read_text()) if path.exists() else {"runs": []}
     if results["runs"] and results.get("overrides") != overrides:

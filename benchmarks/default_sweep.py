@@ -159,7 +159,7 @@ def train_all(names: list[str]) -> None:
     prepare_ray()  # before `import ray`
     import ray
 
-    from pipeline.training import ray_init_kwargs
+    from pipeline.cluster import ray_init_kwargs
 
     ray.init(**ray_init_kwargs())
     rows = []

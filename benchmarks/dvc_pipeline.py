@@ -73,6 +73,7 @@ def tracking_cost() -> None:
     from pipeline import paths, tracking
     from pipeline.boosting import BoostNet
     from pipeline.config import load_params
+    from pipeline.epochs import EpochRecord
     from pipeline.io import read_json
 
     imported = time.perf_counter() - start
@@ -90,7 +91,7 @@ def tracking_cost() -> None:
     start = time.perf_counter()
     tracking.log_training(
         run_id,
-        read_json(paths.HISTORY)["epochs"],
+        [EpochRecord.from_json(row) for row in read_json(paths.HISTORY)["epochs"]],
         "cpu",
         net,
         (params.in_channels, size, size),

@@ -85,5 +85,5 @@ def train_and_score(params: Params) -> Scored:
         budget_top1,
         seconds,
         outcome.best_epoch,
-        outcome.history,
+        [record.as_json() for record in outcome.history],
     )

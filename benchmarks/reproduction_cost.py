@@ -1,7 +1,7 @@
 """What reproducing a paper configuration costs on this machine: projected wall time of the full
 training schedule (300 epochs on CIFAR-100, 90 on ImageNet), fp32 (the paper's precision).
 
-Times the training code's own epoch loop (`pipeline.training.train_epoch`: augmentation,
+Times the training code's own epoch loop (`pipeline.fitting.train_epoch`: augmentation,
 forward through every exit, boosted loss, backward, SGD step) over a few steps on generated
 uint8 images of the dataset's shape (CIFAR-100: 32x32x3; ImageNet: 224x224x3 through the
 ImageNet-stem model), after one warm-up step, and extrapolates to every step of the schedule on
@@ -23,7 +23,7 @@ import torch
 from pipeline.boosting import BoostNet
 from pipeline.config import Params, load_params, parse_params
 from pipeline.data import Split
-from pipeline.training import Fit, make_optimizer, make_scheduler, train_epoch
+from pipeline.fitting import Fit, make_optimizer, make_scheduler, train_epoch
 
 TRAIN_IMAGES = {"cifar10": 50_000, "cifar100": 50_000, "imagenet": 1_281_167}
 DEFAULT_FILES = ["configs/cifar100-msdnet-anytime.yaml", "configs/imagenet-msdnet-anytime.yaml"]

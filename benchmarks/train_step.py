@@ -86,7 +86,7 @@ def our_step(
     compiled: str | None,
     amp: bool = False,
 ) -> Step:
-    """The step `pipeline.training.train_epoch` takes: channels-last on CUDA, bf16 autocast
+    """The step `pipeline.fitting.train_epoch` takes: channels-last on CUDA, bf16 autocast
     there when `amp`, the boosted loss in fp32."""
     torch.manual_seed(0)
     net = BoostNet.from_params(params).to(device).train()

@@ -150,7 +150,7 @@ class ExitRunner:
         return ExitRunner(first.net, state, ensemble, first.next_exit)
 
 
-def effective_samples(exit_losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_effective_samples(exit_losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The paper's Fig. 3 diagnostic for one batch: v = 10th percentile of exit 1's per-sample
     losses; per exit, the fraction of samples whose loss exceeds v, and the batch-mean loss."""
     threshold = torch.quantile(exit_losses[0].detach().float(), 0.1)

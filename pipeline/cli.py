@@ -229,7 +229,7 @@ def compare(refs: tuple[str, ...], params_path: Path, output: Path, paper: str |
     `boostpipe compare workspace baseline-seed0`.
     """
     from pipeline.plots import compare_effective_samples, compare_runs
-    from pipeline.runs import RunNotFound, curves, find_run
+    from pipeline.tracking.lookup import RunNotFound, curves, find_run
 
     client, experiment_id = _client(params_path)
     try:
@@ -322,7 +322,7 @@ TUNE_OPTION_NAMES = {"confirm.top_k": "--confirm"}  # keys whose option is not n
 
 
 def _ranked(outcome: Any, limit: int = 10) -> Table:
-    from pipeline.tune_callbacks import describe
+    from pipeline.tune_callbacks import describe_sampled
 
     table = Table(title=f"best trials by {outcome.metric} (validation)")
     for column in ("#", "trial", "ended", "epochs", outcome.metric, "values"):
@@ -335,13 +335,13 @@ def _ranked(outcome: Any, limit: int = 10) -> Table:
             trial.outcome,
             str(trial.epochs),
             score,
-            describe(trial.sampled),
+            describe_sampled(trial.sampled),
         )
     return table
 
 
 def _confirmed(confirmation: Any, metric: str) -> Table:
-    from pipeline.tune_callbacks import describe
+    from pipeline.tune_callbacks import describe_sampled
 
     seeds = len(confirmation.seeds)
     table = Table(title=f"confirmation: {metric} over {seeds} fresh seeds (validation)")
@@ -355,7 +355,7 @@ def _confirmed(confirmation: Any, metric: str) -> Table:
             "-" if score is None else f"{score:.2f}",
             "-" if mean is None else f"{mean:.2f} +- {candidate.std:.2f}",
             f"{len(candidate.scores)}/{seeds}",
-            describe(candidate.sampled),
+            describe_sampled(candidate.sampled),
         )
     return table
 

@@ -13,19 +13,16 @@ behave the same; they are MLflow child runs of the search's parent tagged `boost
 from __future__ import annotations
 
 import dataclasses
-import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Params
 from pipeline.interrupts import sigint_handler_restored
-from pipeline.stats import Interval, paired_interval, std
+from pipeline.outcome import PARAMS_FILE, Candidate, Confirmation, SearchOutcome
 from pipeline.tune_callbacks import trial_callbacks
 from pipeline.tuning import (
     MODE,
-    SearchOutcome,
     SearchSetup,
     bound_trainable,
     check_ended,
@@ -37,80 +34,6 @@ from pipeline.tuning import (
     run_config,
     search_space,
 )
-
-PARAMS_FILE = "params-file"  # the label of the params file's own values
-
-
-@dataclass
-class Candidate:
-    label: str  # the search trial's id, or PARAMS_FILE
-    sampled: dict[str, Any]
-    overrides: dict[str, Any]
-    search_score: float | None
-    scores: dict[int, float] = field(default_factory=dict)  # seed -> objective, finished runs
-
-    @property
-    def mean(self) -> float | None:
-        return statistics.mean(self.scores.values()) if self.scores else None
-
-    @property
-    def std(self) -> float:
-        return std(list(self.scores.values()))
-
-
-@dataclass
-class Confirmation:
-    seeds: list[int]
-    candidates: list[Candidate]  # by confirmed mean, best first; unscored ones last
-
-    @property
-    def best(self) -> Candidate:
-        return self.candidates[0]
-
-    @property
-    def default(self) -> Candidate:
-        return next(c for c in self.candidates if c.label == PARAMS_FILE)
-
-    @property
-    def challenger(self) -> Candidate:
-        """The best configuration other than the params file's values."""
-        return next(c for c in self.candidates if c.label != PARAMS_FILE)
-
-    @property
-    def gain(self) -> Interval | None:
-        """The challenger's gain over the params file's values, paired by seed; None when fewer
-        than two seeds finished for both."""
-        new, default = self.challenger, self.default
-        seeds = [s for s in self.seeds if s in new.scores and s in default.scores]
-        return paired_interval([new.scores[s] for s in seeds], [default.scores[s] for s in seeds])
-
-    @property
-    def significant(self) -> bool:
-        """The confirmed best is not the params file's values and its gain's 95 % interval lies
-        above zero: worth writing into the params file."""
-        gain = self.gain
-        return self.best is not self.default and gain is not None and gain.low > 0
-
-    @property
-    def overrides(self) -> dict[str, Any]:
-        """The confirmed best's values; none when the params file's values are the best."""
-        return {} if self.best is self.default else self.best.overrides
-
-    def figures(self, metric: str) -> dict[str, Any]:
-        """What the parent run and outputs/tune/summary.json record (the gain: the challenger's
-        over the params file's values). Names without dots, which DVC would read as nesting."""
-        out: dict[str, Any] = {
-            "confirmed_best": self.best.label,
-            "challenger": self.challenger.label,
-            "confirm_seeds": len(self.seeds),
-        }
-        for candidate in self.candidates:
-            if candidate.mean is not None:
-                out[f"confirmed_mean_{metric}_{candidate.label}"] = candidate.mean
-                out[f"confirmed_std_{metric}_{candidate.label}"] = candidate.std
-        if (gain := self.gain) is not None:
-            out |= {"confirmed_gain": gain.mean, "gain_ci_low": gain.low, "gain_ci_high": gain.high}
-        return out
 
 
 def candidates(outcome: SearchOutcome, params: Params, top_k: int) -> list[Candidate]:

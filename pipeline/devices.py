@@ -27,7 +27,7 @@ def stage_device(choice: Literal["auto", "cpu", "cuda"]) -> torch.device:
     return torch.device("cuda")
 
 
-def describe(device: torch.device) -> str:
+def describe_device(device: torch.device) -> str:
     """What runs record as their device: cpu, or cuda and the GPU's name."""
     if device.type != "cuda":
         return device.type

@@ -12,7 +12,13 @@ from typing import Any
 import click
 
 from pipeline.config import ConfigError
-from pipeline.errors import CorruptFile, DatasetNotFound, NotWritable, TrackingUnavailable, describe
+from pipeline.errors import (
+    CorruptFile,
+    DatasetNotFound,
+    NotWritable,
+    TrackingUnavailable,
+    describe_failure,
+)
 from pipeline.folders import DatasetError
 from pipeline.locks import Busy
 from pipeline.verbosity import quiet_driver, verbose
@@ -49,7 +55,7 @@ def exits_on_config_error(command: Callable[..., Any]) -> Callable[..., Any]:
             if not type(exc).__module__.startswith(TRACKING_MODULES):
                 raise
             store = sys.modules["mlflow"].get_tracking_uri()
-            _fail(f"tracking store {store}: {describe(exc)}", 1)
+            _fail(f"tracking store {store}: {describe_failure(exc)}", 1)
 
     return wrapper
 

@@ -24,7 +24,7 @@ class TrackingUnavailable(RuntimeError):
     """The tracking store cannot be reached; the message is one line naming it."""
 
 
-def describe(exc: BaseException) -> str:
+def describe_failure(exc: BaseException) -> str:
     """An MLflow failure as a short phrase: the cause of a failed HTTP request, else the first
     line of the innermost error (a database's own message, not its wrappers')."""
     text = str(exc).strip()

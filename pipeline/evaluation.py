@@ -26,7 +26,7 @@ from pipeline.boosting import BoostNet, ExitRunner
 from pipeline.calibration import ExitScores, flat_envelope, operate
 from pipeline.config import DataConfig, Params
 from pipeline.data import AnySplit
-from pipeline.devices import describe
+from pipeline.devices import describe_device
 from pipeline.flops import count_exit_costs
 from pipeline.inputs import check_bad, default_loader_workers, eval_batches
 from pipeline.io import load_checkpoint
@@ -418,7 +418,7 @@ def evaluate(
             "seconds": timings.all_exits_seconds,
             "images_per_second": len(scores.targets) / timings.all_exits_seconds,
         },
-        "device": describe(device),  # where the scores and the early-exit timings ran
+        "device": describe_device(device),  # where the scores and the early-exit timings ran
         "budgets": budget_metrics(scores, exit_flops, budgets, timings),
         "calibrated": calibration["calibrated"],
     }

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pipeline.runs import RunCurves
+from pipeline.tracking.lookup import RunCurves
 
 
 class NoPaperNumbers(LookupError):

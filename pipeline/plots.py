@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.io import atomic_path
-from pipeline.runs import RunCurves
+from pipeline.tracking.lookup import RunCurves
 
 
 def _save(figure: plt.Figure, path: Path) -> None:

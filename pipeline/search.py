@@ -14,11 +14,11 @@ from pipeline.config import ConfigError, Params
 from pipeline.confirmation import log_confirmation
 from pipeline.interrupts import sigint_handler_restored
 from pipeline.io import write_json
+from pipeline.outcome import SearchOutcome
 from pipeline.storage import Storage
 from pipeline.tune_callbacks import trial_callbacks
 from pipeline.tuning import (
     SearchNotFound,
-    SearchOutcome,
     SearchSetup,
     TrialInputs,
     check_ended,
@@ -107,8 +107,8 @@ def _fit(
     import ray
 
     from pipeline import confirmation, tracking
+    from pipeline.cluster import ray_session
     from pipeline.storage import REACH_STORAGE, check_nodes_reach
-    from pipeline.training import ray_session
     from pipeline.verbosity import chatter_to, verbose
 
     config = params.tune
@@ -146,7 +146,7 @@ def _fit(
     return outcome
 
 
-def log_search(run_id: str, outcome: Any, params: Params, folder: Path) -> None:
+def log_search(run_id: str, outcome: SearchOutcome, params: Params, folder: Path) -> None:
     """The search's summary on its parent run: the best and default objectives, how trials
     ended, the best trial's per-exit curve (step = exit) and values, and two plots."""
     from mlflow import MlflowClient

@@ -100,7 +100,6 @@ def _resolve(uri: str, options: dict[str, Any]) -> Storage:
 
 
 REACH_STORAGE = "set ray.storage / data.root to storage every node can reach"
-REACH_TRACKING = "set tracking.uri (or MLFLOW_TRACKING_URI) to a server every node can reach"
 
 
 def check_nodes_reach(

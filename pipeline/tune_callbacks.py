@@ -27,7 +27,7 @@ from pipeline.verbosity import console_file, verbose
 LOGGED_PREFIXES = ("val_", "train_loss_exit_", "train_seconds", "score_seconds")
 
 
-def describe(sampled: dict[str, Any]) -> str:
+def describe_sampled(sampled: dict[str, Any]) -> str:
     """Compact, for tables: t=0.64 w=0.73/0.53/0.51/1.54 lr=0.1 grad_rescale=True."""
     groups: dict[str, list[str]] = {}
     for key, value in sampled.items():
@@ -231,7 +231,7 @@ class LiveTrialTable(Callback):
                 trial.status,
                 f"{result.get('training_iteration', 0)}/{self.epochs}",
                 f"{score:.2f}" if score is not None else "-",
-                describe(trial.config),
+                describe_sampled(trial.config),
             )
         return table
 

@@ -21,14 +21,37 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
 import torch
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
+from pipeline.boosting import BoostNet
+from pipeline.calibration import budget_auc
+from pipeline.cluster import require_resources
 from pipeline.config import Params, TuneConfig, parse_with_overrides
+from pipeline.data import AnySplit, split_from
 from pipeline.devices import trial_device
+from pipeline.evaluation import Source, collect_scores, exit_costs
+from pipeline.fitting import make_fit, train_epoch, unwrap
 from pipeline.io import read_json
+from pipeline.outcome import TrialSummary
+from pipeline.raytrain import (
+    place_loader,
+    read_checkpoint,
+    report_checkpoint,
+    start_worker,
+    torch_trainer,
+    worker_net,
+)
 from pipeline.storage import Storage
 from pipeline.verbosity import quiet_worker
 
@@ -46,7 +69,6 @@ def _temperature_keys(config: TuneConfig, n_exits: int) -> list[str]:
 
 def search_space(config: TuneConfig, n_exits: int) -> dict[str, Any]:
     """Ray Tune distributions, flat names: t / t_first, t_last / t_k; w_k; lr; grad_rescale."""
-    from ray import tune
 
     def sampler(low: float, high: float, log: bool) -> Any:
         return tune.loguniform(low, high) if log else tune.uniform(low, high)
@@ -120,15 +142,11 @@ class TrialInputs:
     """What every trial takes from the driver, reachable from any node: the prepared splits
     (in Ray's object store) and where a trial's own Ray Train job keeps its checkpoints."""
 
-    arrays: Any  # ray.ObjectRef of the prepared arrays
+    arrays: ray.ObjectRef  # the prepared arrays
     storage: Storage
 
 
-def _trial_data(params: Params, inputs: TrialInputs) -> tuple[Any, Any]:
-    import ray
-
-    from pipeline.data import split_from
-
+def _trial_data(params: Params, inputs: TrialInputs) -> tuple[AnySplit, AnySplit]:
     config = params.tune
     arrays = ray.get(inputs.arrays)
     train, val = split_from(arrays, "train"), split_from(arrays, "val")
@@ -139,11 +157,10 @@ def _trial_data(params: Params, inputs: TrialInputs) -> tuple[Any, Any]:
     return train, val
 
 
-def _score(net: torch.nn.Module, val: Any, params: Params, exit_flops: list[int]) -> dict:
+def _score(
+    net: torch.nn.Module, val: AnySplit, params: Params, exit_flops: list[int]
+) -> dict[str, float]:
     """The held-out metrics a trial reports after every epoch."""
-    from pipeline.calibration import budget_auc
-    from pipeline.evaluation import Source, collect_scores
-
     source = Source(val, params.data, params.train.eval_batch_size)
     scores, _ = collect_scores(net, source, next(net.parameters()).device)
     top1 = scores.top1()
@@ -165,27 +182,16 @@ def _trial_loop(
 ) -> None:
     """Train and score one configuration epoch by epoch, resuming from the trial's checkpoint.
     In-process trials report to Tune directly; Ray Train workers report through Train."""
-    import ray.tune
-
-    from pipeline.boosting import BoostNet
-    from pipeline.evaluation import exit_costs
-    from pipeline.training import (
-        make_fit,
-        read_checkpoint,
-        report_checkpoint,
-        train_epoch,
-        unwrap,
-        worker_net,
-    )
-
     torch.manual_seed(params.seed)
     train, val = _trial_data(params, inputs)
     net = BoostNet.from_params(params)
     exit_flops = exit_costs(net, params)
     net = worker_net(net, params, device, ray_train=world > 1)
-    fit = make_fit(params, net, train, device, rank, world, params.tune.epochs)
+    fit = make_fit(
+        params, net, train, device, rank, world, params.tune.epochs, place_loader=place_loader
+    )
     start = 0
-    checkpoint = ray.tune.get_checkpoint() if world == 1 else None
+    checkpoint = tune.get_checkpoint() if world == 1 else None
     if checkpoint is not None:
         (state,) = read_checkpoint(checkpoint, "state.pt")
         start = fit.restore(state)
@@ -194,14 +200,14 @@ def _trial_loop(
         stats = train_epoch(fit, epoch)
         trained = time.perf_counter()
         metrics = {"epoch": epoch + 1, "train_seconds": trained - began}
-        metrics |= {f"train_loss_exit_{k}": v for k, v in enumerate(stats["train_loss"], 1)}
+        metrics |= {f"train_loss_exit_{k}": v for k, v in enumerate(stats.train_loss, 1)}
         if rank == 0:
             metrics |= _score(unwrap(net), val, params, exit_flops)
         metrics["score_seconds"] = time.perf_counter() - trained
         if world > 1:
             report(metrics)
             continue
-        report_checkpoint(report, ray.tune.Checkpoint, metrics, {"state.pt": fit.state(epoch + 1)})
+        report_checkpoint(report, tune.Checkpoint, metrics, {"state.pt": fit.state(epoch + 1)})
 
 
 def _trial_params(sampled: dict[str, Any], base: dict[str, Any]) -> Params:
@@ -212,24 +218,17 @@ def _trial_params(sampled: dict[str, Any], base: dict[str, Any]) -> Params:
 def run_trial(sampled: dict[str, Any], base: dict[str, Any], prepared: TrialInputs) -> None:
     """The function trainable: one configuration, trained in this process on the GPU that
     gpus_per_trial reserved for it, if any."""
-    import ray
-    import ray.tune
-
     quiet_worker()
     params = _trial_params(sampled, base)
     torch.set_num_threads(max(1, int(params.tune.cpus_per_trial)))
     device = trial_device(ray.get_gpu_ids())
-    _trial_loop(params, prepared, ray.tune.report, rank=0, world=1, device=device)
+    _trial_loop(params, prepared, tune.report, rank=0, world=1, device=device)
 
 
-def _train_worker(config: dict[str, Any]) -> None:
-    import ray.train
-
-    from pipeline.training import start_worker
-
-    params = Params.model_validate(config["params"])
+def _trial_worker(params: Params, inputs: TrialInputs) -> None:
+    """One Ray Train worker of a trial that is a DDP job."""
     rank, world, device = start_worker(params.tune.cpus_per_trial)
-    _trial_loop(params, config["inputs"], ray.train.report, rank, world, device)
+    _trial_loop(params, inputs, ray.train.report, rank, world, device)
 
 
 def run_trial_on_ray_train(
@@ -237,20 +236,14 @@ def run_trial_on_ray_train(
 ) -> None:
     """The trainable when `workers_per_trial > 1`: the trial is a Ray Train job (DDP), and
     rank 0's metrics reach Tune through Train's TuneReportCallback."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pipeline.training import torch_trainer
-
     params = _trial_params(sampled, base)
     config = params.tune
     torch_trainer(
-        _train_worker,
-        {"params": params.model_dump(mode="json"), "inputs": prepared},
+        partial(_trial_worker, params, prepared),
         workers=config.workers_per_trial,
         cpus=config.cpus_per_trial,
         gpus=config.gpus_per_trial,
-        name=ray.tune.get_context().get_trial_id(),
+        name=tune.get_context().get_trial_id(),
         storage=prepared.storage,
         callbacks=[TuneReportCallback()],
     ).fit()
@@ -276,8 +269,6 @@ def default_trainable(config: TuneConfig) -> Callable:
 def bound_trainable(setup: SearchSetup, trainable: Callable, **extra: Any) -> Any:
     """`trainable(config, base=, prepared=, **extra)` with each trial's resources; `prepared`
     is the search's TrialInputs."""
-    from ray import tune
-
     config = setup.params.tune
     resources = {"cpu": config.cpus_per_trial, "gpu": config.gpus_per_trial}
     if config.workers_per_trial > 1:  # the Train workers hold the resources; the trial waits
@@ -291,9 +282,6 @@ def bound_trainable(setup: SearchSetup, trainable: Callable, **extra: Any) -> An
 
 def run_config(setup: SearchSetup) -> Any:
     """Where Tune keeps the run's state (for `--resume`) and what it logs besides our callbacks."""
-    from ray import tune
-    from ray.tune.logger import JsonLoggerCallback
-
     return tune.RunConfig(
         name=setup.name,
         storage_path=setup.ray_storage.path,
@@ -306,10 +294,6 @@ def run_config(setup: SearchSetup) -> Any:
 
 def make_tuner(setup: SearchSetup, resume: bool, trainable: Callable | None = None) -> Any:
     """A new Tuner, or the interrupted one restored from its folder (finished trials kept)."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
-
     params, config = setup.params, setup.params.tune
     n_exits = params.model.n_exits
     bound = bound_trainable(setup, trainable or default_trainable(config))
@@ -359,8 +343,6 @@ def make_tuner(setup: SearchSetup, resume: bool, trainable: Callable | None = No
 def restored(setup: SearchSetup, bound: Any) -> Any:
     """The interrupted Tuner of `setup`, from its folder in the Ray storage (finished trials
     kept, errored ones not rerun)."""
-    from ray import tune
-
     folder = setup.ray_storage.join(setup.name)
     filesystem = setup.ray_storage.filesystem
     return tune.Tuner.restore(folder, bound, resume_errored=False, storage_filesystem=filesystem)
@@ -371,42 +353,6 @@ def quiet_ray_tune() -> None:
     JSON one stays (its result.json is what a restored search reads back), no CSV or
     TensorBoard (they cost time and warn without tensorboardX)."""
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
-
-
-@dataclass
-class TrialSummary:
-    trial_id: str
-    outcome: str  # finished, stopped_early or failed
-    epochs: int
-    score: float | None
-    sampled: dict[str, Any]
-    overrides: dict[str, Any]
-    val_top1_by_exit: list[float]
-
-
-@dataclass
-class SearchOutcome:
-    name: str
-    parent_run_id: str
-    metric: str
-    trials: list[TrialSummary]  # best first; failed ones last
-    default: TrialSummary | None  # trial 0: the params.yaml values
-    confirmation: Any = None  # confirmation.Confirmation, when tune.confirm.top_k > 0
-
-    @property
-    def best(self) -> TrialSummary | None:
-        return self.trials[0] if self.trials and self.trials[0].score is not None else None
-
-    @property
-    def chosen(self) -> dict[str, Any]:
-        """The values to adopt: the confirmed best's ({} when the params file's values are),
-        or without a confirmation the best trial's."""
-        if self.confirmation is not None:
-            return self.confirmation.overrides
-        return self.best.overrides if self.best is not None else {}
-
-    def count(self, outcome: str) -> int:
-        return sum(trial.outcome == outcome for trial in self.trials)
 
 
 def summarise(results: Any, params: Params, space: dict[str, Any]) -> list[TrialSummary]:
@@ -498,8 +444,6 @@ def resumable(params: Params, fingerprint: str, storage: Path, ray_storage: Stor
 
 def check_fits(config: TuneConfig, cluster: dict[str, float]) -> None:
     """A trial that asks for more than the whole cluster has would wait forever: say so."""
-    from pipeline.training import require_resources
-
     workers = config.workers_per_trial
     extra = 0.01 if workers > 1 else 0.0  # the trial's own process beside its Train workers
     for kind, per_worker in (("CPU", config.cpus_per_trial), ("GPU", config.gpus_per_trial)):

@@ -17,7 +17,8 @@ from pipeline.storage import open_storage
 @stage_main
 def main() -> None:
     prepare_ray()  # Ray reads it on import: before pipeline.training imports ray
-    from pipeline.training import ray_session, run_name, train
+    from pipeline.cluster import ray_session
+    from pipeline.training import run_name, train
 
     dataset = read_json(paths.DATASET_INFO)
     params = load_params(paths.PARAMS).with_dataset(dataset)
@@ -31,8 +32,9 @@ def main() -> None:
     tracking.link_run(run_id, name)  # calibrate and evaluate find the run by this name
     with ray_session():
         root = Path(params.data.root) if params.data.is_folder else None
-        log_to = {"uri": tracking.current_uri(), "run_id": run_id}  # live per-epoch metrics
-        outcome = train(params, paths.PREPARED, storage, name, root, log_to)
+        log_epoch = tracking.EpochLogger(tracking.current_uri(), run_id)  # live, per epoch
+        outcome = train(params, paths.PREPARED, storage, name, root, log_epoch)
+    epochs = [record.as_json() for record in outcome.history]  # history.json's rows
     with replaced_together():  # the model, its history and curves, or none
         with atomic_path(paths.MODEL) as tmp:
             torch.save(
@@ -51,12 +53,12 @@ def main() -> None:
                 "device": outcome.device,
                 "best_epoch": outcome.best_epoch,  # the epoch whose weights model.pt holds
                 "select": params.train.select,
-                "train_seconds": reports.training_seconds(outcome.history),
-                "epochs": outcome.history,
+                "train_seconds": reports.training_seconds(epochs),
+                "epochs": epochs,
             },
         )
-        write_json(paths.CURVES, reports.epoch_curves(outcome.history))
-    skipped = outcome.history[-1].get("skipped_images")
+        write_json(paths.CURVES, reports.epoch_curves(epochs))
+    skipped = outcome.history[-1].stats.skipped_images
     if skipped:
         print(f"skipped {skipped} unreadable image(s) per epoch (data.skip_bad: true)")
     run_file.unlink(missing_ok=True)

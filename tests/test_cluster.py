@@ -33,7 +33,7 @@ from test_pipeline import _serving, _shrunk_copy
 from pipeline.config import load_params
 from pipeline.data import DEBIAN_FASHION_MNIST
 from pipeline.io import read_json
-from pipeline.training import free_port
+from pipeline.cluster import free_port
 
 needs_data = pytest.mark.skipif(
     not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"

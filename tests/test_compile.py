@@ -13,7 +13,8 @@ from pipeline.boosting import BoostNet
 from pipeline.config import load_params
 from pipeline.data import DEBIAN_FASHION_MNIST
 from pipeline.io import load_checkpoint, read_json
-from pipeline.training import COMPILE_AUTO_EPOCHS, compiles, run_name
+from pipeline.fitting import COMPILE_AUTO_EPOCHS, compiles
+from pipeline.training import run_name
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 

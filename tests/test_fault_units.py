@@ -32,7 +32,7 @@ from pipeline.io import (
     save_arrays,
     write_json,
 )
-from pipeline.training import free_port
+from pipeline.cluster import free_port
 
 
 @contextlib.contextmanager
@@ -67,8 +67,8 @@ def store(tmp_path, monkeypatch) -> Path:
     folder = tmp_path / "store"
     folder.mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{folder / 'mlflow.db'}")
-    monkeypatch.setattr(tracking, "_opened", [])
-    monkeypatch.setattr(tracking, "_failed", [])
+    monkeypatch.setattr(tracking.SESSION, "opened", [])
+    monkeypatch.setattr(tracking.SESSION, "failed", [])
     return folder
 
 
@@ -235,7 +235,7 @@ def mlflow_server(folder: Path) -> Iterator[tuple[str, subprocess.Popen]]:
         deadline = time.monotonic() + 120
         while True:
             try:
-                tracking._check_server(uri)
+                tracking.check_server(uri)
                 break
             except tracking.TrackingUnavailable:
                 assert server.poll() is None and time.monotonic() < deadline, "no server"
@@ -258,7 +258,7 @@ def test_a_server_that_stops_mid_run_costs_one_warning_within_60_s(tmp_path, mon
     with mlflow_server(tmp_path) as (uri, server):
         monkeypatch.chdir(tmp_path)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        monkeypatch.setattr(tracking, "_failed", [])
+        monkeypatch.setattr(tracking.SESSION, "failed", [])
         for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
             monkeypatch.delenv(key, raising=False)
         run_id = _start(tmp_path, tmp_path / "marker")
@@ -268,7 +268,7 @@ def test_a_server_that_stops_mid_run_costs_one_warning_within_60_s(tmp_path, mon
     tracking.best_effort(lambda: tracking.log_metrics(run_id, [("m", 1.0, 1)]), "metrics")
     tracking.best_effort(lambda: tracking.log_metrics(run_id, [("m", 2.0, 2)]), "more")
     assert time.monotonic() - start < 60
-    assert tracking._failed == ["metrics"]  # the second call was not waited on
+    assert tracking.SESSION.failed == ["metrics"]  # the second call was not waited on
 
 
 def test_stage_outputs_are_replaced_together_or_not_at_all(tmp_path):
@@ -328,7 +328,7 @@ def test_search_logging_survives_a_dead_store(tmp_path, monkeypatch, capsys):
 
     for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
         monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr(tracking, "_failed", [])
+    monkeypatch.setattr(tracking.SESSION, "failed", [])
     tracking.bound_waits("stage")
     trials = MlflowTrials(f"http://127.0.0.1:{free_port()}", "0", "f" * 32, 1, 4)
     trial = SimpleNamespace(trial_id="t1", config={}, last_result={"done": True}, error_file=None)

@@ -25,7 +25,7 @@ from test_cluster import BIN, Driver, loopback_cluster, needs_data, project
 from test_pipeline import _serving
 
 from pipeline.io import read_json
-from pipeline.training import free_port
+from pipeline.cluster import free_port
 
 pytestmark = [
     pytest.mark.slow,

@@ -34,7 +34,7 @@ from pipeline.config import load_params
 from pipeline.data import DEBIAN_FASHION_MNIST, load_split
 from pipeline.io import read_json
 from pipeline.reports import budget_key
-from pipeline.training import free_port
+from pipeline.cluster import free_port
 
 pytestmark = [
     pytest.mark.slow,  # each module trains a project first

@@ -5,7 +5,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from pipeline.plots import compare_effective_samples, effective_samples_figure
-from pipeline.runs import RunCurves
+from pipeline.tracking.lookup import RunCurves
 
 
 def _run(label: str, effective: list[list[float]]) -> RunCurves:

@@ -10,7 +10,7 @@ from pipeline.config import load_params
 from pipeline.data import Split, split_holdout
 from pipeline.flops import count_exit_costs
 from pipeline.models import build_backbone
-from pipeline.training import keeps, selection_score
+from pipeline.fitting import keeps, selection_score
 
 PAPER_CONFIGS = sorted((ROOT / "configs").glob("*-msdnet-*.yaml"))
 

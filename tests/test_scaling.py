@@ -8,7 +8,7 @@ import ray
 from conftest import compose
 
 from pipeline.config import ConfigError
-from pipeline.training import Layout, worker_layout
+from pipeline.cluster import Layout, worker_layout
 
 
 @pytest.fixture(scope="module")

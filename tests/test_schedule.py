@@ -7,7 +7,7 @@ from itertools import pairwise
 import torch
 from conftest import compose
 
-from pipeline.training import make_optimizer, make_scheduler
+from pipeline.fitting import make_optimizer, make_scheduler
 
 
 def _lrs(schedule: str, epochs: int = 2, steps: int = 50) -> list[float]:

@@ -1,6 +1,7 @@
-"""Reading finished runs back from MLflow: find a run by reference, and its accuracy curves.
+"""Reading runs back from MLflow: the run that trained a model, a run by reference, and its
+accuracy curves.
 
-`boostpipe runs` and `boostpipe compare` read what the pipeline logged (see tracking.py for the
+`boostpipe runs` and `boostpipe compare` read what the pipeline logged (see logs.py for the
 layout): per-exit values with the exit index as the step, the budgeted curve with the expected
 cost in kFLOPs as the step.
 """
@@ -13,11 +14,26 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.paths import HISTORY
-from pipeline.tracking import find_training_run
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
+
+# Links DVC outputs to their MLflow run: history.json's `run` (a hash of the params and the
+# data), never a store path or run id, so outputs restored from DVC's run-cache, a remote or
+# another clone find their run in whatever store the user has.
+RUN_TAG = "boostpipe.run"
+
+
+def find_training_run(client: MlflowClient, experiment_ids: list[str], key: str) -> Run | None:
+    """The run that trained `key`: the newest finished one, else the newest; None if none."""
+    runs = client.search_runs(
+        experiment_ids,
+        filter_string=f"tags.`{RUN_TAG}` = '{key}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=100,
+    )
+    return next((r for r in runs if r.info.status == "FINISHED"), runs[0] if runs else None)
 
 
 class RunNotFound(LookupError):

@@ -1,0 +1,115 @@
+"""What a run holds, laid out for MLflow's charts: per-epoch metrics (step = epoch), logged live
+from the Ray worker as each epoch ends, the evaluation (per exit, step = exit index; the
+budgeted curve, step = expected cost in kFLOPs), and files as artifacts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.epochs import EpochRecord
+from pipeline.tracking.runs import best_effort, finish
+from pipeline.tracking.store import bound_waits, local_store
+
+
+def log_metrics(run_id: str, metrics: Iterable[tuple[str, float, int]]) -> None:
+    """(key, value, step) triples in one log_batch call (MLflow splits it into requests)."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step) for key, value, step in metrics]
+    MlflowClient().log_batch(run_id, metrics=batch)
+
+
+def log_artifacts(run_id: str, files: Iterable[Path], folder: str | None = None) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for path in files:
+        if path.exists():
+            client.log_artifact(run_id, str(path), folder)
+
+
+def epoch_metrics(record: EpochRecord) -> Iterator[tuple[str, float, int]]:
+    """One epoch as (key, value, step = epoch) metrics: per exit, then the scalars it has (no
+    held-out mean without a held-out split, compile time once, skipped files for folders)."""
+    stats, step = record.stats, record.epoch
+    per_exit = {
+        "train_loss": stats.train_loss,
+        "val_top1": record.val_top1,
+        "effective_samples": stats.effective_samples,
+    }
+    for key, values in per_exit.items():
+        for index, value in enumerate(values, start=1):
+            yield f"{key}_exit_{index}", value, step
+    scalars = {
+        "val_mean_top1": record.val_mean_top1,
+        "lr": stats.lr,
+        "images_per_second": stats.images_per_second,
+        "epoch_seconds": record.epoch_seconds,
+        "compile_seconds": stats.compile_seconds,
+        "skipped_images": stats.skipped_images,
+    }
+    yield from ((key, value, step) for key, value in scalars.items() if value is not None)
+
+
+# What to do when another node cannot reach a store on this machine's disk.
+REACH_TRACKING = "set tracking.uri (or MLFLOW_TRACKING_URI) to a server every node can reach"
+
+
+@dataclass(frozen=True)
+class EpochLogger:
+    """Logs each epoch into run `run_id` of store `uri` as it ends, from rank 0's Ray worker
+    (pickled there), so the UI's charts grow while training runs. A resumed run logs only the
+    epochs it trains."""
+
+    uri: str
+    run_id: str
+
+    def __call__(self, record: EpochRecord) -> None:
+        import mlflow
+
+        if mlflow.get_tracking_uri() != self.uri:
+            bound_waits("stage")
+            mlflow.set_tracking_uri(self.uri)
+        best_effort(lambda: log_metrics(self.run_id, epoch_metrics(record)), "epoch metrics")
+
+    def must_reach(self) -> dict[str, str]:
+        """A store on this machine's disk: every node that may host rank 0 must reach it."""
+        store = local_store(self.uri)
+        return {store: REACH_TRACKING} if store else {}
+
+
+def log_evaluation(
+    run_id: str,
+    metrics: dict[str, Any],
+    anytime: list[dict[str, Any]],
+    budget_curve: list[dict[str, Any]],
+    files: list[Path],
+) -> None:
+    """Laid out for the UI's charts: per-exit values use the exit index as the step (so runs
+    overlay accuracy against exit), the budgeted curve uses the expected cost in kFLOPs. The
+    run is FINISHED: evaluate is the last stage."""
+
+    def values() -> Iterable[tuple[str, float, int]]:
+        for row in anytime:
+            yield "test_top1_by_exit", row["top1"], row["exit"]
+            yield "test_top5_by_exit", row["top5"], row["exit"]
+            yield "mflops_by_exit", row["mflops"], row["exit"]
+        for row in sorted(budget_curve, key=lambda r: r["mflops"]):
+            step = round(row["mflops"] * 1000)
+            yield "budget_top1_by_kflops", row["top1"], step
+            yield "budget_top1_flat_by_kflops", row["top1_flat"], step
+        yield "test_final_top1", metrics["final_top1"], 0
+        yield "test_mean_top1", metrics["mean_top1"], 0
+        for row in metrics["budgets"].values():  # MLflow names allow no "+": use MFLOPs
+            for key in ("top1", "expected_mflops", "speedup_measured", "speedup_predicted"):
+                yield f"budget_{row['target_mflops']:g}M_{key}", row[key], 0
+
+    log_metrics(run_id, values())
+    log_artifacts(run_id, files)
+    finish(run_id)
