@@ -8,10 +8,11 @@ the middle calibrated budget within 0.5 points of the last exit at clearly lower
 
 Training runs `pipeline.training.train` with params.yaml's scaling (two 1-thread DDP workers),
 so its seconds are the train stage's; the `dvc repro` estimate adds the rest of the pipeline
-(prepare, calibrate, evaluate, Ray/MLflow/DVC start-up), measured at ~86 s on this machine for the
-old default (220 s repro, 134 s of training). Budgets not given by a candidate are placed at 1/4,
-1/2 and 3/4 of the way from exit 1's cost to the last exit's. Every candidate is the old default
-(`old`) plus its overrides; `b5s1-h8f32-e3-b32` is params.yaml's default since issue 12.
+(prepare, calibrate, evaluate, Ray/MLflow/DVC start-up) as one fixed overhead, measured once on
+this machine for the old default (`PIPELINE_OVERHEAD_S`). Budgets not given by a candidate are
+placed at 1/4, 1/2 and 3/4 of the way from exit 1's cost to the last exit's. Every candidate is
+the old default (`old`) plus its overrides; `b5s1-h8f32-e3-b32` is params.yaml's default since
+issue 12.
 """
 
 from __future__ import annotations

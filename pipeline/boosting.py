@@ -128,8 +128,8 @@ class ExitRunner:
 
     def keep(self, mask: torch.Tensor) -> None:
         """Continue with only the samples where `mask` is true. The mask becomes indices once:
-        indexing every tensor of the state by a boolean mask repeats the nonzero search per
-        tensor (3.5x slower on CPU), and indices keep the channels-last layout."""
+        indexing every tensor of the state by a boolean mask would repeat the nonzero search per
+        tensor, and indices keep the channels-last layout."""
         index = mask.nonzero().squeeze(1)
         self.state = self.net.backbone.select(self.state, index)
         if self.ensemble is not None:
