@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 from rich.console import Console
@@ -17,6 +16,11 @@ from pipeline.config import ConfigError, Params, load_params
 from pipeline.entry import exits_on_config_error
 from pipeline.rayenv import prepare_ray
 from pipeline.verbosity import VERBOSE_ENV, quiet_driver
+
+if TYPE_CHECKING:
+    from pipeline.predict import Outcome
+
+OptionValue = str | int | float  # a `tune` option given on the command line
 
 PARAMS_OPTION = click.option(
     "--params",
@@ -150,56 +154,15 @@ def _require_free_port(port: int) -> None:
             ) from None
 
 
-def _client(params_path: Path) -> tuple[Any, str]:
-    """An MLflow client on the project's store, and the id of the configured experiment."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from pipeline.tracking import bound_waits, reach
-
-    params = load_params(params_path)
-    bound_waits("interactive")
-    reach(_store(params_path))
-    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
-    if experiment is None:
-        raise click.ClickException(f"no experiment {params.tracking.experiment!r} in the store")
-    return MlflowClient(), experiment.experiment_id
-
-
 @main.command()
 @PARAMS_OPTION
 @click.option("--limit", default=20, show_default=True)
 @exits_on_config_error
 def runs(params_path: Path, limit: int) -> None:
     """Recent runs: per-exit and per-budget test top-1 and key params."""
-    client, experiment_id = _client(params_path)
-    found = client.search_runs(
-        [experiment_id], max_results=limit, order_by=["attributes.start_time DESC"]
-    )
-    table = Table(title=f"runs in {load_params(params_path).tracking.experiment}")
-    columns = ("run", "name", "started", "boost", "t", "seed", "top-1 per exit", "per budget")
-    for column in columns:
-        table.add_column(column)
-    for run in found:
-        by_exit = client.get_metric_history(run.info.run_id, "test_top1_by_exit")
-        exits = " ".join(f"{m.value:.1f}" for m in sorted(by_exit, key=lambda m: m.step))
-        budgets = " ".join(
-            f"{v:.1f}"
-            for k, v in sorted(run.data.metrics.items())
-            if k.startswith("budget_") and k.endswith("_top1")
-        )
-        p = run.data.params
-        table.add_row(
-            run.info.run_id[:8],
-            run.info.run_name,
-            time.strftime("%m-%d %H:%M", time.localtime(run.info.start_time / 1000)),
-            p.get("boost.enabled", ""),
-            p.get("boost.temperature", ""),
-            p.get("seed", ""),
-            exits or "-",
-            budgets or "-",
-        )
-    Console().print(table)
+    from pipeline.run_report import runs_table
+
+    Console().print(runs_table(load_params(params_path), limit))
 
 
 @main.command()
@@ -228,72 +191,12 @@ def compare(refs: tuple[str, ...], params_path: Path, output: Path, paper: str |
     experiments / git revisions / `workspace` (the run their train stage logged), e.g.
     `boostpipe compare workspace baseline-seed0`.
     """
-    from pipeline.plots import compare_effective_samples, compare_runs
-    from pipeline.tracking.lookup import RunNotFound, curves, find_run
+    from pipeline.run_report import show_comparison
 
-    client, experiment_id = _client(params_path)
-    try:
-        runs = [find_run(client, experiment_id, ref) for ref in refs]
-    except RunNotFound as exc:
-        raise click.ClickException(str(exc)) from None
-    found = [curves(client, run) for run in runs]
-    for run in found:
-        if not run.exit_top1:
-            raise click.ClickException(f"{run.label}: has no evaluation logged (unfinished run?)")
-    if paper is not None:
-        if len(runs) != 1:
-            raise click.ClickException("--paper: give exactly one run")
-        _compare_with_paper(runs[0].data.params, found[0], paper, output)
-        return
-    table = Table(title="test top-1 (%)")
-    table.add_column("")
-    for run in found:
-        table.add_column(run.label, justify="right")
-    for index in range(max(len(run.exit_top1) for run in found)):
-        cells = [f"{r.exit_top1[index]:.2f}" if index < len(r.exit_top1) else "-" for r in found]
-        table.add_row(f"exit {index + 1}", *cells)
-    for budget in sorted({b for run in found for b in run.top1_at_budget}):
-        cells = [
-            f"{r.top1_at_budget[budget]:.2f}" if budget in r.top1_at_budget else "-" for r in found
-        ]
-        table.add_row(f"budget {budget:g} MFLOPs", *cells)
-    Console().print(table)
-    compare_runs(output, found)
-    click.echo(f"wrote {output}")
-    trained = [run for run in found if run.epochs]
-    if trained:
-        diagnostic = output.with_name(f"{output.stem}-effective-samples{output.suffix}")
-        compare_effective_samples(diagnostic, trained)
-        click.echo(f"wrote {diagnostic}")
+    show_comparison(load_params(params_path), refs, output, paper)
 
 
-def _compare_with_paper(run_params: dict[str, str], run: Any, setting: str, output: Path) -> None:
-    """The run's top-1 beside the published numbers, with differences, and both in one PNG."""
-    from pipeline.paper import NoPaperNumbers, compare_rows, guess_setting
-    from pipeline.plots import paper_overlay
-
-    try:
-        if setting == "auto":
-            setting = guess_setting(run_params, len(run.exit_top1))
-        boosted = run_params.get("boost.enabled", "True") == "True"
-        rows = compare_rows(run, setting, boosted, run_params.get("model.arch", "msdnet"))
-    except NoPaperNumbers as exc:
-        click.echo(str(exc))
-        return
-    method = "BoostNet" if boosted else "baseline"
-    table = Table(title=f"test top-1 (%): {run.label} vs published {method}, {setting}")
-    for column in ("", "MFLOPs", "ours", "paper", "ours - paper"):
-        table.add_column(column, justify="left" if not column else "right")
-    for row in rows:
-        ours = "-" if row.ours is None else f"{row.ours:.2f}"
-        diff = "-" if row.difference is None else f"{row.difference:+.2f}"
-        table.add_row(row.label, f"{row.mflops:.2f}", ours, f"{row.paper:.2f}", diff)
-    Console().print(table)
-    paper_overlay(output, run, rows, f"published {method} ({setting})")
-    click.echo(f"wrote {output}")
-
-
-def _tune_params(params_path: Path, options: dict[str, Any]) -> Params:
+def _tune_params(params_path: Path, options: dict[str, OptionValue]) -> Params:
     """params.yaml's `tune` section with the command-line options on top. A bad value from an
     option is reported under the option's name (`--trials: ...`), one from the file under its
     key."""
@@ -319,80 +222,6 @@ def _tune_params(params_path: Path, options: dict[str, Any]) -> Params:
 
 
 TUNE_OPTION_NAMES = {"confirm.top_k": "--confirm"}  # keys whose option is not named after them
-
-
-def _ranked(outcome: Any, limit: int = 10) -> Table:
-    from pipeline.tune_callbacks import describe_sampled
-
-    table = Table(title=f"best trials by {outcome.metric} (validation)")
-    for column in ("#", "trial", "ended", "epochs", outcome.metric, "values"):
-        table.add_column(column, justify="left" if column in ("ended", "values") else "right")
-    for rank, trial in enumerate(outcome.trials[:limit], start=1):
-        score = f"{trial.score:.2f}" if trial.score is not None else "-"
-        table.add_row(
-            str(rank),
-            trial.trial_id,
-            trial.outcome,
-            str(trial.epochs),
-            score,
-            describe_sampled(trial.sampled),
-        )
-    return table
-
-
-def _confirmed(confirmation: Any, metric: str) -> Table:
-    from pipeline.tune_callbacks import describe_sampled
-
-    seeds = len(confirmation.seeds)
-    table = Table(title=f"confirmation: {metric} over {seeds} fresh seeds (validation)")
-    for column in ("#", "configuration", "search", "mean +- std", "runs", "values"):
-        table.add_column(column, justify="left" if column == "values" else "right")
-    for rank, candidate in enumerate(confirmation.candidates, start=1):
-        score, mean = candidate.search_score, candidate.mean
-        table.add_row(
-            str(rank),
-            candidate.label,
-            "-" if score is None else f"{score:.2f}",
-            "-" if mean is None else f"{mean:.2f} +- {candidate.std:.2f}",
-            f"{len(candidate.scores)}/{seeds}",
-            describe_sampled(candidate.sampled),
-        )
-    return table
-
-
-def _confirmed_gain(confirmation: Any, metric: str) -> str:
-    """The confirmed best, and the gain of the best other configuration over the params file's
-    values with its interval."""
-
-    def mean_std(candidate: Any) -> str:
-        return "-" if candidate.mean is None else f"{candidate.mean:.2f} +- {candidate.std:.2f}"
-
-    new, default = confirmation.challenger, confirmation.default
-    if confirmation.best is default:
-        line = (
-            f"confirmed best: the params file's values ({metric} {mean_std(default)}); "
-            f"next {new.label}: {mean_std(new)}"
-        )
-    else:
-        line = (
-            f"confirmed best {new.label}: {metric} {mean_std(new)} vs {mean_std(default)} "
-            "with the params file's values"
-        )
-    if (gain := confirmation.gain) is None:
-        return line + "; no interval (fewer than two seeds finished for both)"
-    return (
-        f"{line}; gain {gain.mean:+.2f}, 95% CI [{gain.low:+.2f}, {gain.high:+.2f}] "
-        f"({gain.n} paired seeds)"
-    )
-
-
-def _exp_run_line(dotted: dict[str, Any]) -> str:
-    def literal(value: Any) -> str:
-        if isinstance(value, list):
-            return "[" + ",".join(f"{v:.4g}" for v in value) + "]"
-        return str(value).lower() if isinstance(value, bool) else f"{value:.4g}"
-
-    return "dvc exp run " + " ".join(f"-S '{k}={literal(v)}'" for k, v in dotted.items())
 
 
 @main.command()
@@ -433,7 +262,7 @@ def tune(
     force: bool,
     confirm_top_k: int | None,
     no_confirm: bool,
-    **options: Any,
+    **options: OptionValue | None,
 ) -> None:
     """Search temperatures and loss weights with Ray Tune; every trial in MLflow.
 
@@ -445,14 +274,21 @@ def tune(
     from pipeline.io import read_json
     from pipeline.search import run_search
     from pipeline.tracking import bound_waits
+    from pipeline.tune_report import (
+        confirmation_table,
+        confirmed_gain,
+        exp_run_line,
+        ranked_table,
+        trial_counts,
+    )
     from pipeline.tuning import SearchFinished, SearchInterrupted, SearchNotFound
 
     if force and not apply:
         raise ConfigError("--force: only with --apply")
-    options = {k: v for k, v in options.items() if v is not None}
+    given = {k: v for k, v in options.items() if v is not None}
     if no_confirm or confirm_top_k is not None:
-        options["confirm.top_k"] = 0 if no_confirm else confirm_top_k
-    params = _tune_params(params_path, options)
+        given["confirm.top_k"] = 0 if no_confirm else confirm_top_k
+    params = _tune_params(params_path, given)
     if not paths.PREPARED.exists() or not paths.DATASET_INFO.exists():
         raise click.ClickException(f"{paths.PREPARED}: missing; run `dvc repro prepare` first")
     if address:
@@ -471,14 +307,8 @@ def tune(
         click.echo(str(exc), err=True)
         sys.exit(130)
     console = Console()
-    console.print(_ranked(outcome))
-    failed = outcome.count("failed")
-    console.print(
-        f"{len(outcome.trials)} trials: {outcome.count('finished')} finished, "
-        f"{outcome.count('stopped_early')} stopped early, "
-        f"{'[red]' if failed else ''}{failed} failed{'[/]' if failed else ''}; "
-        f"MLflow parent run {outcome.parent_run_id}"
-    )
+    console.print(ranked_table(outcome))
+    console.print(trial_counts(outcome))
     best, default = outcome.best, outcome.default
     if best is None:
         raise click.ClickException("no trial finished; see the failed trials' runs in MLflow")
@@ -488,10 +318,10 @@ def tune(
             f"file's values ({best.score - default.score:+.2f}, one seed each)"
         )
     if outcome.confirmation is not None:
-        console.print(_confirmed(outcome.confirmation, outcome.metric))
-        console.print(_confirmed_gain(outcome.confirmation, outcome.metric))
+        console.print(confirmation_table(outcome.confirmation, outcome.metric))
+        console.print(confirmed_gain(outcome.confirmation, outcome.metric))
     if outcome.chosen:
-        console.print(_exp_run_line(outcome.chosen))
+        console.print(exp_run_line(outcome.chosen))
     if apply:
         console.print(apply_confirmed(params_path, outcome, force))
 
@@ -587,7 +417,7 @@ def predict(
         sys.exit(inference.UNREADABLE_EXIT_CODE)
 
 
-def _print_predictions(outcome: Any, as_json: bool, as_csv: bool) -> None:
+def _print_predictions(outcome: Outcome, as_json: bool, as_csv: bool) -> None:
     """JSON or CSV on stdout for machines, a rich table for people."""
     rows = [vars(p) for p in outcome.predictions]
     if as_json:

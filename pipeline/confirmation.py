@@ -17,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Params
+from pipeline import tracking
+from pipeline.config import Params, write_overrides
 from pipeline.interrupts import sigint_handler_restored
+from pipeline.io import write_json
 from pipeline.outcome import PARAMS_FILE, Candidate, Confirmation, SearchOutcome
 from pipeline.tune_callbacks import trial_callbacks
 from pipeline.tuning import (
@@ -128,9 +130,6 @@ def log_confirmation(run_id: str, confirmation: Confirmation, metric: str, folde
     the gain with its interval (metrics), the confirmed best (tag) and confirmation.json."""
     from mlflow import MlflowClient
 
-    from pipeline import tracking
-    from pipeline.io import write_json
-
     figures = confirmation.figures(metric)
     client = MlflowClient()
     client.set_tag(run_id, "tune.confirmed_best", figures.pop("confirmed_best"))
@@ -146,8 +145,6 @@ def apply_confirmed(params_path: Path, outcome: SearchOutcome, force: bool) -> s
     """`boostpipe tune --apply`: the confirmed best goes into the params file only when its
     gain's interval lies above zero (or `force`); otherwise the file is not touched. Returns
     the line that says which."""
-    from pipeline.config import write_overrides
-
     confirmation, chosen = outcome.confirmation, outcome.chosen
     if not chosen:
         return f"--apply: the params file's values are the best; {params_path} left unchanged"

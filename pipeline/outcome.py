@@ -12,12 +12,17 @@ from pipeline.stats import Interval, paired_interval, std
 
 PARAMS_FILE = "params-file"  # the label of the params file's own values
 
+# A sampled value (a temperature, loss weight or lr; grad_rescale), and one as a dotted params
+# key takes it: several temperatures or weights become one list.
+Sampled = float | bool
+Override = float | bool | list[float]
+
 
 @dataclass
 class Candidate:
     label: str  # the search trial's id, or PARAMS_FILE
-    sampled: dict[str, Any]
-    overrides: dict[str, Any]
+    sampled: dict[str, Sampled]
+    overrides: dict[str, Override]
     search_score: float | None
     scores: dict[int, float] = field(default_factory=dict)  # seed -> objective, finished runs
 
@@ -64,7 +69,7 @@ class Confirmation:
         return self.best is not self.default and gain is not None and gain.low > 0
 
     @property
-    def overrides(self) -> dict[str, Any]:
+    def overrides(self) -> dict[str, Override]:
         """The confirmed best's values; none when the params file's values are the best."""
         return {} if self.best is self.default else self.best.overrides
 
@@ -91,8 +96,8 @@ class TrialSummary:
     outcome: str  # finished, stopped_early or failed
     epochs: int
     score: float | None
-    sampled: dict[str, Any]
-    overrides: dict[str, Any]
+    sampled: dict[str, Sampled]
+    overrides: dict[str, Override]
     val_top1_by_exit: list[float]
 
 
@@ -110,7 +115,7 @@ class SearchOutcome:
         return self.trials[0] if self.trials and self.trials[0].score is not None else None
 
     @property
-    def chosen(self) -> dict[str, Any]:
+    def chosen(self) -> dict[str, Override]:
         """The values to adopt: the confirmed best's ({} when the params file's values are),
         or without a confirmation the best trial's."""
         if self.confirmation is not None:

@@ -5,17 +5,25 @@ tuning.py so that both it and confirmation.py stay below this driver (no import 
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
+
+from pipeline import plots, tracking
+from pipeline.boosting import BoostNet
+from pipeline.cluster import ray_session
 from pipeline.config import ConfigError, Params
-from pipeline.confirmation import log_confirmation
+from pipeline.confirmation import confirm, log_confirmation
+from pipeline.evaluation import exit_costs
 from pipeline.interrupts import sigint_handler_restored
-from pipeline.io import write_json
+from pipeline.io import load_arrays, write_json
+from pipeline.locks import exclusive
 from pipeline.outcome import SearchOutcome
-from pipeline.storage import Storage
+from pipeline.storage import REACH_STORAGE, Storage, check_nodes_reach, open_storage
 from pipeline.tune_callbacks import trial_callbacks
 from pipeline.tuning import (
     SearchNotFound,
@@ -34,6 +42,7 @@ from pipeline.tuning import (
     search_space,
     summarise,
 )
+from pipeline.verbosity import chatter_to, verbose
 
 
 def run_search(
@@ -47,9 +56,6 @@ def run_search(
     """Run (or resume) the search with MLflow tracking: a parent run for the search, a child
     per trial, and the summary on the parent. Ray must not be initialised yet. One process at
     a time owns a search's folder: a second one raises `locks.Busy` before touching it."""
-    from pipeline.locks import exclusive
-    from pipeline.storage import open_storage
-
     ray_storage = open_storage(params.ray, storage)  # Tune's state; checked before any work
     if resume:
         params = resumable(params, dataset["fingerprint"], storage, ray_storage)
@@ -68,9 +74,6 @@ def _search(
     resume: bool,
     trainable: Callable | None,
 ) -> SearchOutcome:
-    from pipeline import tracking
-    from pipeline.io import load_arrays
-
     if params.data.val_size == 0:
         raise ConfigError("data.val_size: is 0, but tune scores trials on the held-out split")
     arrays = load_arrays(prepared)  # a damaged file fails here in one line, not in every trial
@@ -78,8 +81,6 @@ def _search(
     if resume and not ray_storage.exists(f"{name}/tuner.pkl"):
         raise SearchNotFound(f"--resume: no interrupted search {name} under {ray_storage.uri}")
     if not resume:  # a new search: forget an earlier one with the same settings
-        import shutil
-
         for folder in (name, confirm_name(name)):
             shutil.rmtree(storage / folder, ignore_errors=True)
             ray_storage.delete(folder)
@@ -104,13 +105,6 @@ def _fit(
 ) -> SearchOutcome:
     """The search itself, with its trials logged under `parent`, its confirmation, and the
     summary. Ray's own chatter goes to the search's log file (its path printed first)."""
-    import ray
-
-    from pipeline import confirmation, tracking
-    from pipeline.cluster import ray_session
-    from pipeline.storage import REACH_STORAGE, check_nodes_reach
-    from pipeline.verbosity import chatter_to, verbose
-
     config = params.tune
     log = storage / name / "tune.log"
     if not verbose():
@@ -138,7 +132,7 @@ def _fit(
         default = next((t for t in trials if same_point(t.sampled, first)), None)
         outcome = SearchOutcome(name, parent, config.metric, trials, default)
         if config.confirm.top_k and outcome.best is not None:
-            outcome.confirmation = confirmation.confirm(setup, outcome, resume, trainable)
+            outcome.confirmation = confirm(setup, outcome, resume, trainable)
     tracking.best_effort(
         lambda: log_search(parent, outcome, params, storage / f"{name}-summary"),
         "the search's summary",
@@ -150,10 +144,6 @@ def log_search(run_id: str, outcome: SearchOutcome, params: Params, folder: Path
     """The search's summary on its parent run: the best and default objectives, how trials
     ended, the best trial's per-exit curve (step = exit) and values, and two plots."""
     from mlflow import MlflowClient
-
-    from pipeline import plots, tracking
-    from pipeline.boosting import BoostNet
-    from pipeline.evaluation import exit_costs
 
     client = MlflowClient()
     metric, best = outcome.metric, outcome.best

@@ -21,20 +21,13 @@ from rich.live import Live
 from rich.table import Table
 
 from pipeline.config import Params
+from pipeline.tracking import best_effort
+from pipeline.tune_report import describe_sampled
+from pipeline.tuning import overrides
 from pipeline.verbosity import console_file, verbose
 
 # What a trial reports that is worth a chart (step = epoch).
 LOGGED_PREFIXES = ("val_", "train_loss_exit_", "train_seconds", "score_seconds")
-
-
-def describe_sampled(sampled: dict[str, Any]) -> str:
-    """Compact, for tables: t=0.64 w=0.73/0.53/0.51/1.54 lr=0.1 grad_rescale=True."""
-    groups: dict[str, list[str]] = {}
-    for key, value in sampled.items():
-        name = key.split("_")[0] if key.startswith(("t_", "w_")) else key
-        text = f"{value:.3g}" if isinstance(value, float) else str(value)
-        groups.setdefault(name, []).append(text)
-    return " ".join(f"{name}={'/'.join(values)}" for name, values in groups.items())
 
 
 class MlflowTrials(Callback):
@@ -100,8 +93,6 @@ class MlflowTrials(Callback):
 
     def _create(self, trial: Any) -> str:
         from mlflow.entities import Param
-
-        from pipeline.tuning import overrides
 
         dotted = overrides(trial.config, self.n_exits)
         config = trial.config
@@ -197,8 +188,6 @@ class MlflowTrials(Callback):
 
 
 def _best_effort(action: Any) -> None:
-    from pipeline.tracking import best_effort
-
     best_effort(action, "the trials")
 
 

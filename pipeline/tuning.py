@@ -43,7 +43,7 @@ from pipeline.devices import trial_device
 from pipeline.evaluation import Source, collect_scores, exit_costs
 from pipeline.fitting import make_fit, train_epoch, unwrap
 from pipeline.io import read_json
-from pipeline.outcome import TrialSummary
+from pipeline.outcome import Override, TrialSummary
 from pipeline.raytrain import (
     place_loader,
     read_checkpoint,
@@ -87,9 +87,9 @@ def search_space(config: TuneConfig, n_exits: int) -> dict[str, Any]:
     return space
 
 
-def overrides(sampled: dict[str, Any], n_exits: int) -> dict[str, Any]:
+def overrides(sampled: dict[str, Any], n_exits: int) -> dict[str, Override]:
     """A trial's sampled values as dotted params keys (what `dvc exp run -S` takes)."""
-    out: dict[str, Any] = {}
+    out: dict[str, Override] = {}
     exits = range(1, n_exits + 1)
     for keys in (["t"], ["t_first", "t_last"], [f"t_{k}" for k in exits]):
         if all(key in sampled for key in keys):
