@@ -170,7 +170,8 @@ def _section(
 
 def render(params_file: Path | None = None) -> str:
     """The reference as Markdown: the top-level keys, then one table per section."""
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:  # the project's library, also when mkdocs runs from elsewhere
+        sys.path.insert(0, str(ROOT))
     from pipeline.config import Params
 
     text = (params_file or ROOT / "params.yaml").read_text()

@@ -54,7 +54,8 @@ def _table(columns: list[str], rows: list[list[Any]]) -> list[str]:
 def _study(study: dict[str, Any]) -> list[str]:
     """Per exit and budget: mean +- std of each variant over seeds, and the paired difference
     BoostNet - baseline with its 95 % t interval (pipeline/stats.py)."""
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:  # the project's library, also when mkdocs runs from elsewhere
+        sys.path.insert(0, str(ROOT))
     from pipeline.stats import paired_interval, std
 
     by = {v: sorted((r for r in study["runs"] if r["variant"] == v), key=lambda r: r["seed"])
