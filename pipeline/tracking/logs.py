@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.epochs import EpochRecord
-from pipeline.tracking.runs import best_effort, finish
+from pipeline.tracking.runs import best_effort, finish_run
 from pipeline.tracking.store import bound_waits, local_store
 
 
@@ -112,4 +112,4 @@ def log_evaluation(
 
     log_metrics(run_id, values())
     log_artifacts(run_id, files)
-    finish(run_id)
+    finish_run(run_id)

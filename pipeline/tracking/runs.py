@@ -32,7 +32,7 @@ class TrackingSession:
     opened: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
 
-    def ended(self, run_id: str | None) -> None:
+    def forget(self, run_id: str | None) -> None:
         """`run_id` has ended once: an enclosing block does not end it again."""
         if run_id in self.opened:
             self.opened.remove(run_id)
@@ -165,7 +165,7 @@ def status_of(run_id: str | None = None, finish: bool = False) -> Iterator[None]
         target = run_id or (SESSION.opened[-1] if SESSION.opened else None)
         if target is not None:
             best_effort(lambda: terminate(target, status), "the run's status")
-        SESSION.ended(target)
+        SESSION.forget(target)
 
     try:
         yield
@@ -185,10 +185,10 @@ def terminate(run_id: str, status: str) -> None:
     MlflowClient().set_terminated(run_id, status)
 
 
-def finish(run_id: str) -> None:
+def finish_run(run_id: str) -> None:
     """The run is FINISHED (its last stage logged): the stage's `status_of` leaves it so."""
     terminate(run_id, "FINISHED")
-    SESSION.ended(run_id)
+    SESSION.forget(run_id)
 
 
 def link_run(run_id: str, key: str) -> None:
