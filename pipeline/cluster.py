@@ -41,6 +41,8 @@ def require_resources(
 
 @dataclass(frozen=True)
 class Layout:
+    """How a training run sits on the cluster: its number of workers, on GPUs or not."""
+
     workers: int
     use_gpu: bool
 

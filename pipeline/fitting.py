@@ -37,6 +37,7 @@ def keeps(config: TrainConfig, score: float, kept_score: float) -> bool:
 
 
 def make_optimizer(net: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """`train.optimizer`: SGD with momentum, as the paper trains, or AdamW."""
     if config.optimizer == "adamw":
         return torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(

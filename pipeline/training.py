@@ -205,6 +205,9 @@ def _report(
 
 @dataclass
 class TrainOutcome:
+    """What the train stage writes: the kept weights, their epoch, every epoch's record and
+    the device tag of the run."""
+
     model_state: dict[str, torch.Tensor]
     best_epoch: int
     history: list[EpochRecord]
