@@ -20,13 +20,13 @@ from conftest import ROOT, compose
 
 from pipeline.calibration import ExitScores, budget_auc
 from pipeline.config import ConfigError, load_params, write_overrides
-from pipeline.confirmation import PARAMS_FILE, Candidate, Confirmation, apply_confirmed
+from pipeline.confirmation import apply_confirmed
 from pipeline.data import DEBIAN_FASHION_MNIST
 from pipeline.io import read_json
+from pipeline.outcome import PARAMS_FILE, Candidate, Confirmation, SearchOutcome
 from pipeline.search import run_search
 from pipeline.stats import paired_interval, t_quantile
 from pipeline.tuning import (
-    SearchOutcome,
     apply_overrides,
     default_point,
     overrides,
