@@ -5,6 +5,9 @@ distribution pi_k = p^k / sum_j p^j, thresholds are fitted on the held-out split
 fraction pi_k of it leaves at exit k; the test split then exits at the first k with c_k >= T_k,
 c_k being the max softmax probability of exit k's (ensemble) logits. Sweeping p traces an
 accuracy-vs-average-cost curve; the inverse problem picks p so validation meets a given budget.
+
+The arithmetic takes any per-exit cost vector: counted FLOPs (the paper's currency) or the
+milliseconds per image the profile stage measured, so a time budget is met the same way.
 """
 
 from __future__ import annotations
@@ -108,18 +111,27 @@ class Operating:
     """One set of thresholds and what it does on a split."""
 
     thresholds: list[float]
-    expected_flops: float  # sum_k (n_k / n) * C_k
+    expected_cost: float  # sum_k (n_k / n) * C_k, in the currency of the costs given
     top1: float  # %
     exit_fractions: list[float]
 
+    def cost_in(self, costs: Sequence[float]) -> float:
+        """The average cost per sample in another currency (per-exit `costs`)."""
+        return expected_cost(self.exit_fractions, costs)
 
-def operate(scores: ExitScores, thresholds: torch.Tensor, exit_flops: Sequence[int]) -> Operating:
+
+def expected_cost(fractions: Sequence[float], costs: Sequence[float]) -> float:
+    """sum_k f_k * C_k: what a sample costs on average when a fraction f_k leaves at exit k."""
+    return float(sum(f * c for f, c in zip(fractions, costs, strict=True)))
+
+
+def operate(scores: ExitScores, thresholds: torch.Tensor, costs: Sequence[float]) -> Operating:
     """Apply thresholds to a split's scores: accuracy, average cost, where samples leave."""
     exits = assign_exits(scores.confidence, thresholds)
     n_exits, n = scores.confidence.shape
     predictions = scores.prediction[exits, torch.arange(n)]
     fractions = torch.bincount(exits, minlength=n_exits).double() / n
-    cost = float((fractions * torch.tensor(exit_flops, dtype=torch.float64)).sum())
+    cost = float((fractions * torch.tensor(costs, dtype=torch.float64)).sum())
     top1 = 100.0 * float((predictions == scores.targets).double().mean())
     return Operating(thresholds.tolist(), cost, top1, fractions.tolist())
 
@@ -128,9 +140,9 @@ def _fitted(scores: ExitScores, p: float) -> torch.Tensor:
     return fit_thresholds(scores.confidence, exit_distribution(p, scores.n_exits))
 
 
-def sweep(scores: ExitScores, exit_flops: Sequence[int]) -> list[tuple[float, Operating]]:
+def sweep(scores: ExitScores, costs: Sequence[float]) -> list[tuple[float, Operating]]:
     """Thresholds fitted for every p of the grid, with their validation operating point."""
-    return [(p, operate(scores, _fitted(scores, p), exit_flops)) for p in P_GRID]
+    return [(p, operate(scores, _fitted(scores, p), costs)) for p in P_GRID]
 
 
 def flat_envelope(
@@ -147,31 +159,45 @@ def flat_envelope(
     return flat
 
 
+def check_budget(
+    budget: float, costs: Sequence[float], key: str, unit: str, above_last: bool = True
+) -> None:
+    """A budget below exit 1's cost cannot be met; `above_last=False` also refuses one above
+    the last exit's (a time budget there says the profile is not the one the user meant)."""
+    if budget < costs[0]:
+        raise ConfigError(
+            f"{key}: {budget:.4g} {unit} is below the first exit's cost ({costs[0]:.4g} {unit})"
+        )
+    if not above_last and budget > costs[-1]:
+        raise ConfigError(
+            f"{key}: {budget:.4g} {unit} is above the last exit's cost ({costs[-1]:.4g} {unit})"
+        )
+
+
 def thresholds_for_budget(
     scores: ExitScores,
-    exit_flops: Sequence[int],
+    costs: Sequence[float],
     budget: float,
     resolution: int = 400,
+    key: str = "calibrate.budgets",
+    unit: str = "FLOPs",
 ) -> tuple[float, Operating]:
     """The inverse problem: among p on a fine log-spaced grid (1/20 .. 20), the thresholds whose
     validation cost is within `budget` and highest; ties go to the better validation accuracy.
-    A budget below exit 1's cost is impossible; one above the last exit's sends all there."""
-    if budget < exit_flops[0]:
-        raise ConfigError(
-            f"calibrate.budgets: {budget:.4g} FLOPs is below the first exit's cost "
-            f"({exit_flops[0]:.4g})"
-        )
+    One below exit 1's cost is refused naming `key`; one above the last exit's sends all
+    there."""
+    check_budget(budget, costs, key, unit)
     best: tuple[float, Operating] | None = None
     for p in torch.logspace(-1.3, 1.3, resolution, dtype=torch.float64).tolist():
-        point = operate(scores, _fitted(scores, p), exit_flops)
-        if point.expected_flops <= budget and (
+        point = operate(scores, _fitted(scores, p), costs)
+        if point.expected_cost <= budget and (
             best is None
-            or (point.expected_flops, point.top1) > (best[1].expected_flops, best[1].top1)
+            or (point.expected_cost, point.top1) > (best[1].expected_cost, best[1].top1)
         ):
             best = (p, point)
     if best is None:  # even the most front-loaded p overshoots: send everyone to exit 1
         only_first = torch.full((scores.n_exits,), float("-inf"), dtype=torch.float64)
-        best = (0.0, operate(scores, only_first, exit_flops))
+        best = (0.0, operate(scores, only_first, costs))
     return best
 
 
@@ -187,11 +213,11 @@ def budget_auc(scores: ExitScores, exit_flops: Sequence[int]) -> float:
     last_only[-1] = float("-inf")
     points = [operate(scores, t, exit_flops) for t in (first_only, last_only)]
     points += [point for _, point in sweep(scores, exit_flops)]
-    points.sort(key=lambda point: point.expected_flops)
+    points.sort(key=lambda point: point.expected_cost)
     low, high = float(exit_flops[0]), float(exit_flops[-1])
     area, best = 0.0, float("-inf")
     for point, following in zip(points, [*points[1:], None], strict=True):
         best = max(best, point.top1)
-        end = high if following is None else min(following.expected_flops, high)
-        area += best * max(0.0, end - max(point.expected_flops, low))
+        end = high if following is None else min(following.expected_cost, high)
+        area += best * max(0.0, end - max(point.expected_cost, low))
     return area / (high - low)

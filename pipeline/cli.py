@@ -330,6 +330,15 @@ def tune(
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--budget", type=float, help="Average FLOPs per image (calibrated thresholds).")
 @click.option(
+    "--budget-ms", type=float, help="Average ms per image, as the profile stage measured it."
+)
+@click.option(
+    "--regime",
+    type=click.Choice(["batch-1", "batch-N"]),
+    help="Of --budget-ms: one image at a time, or batches of evaluate.batch_size "
+    "(default: batch-1 with --batch-size 1, else batch-N).",
+)
+@click.option(
     "--thresholds",
     "thresholds_path",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -345,6 +354,8 @@ def tune(
 def predict(
     images: tuple[Path, ...],
     budget: float | None,
+    budget_ms: float | None,
+    regime: str | None,
     thresholds_path: Path | None,
     params_path: Path,
     as_json: bool,
@@ -356,7 +367,8 @@ def predict(
     """Early-exit inference on image files and folders (recursively) with the workspace's model.
 
     Each image leaves at the first exit confident enough for the thresholds calibrated for
-    --budget FLOPs (default: the middle of calibrate.budgets), or those in --thresholds. Exit
+    --budget FLOPs or --budget-ms milliseconds per image in a --regime (default: the middle of
+    calibrate.budgets), or those in --thresholds. Exit
     code 0: all predicted; 3: some files were unreadable (named on stderr) and skipped; 1: a
     pipeline output is missing; 2: a bad option or params file.
     """
@@ -368,26 +380,35 @@ def predict(
     from pipeline import predict as inference
     from pipeline.inputs import default_loader_workers
 
-    if budget is not None and thresholds_path is not None:
-        raise ConfigError("--budget and --thresholds: give one, not both")
+    if sum(v is not None for v in (budget, budget_ms, thresholds_path)) > 1:
+        raise ConfigError("--budget, --budget-ms and --thresholds: give one of them")
+    if regime is not None and budget_ms is None:
+        raise ConfigError("--regime: applies to --budget-ms only")
+    if regime == "batch-1" and batch_size not in (None, 1):
+        raise ConfigError(f"--regime batch-1 and --batch-size {batch_size}: give one")
     if as_json and as_csv:
         raise ConfigError("--json and --csv: give one, not both")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    on = torch.device("cuda" if use_cuda else "cpu")
     try:
-        space = inference.load_workspace(params_path, torch.device("cuda" if use_cuda else "cpu"))
+        space = inference.load_workspace(params_path, on)
+        batch = 1 if regime == "batch-1" else batch_size or space.params.evaluate.batch_size
+        if budget_ms is not None:
+            regime = regime or ("batch-1" if batch == 1 else "batch-N")
+            inference.time_budget_profile(space.params, on, regime, batch)
     except inference.MissingOutput as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    n_exits = space.net.n_exits
     if thresholds_path is not None:
-        thresholds = inference.read_thresholds(thresholds_path, n_exits)
+        thresholds = inference.read_thresholds(thresholds_path, space.net.n_exits)
+    elif budget_ms is not None and regime is not None:
+        thresholds = inference.thresholds_for(space.calibration, budget_ms, regime, "--budget-ms")
     else:
-        thresholds = inference.thresholds_for(space.calibration, budget, space.exit_flops)
+        thresholds = inference.thresholds_for(space.calibration, budget, "flops", "--budget")
     files = inference.find_images(images)
     if not files:
         click.echo("error: no image files in " + " ".join(map(str, images)), err=True)
         sys.exit(1)
-    batch = batch_size or space.params.evaluate.batch_size
     if workers is None:
         workers = 0 if len(files) <= batch else default_loader_workers(os.cpu_count() or 1, None)
     with Progress(console=Console(stderr=True), transient=True, disable=len(files) <= batch) as bar:
@@ -401,7 +422,7 @@ def predict(
             names=space.names,
             batch_size=batch,
             workers=workers,
-            device=torch.device("cuda" if use_cuda else "cpu"),
+            device=on,
             progress=lambda done: bar.advance(task, done),
         )
     _print_predictions(outcome, as_json, as_csv)

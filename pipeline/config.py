@@ -317,9 +317,18 @@ class TrainConfig(_Section):
     scaling: ScalingConfig = ScalingConfig()
 
 
+class TimeBudgets(_Section):
+    """Budgets in milliseconds per image, each in the regime the profile stage timed."""
+
+    batch_1: list[Positive] = []  # one image at a time: a request-serving deployment's latency
+    batch_n: list[Positive] = []  # full batches of evaluate.batch_size at every exit: throughput
+
+
 class CalibrateConfig(_Section):
     # Target average FLOPs per test image; calibrate finds thresholds meeting each on validation.
     budgets: list[Positive] = []
+    # Target average milliseconds per test image, against the profile stage's measured costs.
+    budgets_ms: TimeBudgets = TimeBudgets()
     # true: calibrate on held-out images with the training augmentation, as the reference does
     # (its held-out loader reads the augmented training set); false: clean images (ours).
     augment: bool = False
@@ -328,8 +337,21 @@ class CalibrateConfig(_Section):
 class EvaluateConfig(_Section):
     batch_size: Count = 512
     timing_repeats: Count = 5  # early-exit wall times: median of this many interleaved runs
-    # calibrate and evaluate (scores and the early-exit timing): auto takes CUDA when present
+    # profile, calibrate and evaluate (scores and the early-exit timing): auto takes CUDA when
+    # present
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch threads for profile, evaluate and predict (None: torch's default, the CPU count);
+    # a time budget holds only at the thread count its profile was measured with
+    threads: Count | None = None
+    batch1_images: Count = 500  # batch-1 budgets: a seeded sample of the test split, timed
+    # one image at a time
+
+
+class ProfileConfig(_Section):
+    repeats: Count = 5  # interleaved timing rounds per exit and regime; medians
+    warmup: Annotated[int, Field(strict=True, ge=0)] = 1  # untimed rounds first
+    images: Count | None = 2048  # batch-N: held-out images timed per round (None: all)
+    batch1_images: Count = 200  # batch 1: held-out images timed one at a time per round
 
 
 class TrackingConfig(_Section):
@@ -478,6 +500,7 @@ class Params(_Section):
     train: TrainConfig
     calibrate: CalibrateConfig = CalibrateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    profile: ProfileConfig = ProfileConfig()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
     ray: RayConfig = RayConfig()

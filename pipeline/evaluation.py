@@ -9,24 +9,20 @@ processes), and only per-exit scores are kept.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pipeline import reports
 from pipeline.augment import normalise
 from pipeline.boosting import BoostNet, ExitRunner
-from pipeline.calibration import ExitScores, flat_envelope, operate
+from pipeline.calibration import ExitScores
 from pipeline.config import DataConfig, Params
 from pipeline.data import AnySplit
-from pipeline.devices import describe_device
 from pipeline.flops import count_exit_costs
 from pipeline.inputs import check_bad, default_loader_workers, eval_batches
 from pipeline.io import load_checkpoint
@@ -269,163 +265,3 @@ def fold_batch_norm(net: nn.Module) -> nn.Module:
 
 def exit_costs(net: BoostNet, params: Params) -> list[int]:
     return count_exit_costs(net.backbone, params.input_shape).flops
-
-
-# --- the evaluate stage's report -------------------------------------------------------------
-
-
-def anytime_rows(scores: ExitScores, exit_flops: list[int]) -> list[dict[str, float]]:
-    """Anytime prediction: every sample classified by exit k, for each k (anytime.json)."""
-    top1, top5 = scores.top1(), scores.top5_accuracy()
-    return [
-        {"exit": k + 1, "mflops": exit_flops[k] / 1e6, "top1": top1[k], "top5": top5[k]}
-        for k in range(len(exit_flops))
-    ]
-
-
-def budget_curve(
-    scores: ExitScores, grid: list[dict[str, Any]], exit_flops: list[int]
-) -> list[dict[str, float]]:
-    """Budgeted batch classification on the test split at every calibrated p of `grid` (the
-    calibrate stage's thresholds and held-out top-1), with the flat envelope that picks points
-    by their held-out accuracy (budget_curve.json)."""
-    points = [
-        operate(scores, torch.tensor(row["thresholds"], dtype=torch.float64), exit_flops)
-        for row in grid
-    ]
-    flat = flat_envelope(
-        [point.expected_flops for point in points],
-        [row["top1"] for row in grid],
-        [point.top1 for point in points],
-    )
-    return [
-        {
-            "p": row["p"],
-            "mflops": point.expected_flops / 1e6,
-            "top1": point.top1,
-            "top1_flat": level,
-            "val_top1": row["top1"],
-        }
-        for row, point, level in zip(grid, points, flat, strict=True)
-    ]
-
-
-@dataclass(frozen=True)
-class Timings:
-    """Median wall times over interleaved repeats: every exit on every sample, and real early
-    exit at each budget's thresholds (with one run's predictions, for its accuracy)."""
-
-    all_exits_seconds: float
-    budget_seconds: list[float]
-    budget_runs: list[EarlyExitRun]
-
-
-def time_budgets(
-    net: BoostNet, source: Source, device: torch.device, budgets: list[dict], repeats: int
-) -> Timings:
-    """Interleaved repeats, so drift in machine load hits every measurement alike."""
-    all_exits: list[float] = []
-    runs: list[list[EarlyExitRun]] = [[] for _ in budgets]
-    for _ in range(repeats):
-        all_exits.append(time_all_exits(net, source, device))
-        for row, kept in zip(budgets, runs, strict=True):
-            kept.append(early_exit(net, source, row["thresholds"], device))
-    return Timings(
-        statistics.median(all_exits),
-        [statistics.median(run.seconds for run in kept) for kept in runs],
-        [kept[0] for kept in runs],
-    )
-
-
-def budget_metrics(
-    scores: ExitScores, exit_flops: list[int], budgets: list[dict], timings: Timings
-) -> dict[str, dict[str, float]]:
-    """Per target budget (keyed `budget_2M5`): expected cost and top-1 of its thresholds on the
-    test scores, real early exit's top-1 and throughput, and the speedup over running every
-    exit, measured and as the FLOPs predict it."""
-    out = {}
-    for row, seconds, run in zip(budgets, timings.budget_seconds, timings.budget_runs, strict=True):
-        expected = operate(scores, torch.tensor(row["thresholds"], dtype=torch.float64), exit_flops)
-        measured = timings.all_exits_seconds / seconds
-        predicted = exit_flops[-1] / expected.expected_flops
-        out[reports.budget_key(row["budget"])] = {
-            "target_mflops": row["budget"] / 1e6,
-            "expected_mflops": expected.expected_flops / 1e6,
-            "top1": expected.top1,
-            "early_exit_top1": 100.0 * float((run.predictions == run.targets).double().mean()),
-            "seconds": seconds,
-            "images_per_second": len(scores.targets) / seconds,
-            "speedup_measured": measured,
-            "speedup_predicted": predicted,
-            "speedup_ratio": measured / predicted,
-        }
-    return out
-
-
-@dataclass(frozen=True)
-class Report:
-    """What the evaluate stage writes and logs: anytime.json, budget_curve.json, metrics.json;
-    `skipped` counts unreadable test files passed over (data.skip_bad)."""
-
-    anytime: list[dict[str, float]]
-    budget_curve: list[dict[str, float]]
-    metrics: dict[str, Any]
-    skipped: int
-    uncalibrated: str | None  # why there are no budgets (data.val_size: 0), if so
-
-    def summary(self) -> list[str]:
-        """The console lines: per-exit top-1, then each budget (or why there are none)."""
-        lines = []
-        if self.skipped:
-            lines.append(
-                f"skipped {self.skipped} unreadable image(s) of the test split (data.skip_bad)"
-            )
-        lines.append("test top-1 per exit: " + " ".join(f"{r['top1']:.2f}" for r in self.anytime))
-        if self.uncalibrated:
-            lines.append(f"budgeted evaluation skipped: {self.uncalibrated}")
-        for name, row in self.metrics["budgets"].items():
-            lines.append(
-                f"{name}: top-1 {row['top1']:.2f}%, {row['images_per_second']:.0f} img/s, "
-                f"speedup {row['speedup_measured']:.2f}x measured, "
-                f"{row['speedup_predicted']:.2f}x predicted"
-            )
-        return lines
-
-
-def evaluate(
-    net: BoostNet,
-    test: Source,
-    device: torch.device,
-    calibration: dict[str, Any],
-    params: Params,
-) -> Report:
-    """Score every exit on the test split, apply the calibrated thresholds (the p grid and the
-    target budgets) to those scores, and time real early exit against running every exit
-    (`evaluate.timing_repeats` interleaved repeats, medians)."""
-    exit_flops = exit_costs(net, params)
-    scores, skipped = collect_scores(net, test, device)
-    budgets = calibration["budgets"]
-    timings = time_budgets(net, test, device, budgets, params.evaluate.timing_repeats)
-    top1, top5 = scores.top1(), scores.top5_accuracy()
-    metrics = {
-        "anytime": {
-            "top1": {f"exit_{k + 1}": v for k, v in enumerate(top1)},
-            "top5": {f"exit_{k + 1}": v for k, v in enumerate(top5)},
-        },
-        "final_top1": top1[-1],
-        "mean_top1": sum(top1) / len(top1),
-        "all_exits": {
-            "seconds": timings.all_exits_seconds,
-            "images_per_second": len(scores.targets) / timings.all_exits_seconds,
-        },
-        "device": describe_device(device),  # where the scores and the early-exit timings ran
-        "budgets": budget_metrics(scores, exit_flops, budgets, timings),
-        "calibrated": calibration["calibrated"],
-    }
-    return Report(
-        anytime_rows(scores, exit_flops),
-        budget_curve(scores, calibration["grid"], exit_flops),
-        metrics,
-        skipped,
-        calibration.get("reason"),
-    )

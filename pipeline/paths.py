@@ -15,6 +15,9 @@ CURVES = TRAIN_DIR / "curves.json"  # per epoch and exit, for `dvc plots`
 RAY_STORAGE = Path(".boostpipe/ray")  # Ray Train checkpoints of unfinished runs (not DVC-tracked)
 TUNE_STORAGE = Path(".boostpipe/tune")  # Ray Tune searches: trials, checkpoints, state
 
+PROFILE_DIR = Path("outputs/profile")
+EXIT_COSTS = PROFILE_DIR / "exit_costs.json"  # per exit: FLOPs, ms per image at batch 1 and N
+
 CALIBRATE_DIR = Path("outputs/calibrate")
 THRESHOLDS = CALIBRATE_DIR / "thresholds.json"
 
@@ -23,6 +26,8 @@ METRICS = EVALUATE_DIR / "metrics.json"
 ANYTIME = EVALUATE_DIR / "anytime.json"
 BUDGET_CURVE = EVALUATE_DIR / "budget_curve.json"
 ACCURACY_PLOT = EVALUATE_DIR / "accuracy_vs_flops.png"
+TIME_PLOT = EVALUATE_DIR / "accuracy_vs_time.png"
+TIME_BUDGETS = EVALUATE_DIR / "time_budgets.json"  # each time budget: target and measured ms
 EFFECTIVE_SAMPLES_PLOT = EVALUATE_DIR / "effective_samples.png"
 
 TUNE_DIR = Path("outputs/tune")  # the optional `tune` stage (tune/dvc.yaml)

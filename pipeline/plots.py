@@ -51,6 +51,39 @@ def accuracy_vs_flops(
     _save(figure, path)
 
 
+def accuracy_vs_time(
+    path: Path,
+    panels: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    exit_top1: Sequence[float],
+    budget_top1: Sequence[float],
+    measured: Sequence[tuple[str, float, float]],
+    title: str,
+) -> None:
+    """Test top-1 against ms per image, one panel per regime: each exit at its profiled cost,
+    the p grid's flat envelope at the profile's predicted cost, and every time budget at the
+    time early exit really took. `panels` holds (regime, per-exit ms, grid ms) rows;
+    `measured` holds (regime, measured ms, early-exit top-1) per time budget."""
+    figure, axes_row = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for axes, (regime, exit_ms, grid_ms) in zip(axes_row[0], panels, strict=True):
+        axes.plot(exit_ms, exit_top1, "o-", label="every sample at exit k (profiled)")
+        if grid_ms:
+            order = sorted(range(len(grid_ms)), key=grid_ms.__getitem__)
+            axes.plot(
+                [grid_ms[i] for i in order],
+                [budget_top1[i] for i in order],
+                "-",
+                label="budgeted, flat envelope (predicted)",
+            )
+        points = [(ms, top1) for r, ms, top1 in measured if r == regime]
+        if points:
+            axes.plot(*zip(*points, strict=True), "*", markersize=12, label="time budget, measured")
+        axes.set(title=regime, xlabel="ms per image", ylabel="test top-1 (%)")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize="small")
+    figure.suptitle(title)
+    _save(figure, path)
+
+
 def _draw_effective_samples(
     axes: plt.Axes, epochs: Sequence[int], per_exit: Sequence[Sequence[float]], title: str
 ) -> None:

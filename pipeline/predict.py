@@ -4,7 +4,8 @@ Files are decoded and cropped as evaluation reads the dataset (pipeline/inputs.p
 Fashion-MNIST, resize + centre crop for folder datasets) in loader processes, and every batch runs
 the same early exit as evaluate (`evaluation.ExitQueue`), so a test image saved as PNG gets the
 prediction evaluate gave it. Thresholds come from the calibrate stage's output: the ones fitted
-for a budget, or a file of one threshold per exit.
+for a budget in FLOPs or in ms per image (read against the profile stage's measured exit costs,
+which must come from this device and thread count), or a file of one threshold per exit.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import torch
 
 from pipeline import paths
 from pipeline.boosting import BoostNet
+from pipeline.budgets import Calibration
 from pipeline.config import ConfigError, Params, load_params
 from pipeline.data import FileSplit
 from pipeline.evaluation import ExitQueue, exit_costs, load_model, network_input
 from pipeline.folders import IMAGE_SUFFIXES
 from pipeline.inputs import file_loader
 from pipeline.io import read_json
+from pipeline.profiling import BATCH_1, ExitProfile, Machine, apply_threads
 
 UNREADABLE_EXIT_CODE = 3  # some files could not be decoded; every other image was predicted
 
@@ -64,7 +67,7 @@ class Workspace:
     net: BoostNet
     exit_flops: list[int]
     names: list[str] | None
-    calibration: dict[str, Any]
+    calibration: Calibration
 
 
 def load_workspace(params_path: Path, device: torch.device) -> Workspace:
@@ -77,7 +80,8 @@ def load_workspace(params_path: Path, device: torch.device) -> Workspace:
     params = load_params(params_path).with_dataset(info)
     net = load_model(params, paths.MODEL, device)
     names = class_names(params, info)
-    return Workspace(params, net, exit_costs(net, params), names, read_json(paths.THRESHOLDS))
+    calibration = Calibration.from_json(read_json(paths.THRESHOLDS))
+    return Workspace(params, net, exit_costs(net, params), names, calibration)
 
 
 def find_images(paths: Sequence[Path]) -> list[Path]:
@@ -105,36 +109,37 @@ def class_names(params: Params, dataset_info: dict[str, Any]) -> list[str] | Non
 
 
 def thresholds_for(
-    calibration: dict[str, Any], budget: float | None, exit_flops: Sequence[int]
+    calibration: Calibration, budget: float | None, currency: str, key: str
 ) -> list[float]:
-    """The calibrated thresholds for `budget` FLOPs per image: of the target-budget and p-grid
-    thresholds in the calibrate output, and "all at exit 1" and "all at the last exit", those
-    with the highest validation cost within it (ties: better validation top-1). No budget: the
-    middle target budget of calibrate.budgets."""
-    if budget is not None and budget < exit_flops[0]:
+    """The calibrated thresholds for `budget` per image in `currency` (FLOPs, or ms in a
+    regime); no budget: the middle target budget of calibrate.budgets."""
+    if not calibration.calibrated or not (calibration.budgets or calibration.time_budgets):
         raise ConfigError(
-            f"--budget: {budget:.4g} FLOPs is below the first exit's cost ({exit_flops[0]:.4g})"
-        )
-    if not calibration.get("calibrated") or not calibration["budgets"]:
-        raise ConfigError(
-            "--budget: the workspace has no calibrated thresholds (data.val_size 0?); "
+            f"{key}: the workspace has no calibrated thresholds (data.val_size 0?); "
             "give --thresholds FILE"
         )
     if budget is None:
-        rows = calibration["budgets"]
-        return list(rows[len(rows) // 2]["thresholds"])
-    n, inf = len(exit_flops), float("inf")
-    ends = [
-        {"thresholds": [-inf] * n, "expected_flops": exit_flops[0], "top1": -inf},
-        {"thresholds": [inf] * (n - 1) + [-inf], "expected_flops": exit_flops[-1], "top1": -inf},
-    ]
-    within = [
-        row
-        for row in calibration["budgets"] + calibration["grid"] + ends
-        if row["expected_flops"] <= budget
-    ]
-    best = max(within, key=lambda row: (row["expected_flops"], row["top1"]))
-    return list(best["thresholds"])
+        rows = calibration.budgets or calibration.time_budgets
+        return list(rows[len(rows) // 2].thresholds)
+    return calibration.thresholds_for(budget, currency, key)
+
+
+def time_budget_profile(
+    params: Params, device: torch.device, regime: str, batch_size: int
+) -> ExitProfile:
+    """The profile a time budget is read against, refused in one line unless it was measured
+    on this device, CPU and thread count, in the regime predict is about to run."""
+    if not paths.EXIT_COSTS.exists():
+        raise MissingOutput(f"{paths.EXIT_COSTS}: not found; run `dvc repro` (stage profile)")
+    profile = ExitProfile.from_json(read_json(paths.EXIT_COSTS))
+    apply_threads(params.evaluate.threads)
+    served = 1 if regime == BATCH_1 else profile.batch_size
+    if batch_size != served:
+        raise ConfigError(
+            f"--budget-ms: {regime} budgets hold at batch size {served}, not {batch_size}"
+        )
+    profile.check_serves(Machine.current(device), profile.batch_size, paths.EXIT_COSTS)
+    return profile
 
 
 def read_thresholds(path: Path, n_exits: int) -> list[float]:

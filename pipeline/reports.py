@@ -11,12 +11,21 @@ from __future__ import annotations
 from typing import Any
 
 
+def _marked(value: float, mark: str) -> str:
+    """`value` with `mark` as the decimal point and no trailing zeros: 2.5, "M" -> 2M5."""
+    whole, _, fraction = f"{value:.6f}".rstrip("0").rstrip(".").partition(".")
+    return f"{whole}{mark}{fraction}"
+
+
 def budget_key(flops: float) -> str:
     """`budget_2M5` for 2.5e6 FLOPs: MFLOPs with `M` as the decimal point (as 4k7 writes
     4.7 kOhm on a resistor), `budget_3M` for 3e6, `budget_600M` for 6e8."""
-    mflops = f"{flops / 1e6:.6f}".rstrip("0").rstrip(".")
-    whole, _, fraction = mflops.partition(".")
-    return f"budget_{whole}M{fraction}"
+    return f"budget_{_marked(flops / 1e6, 'M')}"
+
+
+def time_budget_key(ms: float, regime: str) -> str:
+    """`batch-N_0ms25` for 0.25 ms per image at batch N, in the style of `budget_key`."""
+    return f"{regime}_{_marked(ms, 'ms')}"
 
 
 def epoch_curves(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -1,10 +1,12 @@
 """Threshold calibration and budgeted classification on hand-made tensors."""
 
+import json
 import math
 
 import pytest
 import torch
 
+from pipeline.budgets import Calibration, calibrate, check_time_budgets
 from pipeline.calibration import (
     P_GRID,
     ExitScores,
@@ -16,9 +18,11 @@ from pipeline.calibration import (
     sweep,
     thresholds_for_budget,
 )
-from pipeline.config import ConfigError
+from pipeline.config import CalibrateConfig, ConfigError, TimeBudgets
+from pipeline.profiling import BATCH_1, BATCH_N, ExitProfile, Machine
 
 INF = math.inf
+MACHINE = Machine("cpu", "test CPU", 1)
 
 
 def test_exit_distribution_favours_early_exits_below_p_1_and_late_ones_above():
@@ -68,11 +72,11 @@ def test_operate_counts_accuracy_cost_and_exit_fractions():
     confident = torch.tensor([[True, False, True, False], [True, True, True, True]])
     logits = _logits_for(predicted, confident)
     thresholds = torch.tensor([0.9, -INF], dtype=torch.float64)
-    point = operate(ExitScores.from_logits(logits, targets), thresholds, exit_flops=[10, 30])
+    point = operate(ExitScores.from_logits(logits, targets), thresholds, costs=[10, 30])
     # samples 0 and 2 leave at exit 1 (both right); 1 and 3 go on and exit 2 gets them right
     assert point.top1 == 100.0
     assert point.exit_fractions == [0.5, 0.5]
-    assert point.expected_flops == pytest.approx(0.5 * 10 + 0.5 * 30)
+    assert point.expected_cost == pytest.approx(0.5 * 10 + 0.5 * 30)
 
 
 def test_flat_envelope_holds_the_test_accuracy_until_validation_improves():
@@ -101,11 +105,11 @@ def test_sweep_spans_the_exit_costs_and_fits_the_target_fractions():
     points = sweep(scores, flops)
     assert len(points) == 39
     for p, point in points:
-        assert 100 <= point.expected_flops <= 400
+        assert 100 <= point.expected_cost <= 400
         pi = exit_distribution(p, 4)
         # on the data it was fitted on, exit 1 takes exactly floor(n * pi_1) samples (no ties)
         assert point.exit_fractions[0] == pytest.approx(int(500 * float(pi[0])) / 500)
-    costs = [point.expected_flops for _, point in points]
+    costs = [point.expected_cost for _, point in points]
     assert costs[0] < 150 and costs[-1] > 300  # p small: mostly exit 1; p large: mostly exit 4
 
 
@@ -114,11 +118,58 @@ def test_thresholds_for_budget_meet_the_budget_on_validation(budget):
     scores = _random_problem(seed=1)
     flops = [100, 200, 300, 400]
     _, point = thresholds_for_budget(scores, flops, budget)
-    assert point.expected_flops <= budget
-    assert point.expected_flops >= min(budget, 400) - 40  # and uses most of it
+    assert point.expected_cost <= budget
+    assert point.expected_cost >= min(budget, 400) - 40  # and uses most of it
 
 
 def test_an_impossible_budget_is_a_clear_error():
     scores = _random_problem()
     with pytest.raises(ConfigError, match=r"calibrate\.budgets: 50 FLOPs is below"):
         thresholds_for_budget(scores, [100, 200, 300, 400], 50)
+
+
+def test_time_budgets_use_the_flops_arithmetic_on_the_measured_cost_vector():
+    """A time budget is fitted exactly as a FLOPs budget is, with ms in place of FLOPs: given a
+    profile whose ms are the FLOPs scaled, the same budgets scaled give the same thresholds."""
+    scores = _random_problem(seed=2)
+    flops = [100, 200, 300, 400]
+    scale = {BATCH_1: 0.01, BATCH_N: 0.002}
+    profile = ExitProfile(flops, {r: [f * s for f in flops] for r, s in scale.items()}, 64, MACHINE)
+    budgets = [150.0, 250.0, 330.0]
+    config = CalibrateConfig(
+        budgets=budgets,
+        budgets_ms=TimeBudgets(
+            batch_1=[b * scale[BATCH_1] for b in budgets],
+            batch_n=[b * scale[BATCH_N] for b in budgets],
+        ),
+    )
+    result = calibrate(scores, flops, profile, config)
+    assert [p.currency for p in result.time_budgets] == [BATCH_1] * 3 + [BATCH_N] * 3
+    for regime, timed in ((BATCH_1, result.time_budgets[:3]), (BATCH_N, result.time_budgets[3:])):
+        for by_flops, by_time in zip(result.budgets, timed, strict=True):
+            assert by_time.thresholds == by_flops.thresholds and by_time.p == by_flops.p
+            assert by_time.expected_ms[regime] == pytest.approx(
+                by_flops.expected_flops * scale[regime]
+            )
+    # The p grid in all three currencies.
+    assert len(result.grid) == 39
+    for point in result.grid:
+        for regime, factor in scale.items():
+            assert point.expected_ms[regime] == pytest.approx(point.expected_flops * factor)
+    assert Calibration.from_json(json.loads(json.dumps(result.to_json()))) == result
+
+
+@pytest.mark.parametrize(
+    ("budgets_ms", "message"),
+    [
+        ({"batch_n": [0.1]}, r"calibrate\.budgets_ms\.batch_n: 0\.1 ms is below the first exit"),
+        ({"batch_1": [9.0]}, r"calibrate\.budgets_ms\.batch_1: 9 ms is above the last exit"),
+    ],
+)
+def test_a_time_budget_outside_the_exits_measured_costs_is_refused(budgets_ms, message):
+    profile = ExitProfile([1, 2], {BATCH_1: [1.0, 4.0], BATCH_N: [0.2, 0.5]}, 64, MACHINE)
+    config = CalibrateConfig(budgets_ms=TimeBudgets(**budgets_ms))
+    with pytest.raises(ConfigError, match=message):
+        check_time_budgets(config, profile)
+    with pytest.raises(ConfigError, match="need the profile"):
+        check_time_budgets(config, None)

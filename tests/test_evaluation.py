@@ -5,9 +5,10 @@ import copy
 
 import pytest
 import torch
-from conftest import compose
+from helpers import compose
 
 from pipeline.boosting import BoostNet
+from pipeline.budgets import Calibration, Point
 from pipeline.calibration import (
     ExitScores,
     accuracy,
@@ -21,16 +22,21 @@ from pipeline.evaluation import (
     EarlyExitRun,
     ExitQueue,
     Source,
-    Timings,
-    anytime_rows,
-    budget_curve,
-    budget_metrics,
     collect_scores,
     early_exit,
-    evaluate,
     exit_costs,
     fold_batch_norm,
     network_input,
+)
+from pipeline.latency import early_exit_one_at_a_time
+from pipeline.profiling import BATCH_1, BATCH_N, ExitProfile, Machine
+from pipeline.scorecard import (
+    Timed,
+    anytime_rows,
+    budget_curve,
+    evaluate,
+    flops_metrics,
+    time_metrics,
 )
 
 DEVICE = torch.device("cpu")
@@ -141,50 +147,118 @@ def _scores() -> ExitScores:
 FLOPS = [1_000_000, 3_000_000]
 
 
+PROFILE = ExitProfile(
+    FLOPS, {BATCH_1: [0.4, 1.0], BATCH_N: [0.1, 0.3]}, 512, Machine("cpu", "x", 1)
+)
+
+
+def _point(p: float, thresholds: list[float], top1: float, **target) -> Point:
+    return Point(p, thresholds, top1, [], 0.0, **target)
+
+
+def _calibration(grid: list[Point], budgets=(), time_budgets=()) -> Calibration:
+    return Calibration(True, FLOPS, PROFILE.ms, grid, list(budgets), list(time_budgets))
+
+
 def test_anytime_rows_and_the_budget_curve_with_its_flat_envelope():
-    assert anytime_rows(_scores(), FLOPS) == [
-        {"exit": 1, "mflops": 1.0, "top1": 50.0, "top5": 100.0},
-        {"exit": 2, "mflops": 3.0, "top1": 100.0, "top5": 100.0},
+    assert anytime_rows(_scores(), PROFILE) == [
+        {
+            "exit": 1,
+            "mflops": 1.0,
+            "ms_batch_1": 0.4,
+            "ms_batch_n": 0.1,
+            "top1": 50.0,
+            "top5": 100.0,
+        },
+        {
+            "exit": 2,
+            "mflops": 3.0,
+            "ms_batch_1": 1.0,
+            "ms_batch_n": 0.3,
+            "top1": 100.0,
+            "top5": 100.0,
+        },
     ]
     grid = [  # all at exit 1, half at each, all at exit 2; held-out top-1 peaks in the middle
-        {"p": 0.1, "thresholds": [0.0, 0.0], "top1": 60.0},
-        {"p": 0.5, "thresholds": [0.5, 0.0], "top1": 70.0},
-        {"p": 0.9, "thresholds": [2.0, 0.0], "top1": 65.0},
+        _point(0.1, [0.0, 0.0], 60.0),
+        _point(0.5, [0.5, 0.0], 70.0),
+        _point(0.9, [2.0, 0.0], 65.0),
     ]
-    curve = budget_curve(_scores(), grid, FLOPS)
+    curve = budget_curve(_scores(), _calibration(grid), PROFILE)
     assert [(r["p"], r["mflops"], r["top1"], r["val_top1"]) for r in curve] == [
         (0.1, 1.0, 50.0, 60.0),
         (0.5, 2.0, 100.0, 70.0),
         (0.9, 3.0, 100.0, 65.0),
     ]
+    # every point in the profile's ms too: half the samples at each exit costs the mean
+    assert [r["ms_batch_n"] for r in curve] == pytest.approx([0.1, 0.2, 0.3])
+    assert [r["ms_batch_1"] for r in curve] == pytest.approx([0.4, 0.7, 1.0])
     # The costliest point's held-out top-1 is below a cheaper one's: it keeps that one's.
     assert [r["top1_flat"] for r in curve] == [50.0, 100.0, 100.0]
-    assert list(curve[0]) == ["p", "mflops", "top1", "top1_flat", "val_top1"]
+    assert list(curve[0]) == [
+        "p",
+        "mflops",
+        "ms_batch_1",
+        "ms_batch_n",
+        "top1",
+        "top1_flat",
+        "val_top1",
+    ]
 
 
-def test_budget_metrics_speedups_measured_and_predicted():
-    run = EarlyExitRun(
-        predictions=torch.tensor([1, 1, 2, 0]),
-        exits=torch.tensor([0, 1, 0, 1]),
-        targets=torch.tensor([1, 1, 2, 3]),
-        seconds=1.5,
-    )
-    timings = Timings(all_exits_seconds=3.0, budget_seconds=[1.5], budget_runs=[run])
-    budgets = [{"budget": 2.5e6, "thresholds": [0.5, 0.0]}]
-    metrics = budget_metrics(_scores(), FLOPS, budgets, timings)
+RUN = EarlyExitRun(
+    predictions=torch.tensor([1, 1, 2, 0]),
+    exits=torch.tensor([0, 1, 0, 1]),
+    targets=torch.tensor([1, 1, 2, 3]),
+    seconds=1.5,
+)
+
+
+def test_flops_budget_metrics_speedups_and_time_measured_and_predicted():
+    point = _point(0.5, [0.5, 0.0], 70.0, budget=2.5e6)
+    every_exit = Timed(3.0, EarlyExitRun(RUN.predictions, RUN.exits, RUN.targets, 3.0))
+    metrics = flops_metrics(_scores(), point, Timed(1.5, RUN), every_exit, PROFILE)
     assert metrics == {
-        "budget_2M5": {
-            "target_mflops": 2.5,
-            "expected_mflops": 2.0,  # half the samples leave after 1 MFLOP, half after 3
-            "top1": 100.0,  # the thresholds on the test scores
-            "early_exit_top1": 75.0,  # the real early-exit run's predictions
-            "seconds": 1.5,
-            "images_per_second": pytest.approx(4 / 1.5),
-            "speedup_measured": 2.0,
-            "speedup_predicted": 1.5,  # 3 MFLOPs for every exit / 2 expected
-            "speedup_ratio": pytest.approx(2.0 / 1.5),
-        }
+        "target_mflops": 2.5,
+        "expected_mflops": 2.0,  # half the samples leave after 1 MFLOP, half after 3
+        "top1": 100.0,  # the thresholds on the test scores
+        "early_exit_top1": 75.0,  # the real early-exit run's predictions
+        "seconds": 1.5,
+        "images_per_second": pytest.approx(4 / 1.5),
+        "speedup_measured": 2.0,
+        "speedup_predicted": 1.5,  # 3 MFLOPs for every exit / 2 expected
+        "speedup_ratio": pytest.approx(2.0 / 1.5),
+        "predicted_ms": pytest.approx(0.2),  # the profile's batch-N ms at these fractions
+        "measured_ms": pytest.approx(1000 * 1.5 / 4),
     }
+
+
+def test_time_budget_metrics_carry_regime_target_and_measured_ms():
+    point = _point(0.5, [0.5, 0.0], 70.0, budget=0.8, currency=BATCH_1)
+    metrics = time_metrics(_scores(), point, Timed(0.004, RUN), PROFILE)
+    assert metrics == {
+        "regime": "batch-1",
+        "target_ms": 0.8,
+        "expected_ms": pytest.approx(0.7),  # half at 0.4 ms, half at 1.0 ms
+        "measured_ms": pytest.approx(1.0),  # 4 ms for 4 images
+        "measured_over_target": pytest.approx(1.0 / 0.8),
+        "top1": 100.0,
+        "early_exit_top1": 75.0,
+        "expected_mflops": 2.0,
+        "images_timed": 4,
+    }
+
+
+def test_one_at_a_time_early_exit_agrees_with_the_batched_queue():
+    params, net, split = _problem()
+    scores, _ = collect_scores(net, Source(split, params.data, 64), DEVICE)
+    thresholds = fit_thresholds(scores.confidence, exit_distribution(0.7, net.n_exits)).tolist()
+    batched = early_exit(net, Source(split, params.data, 64), thresholds, DEVICE)
+    single = early_exit_one_at_a_time(net, Source(split, params.data, 1), thresholds, DEVICE)
+    assert len(set(single.exits.tolist())) > 1
+    # Batch 1 may round a sample that sits on a threshold the other way; all others agree.
+    assert (single.exits != batched.exits).sum() <= 3
+    assert torch.equal(single.targets, split.targets)
 
 
 def test_evaluate_reports_the_stage_layout_with_and_without_calibration():
@@ -194,40 +268,59 @@ def test_evaluate_reports_the_stage_layout_with_and_without_calibration():
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8, generator=generator)
     split = Split(images, torch.randint(0, 10, (32,), generator=generator))
-    source = Source(split, params.data, batch_size=16)
+    source, single = Source(split, params.data, batch_size=16), Source(split, params.data, 1)
     scores, _ = collect_scores(net, source, DEVICE)
     fitted = [
         fit_thresholds(scores.confidence, exit_distribution(p, params.model.n_exits)).tolist()
         for p in (0.3, 0.7)
     ]
-    calibration = {
-        "calibrated": True,
-        "grid": [
-            {"p": p, "thresholds": t, "top1": 50.0} for p, t in zip((0.3, 0.7), fitted, strict=True)
+    flops = exit_costs(net, params)
+    profile = ExitProfile(
+        flops, {BATCH_1: [0.5, 1.0], BATCH_N: [0.1, 0.2]}, 16, Machine.current(DEVICE)
+    )
+    calibration = Calibration(
+        True,
+        flops,
+        profile.ms,
+        [_point(p, t, 50.0) for p, t in zip((0.3, 0.7), fitted, strict=True)],
+        [_point(0.7, fitted[1], 50.0, budget=3e6)],
+        [
+            _point(0.7, fitted[1], 50.0, budget=0.75, currency=BATCH_1),
+            _point(0.3, fitted[0], 50.0, budget=0.15, currency=BATCH_N),
         ],
-        "budgets": [{"budget": 3e6, "thresholds": fitted[1]}],
-    }
-    report = evaluate(net, source, DEVICE, calibration, params)
+    )
+    report = evaluate(net, source, single, DEVICE, calibration, profile, repeats=2)
     assert list(report.metrics) == [
         "anytime",
         "final_top1",
         "mean_top1",
         "all_exits",
         "device",
+        "threads",
         "budgets",
+        "time_budgets",
         "calibrated",
     ]
     assert list(report.metrics["budgets"]) == ["budget_3M"]
+    assert list(report.metrics["time_budgets"]) == ["batch-1_0ms75", "batch-N_0ms15"]
+    for row, regime in zip(
+        report.metrics["time_budgets"].values(), (BATCH_1, BATCH_N), strict=True
+    ):
+        assert row["regime"] == regime and row["measured_ms"] > 0
+        assert row["measured_over_target"] == pytest.approx(row["measured_ms"] / row["target_ms"])
+    assert [r["regime"] for r in report.time_budgets] == [BATCH_1, BATCH_N]
     assert report.metrics["anytime"]["top1"] == {
         f"exit_{r['exit']}": r["top1"] for r in report.anytime
     }
     assert len(report.anytime) == params.model.n_exits and len(report.budget_curve) == 2
     assert report.summary()[0].startswith("test top-1 per exit: ")
     assert report.summary()[1].startswith("budget_3M: top-1 ")
+    assert report.summary()[2].startswith("batch-1_0ms75: top-1 ")
 
     reason = "data.val_size is 0: nothing held out to calibrate on"
-    empty = {"calibrated": False, "reason": reason, "grid": [], "budgets": []}
-    report = evaluate(net, source, DEVICE, empty, params)
+    empty = Calibration(False, flops, profile.ms, [], [], [], reason)
+    report = evaluate(net, source, single, DEVICE, empty, profile, repeats=1)
     assert report.metrics["budgets"] == {} and report.budget_curve == []
+    assert report.metrics["time_budgets"] == {} and report.time_budgets == []
     assert report.metrics["calibrated"] is False
     assert report.summary()[-1] == f"budgeted evaluation skipped: {reason}"

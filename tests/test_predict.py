@@ -10,17 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ROOT, compose
+from helpers import ROOT, compose
 from torchvision.datasets import FashionMNIST
 from torchvision.io import write_jpeg, write_png
 
 from pipeline.boosting import BoostNet
-from pipeline.calibration import sweep, thresholds_for_budget
+from pipeline.budgets import calibrate
 from pipeline.cli import main
 from pipeline.data import DEBIAN_FASHION_MNIST, Split, load_dataset
 from pipeline.evaluation import Source, collect_scores, early_exit, exit_costs, load_model
 from pipeline.io import write_json
 from pipeline.predict import UNREADABLE_EXIT_CODE
+from pipeline.profiling import BATCH_1, BATCH_N, ExitProfile, apply_threads, measure
 
 pytestmark = [
     pytest.mark.slow,  # each module trains a project first
@@ -58,21 +59,27 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Split, li
     model = load_model(params, root / "outputs/train/model.pt", CPU)
     flops = exit_costs(model, params)
     scores, _ = collect_scores(model, Source(images, params.data, 32), CPU)
-    budget = (flops[0] + flops[-1]) / 2
-    p, point = thresholds_for_budget(scores, flops, budget)
-    grid = [{"p": q, **vars(row)} for q, row in sweep(scores, flops)]
-    calibration = {"budget": budget, "p": p, **vars(point)}
-    write_json(
-        root / "outputs/calibrate/thresholds.json",
-        {"exit_flops": flops, "calibrated": True, "grid": grid, "budgets": [calibration]},
+    apply_threads(params.evaluate.threads)  # as predict will
+    batched, single = (
+        Source(images, params.data, 32),
+        Source(images.subset(torch.arange(8)), params.data, 1),
     )
+    profile = measure(model, batched, single, CPU, flops, repeats=1, warmup=1)
+    write_json(root / "outputs/profile/exit_costs.json", profile.to_json())
+    middle = {r: (ms[0] + ms[-1]) / 2 for r, ms in profile.ms.items()}
+    config = params.calibrate.model_validate(
+        {"budgets": [(flops[0] + flops[-1]) / 2],
+         "budgets_ms": {"batch_1": [middle[BATCH_1]], "batch_n": [middle[BATCH_N]]}}
+    )  # fmt: skip
+    calibration = calibrate(scores, flops, profile, config)
+    write_json(root / "outputs/calibrate/thresholds.json", calibration.to_json())
     folder = root / "images" / "shirts"
     folder.mkdir(parents=True)
     for i in range(N_IMAGES):
         write_png(images.images[i], str(folder / f"{i:05d}.png"))
     write_jpeg(images.images[0].expand(3, -1, -1).contiguous(), str(root / "images/rgb.jpg"))
     (root / "images/broken.png").write_bytes(b"\x89PNG not really")
-    return root, images, point.thresholds
+    return root, images, calibration.budgets[0].thresholds
 
 
 def _predict(root: Path, monkeypatch: pytest.MonkeyPatch, *args: str):
@@ -126,6 +133,64 @@ def test_thresholds_file_and_budget_choose_the_exits(workspace, monkeypatch):
     assert {r["exit"] for r in json.loads(result.stdout)["predictions"]} == {1}
     result = _predict(root, monkeypatch, "images/shirts", "--budget", "1e12", "--json")
     assert {r["exit"] for r in json.loads(result.stdout)["predictions"]} == {5}
+
+
+def _cost(rows: list[dict], exit_ms: list[float]) -> float:
+    """The profile's ms per image of these predictions' exits."""
+    return sum(exit_ms[r["exit"] - 1] for r in rows) / len(rows)
+
+
+@pytest.mark.parametrize(
+    ("regime", "args"), [(BATCH_N, ["--batch-size", "32"]), (BATCH_1, ["--regime", "batch-1"])]
+)
+def test_budget_ms_picks_thresholds_within_the_time_budget(workspace, monkeypatch, regime, args):
+    root, _, _ = workspace
+    profile = ExitProfile.from_json(
+        json.loads((root / "outputs/profile/exit_costs.json").read_text())
+    )
+    exit_ms = profile.ms[regime]
+    budget = exit_ms[0] + 0.6 * (exit_ms[-1] - exit_ms[0])
+    result = _predict(
+        root, monkeypatch, "images/shirts", "--budget-ms", str(budget), "--json", *args
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)["predictions"]
+    # The images are the ones calibrated on, so their profiled cost meets the budget (to one
+    # image: batch 1 may round an image at a threshold the other way) and uses most of it.
+    one_image = (exit_ms[-1] - exit_ms[0]) / len(rows)
+    assert exit_ms[0] < _cost(rows, exit_ms) <= budget + one_image
+    assert len({r["exit"] for r in rows}) > 1
+
+
+@pytest.mark.parametrize(("budget", "says"), [("1e-9", "first exit"), ("1e9", "last exit")])
+def test_time_budget_outside_the_exits_costs_is_one_line(workspace, monkeypatch, budget, says):
+    root, _, _ = workspace
+    args = ["images/shirts/00000.png", "--budget-ms", budget, "--batch-size", "32"]
+    result = _predict(root, monkeypatch, *args)
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "--budget-ms" in result.stderr and says in result.stderr
+
+
+def test_time_budget_with_a_profile_of_another_setup_is_refused(workspace, monkeypatch):
+    root, _, _ = workspace
+    path = root / "outputs/profile/exit_costs.json"
+    measured = path.read_text()
+    data = json.loads(measured)
+    try:
+        path.write_text(json.dumps({**data, "threads": data["threads"] + 1}))
+        args = ["images/shirts/00000.png", "--budget-ms", "1", "--batch-size", "32"]
+        result = _predict(root, monkeypatch, *args)
+        assert result.exit_code == 2
+        assert result.stderr.strip().count("\n") == 0
+        assert "exit_costs.json" in result.stderr and "threads" in result.stderr
+        # the same batch-N budget read at another batch size than profiled is refused too
+        path.write_text(measured)
+        args = ["images/shirts/00000.png", "--budget-ms", "1", "--batch-size", "16"]
+        result = _predict(root, monkeypatch, *args)
+        assert result.exit_code == 2 and "batch size 32" in result.stderr
+    finally:
+        path.write_text(measured)
 
 
 def test_missing_model_says_to_run_dvc_repro(tmp_path, monkeypatch):
