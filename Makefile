@@ -33,10 +33,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Two test files at a time (a file's tests share its fixtures): the pipeline tests spend most of
-# their time starting processes and waiting on them, so two halve the wall time on 2 cores.
+# Two tests at a time: the pipeline tests spend most of their time starting processes and waiting
+# on them, so two halve the wall time on 2 cores. Tests sharing a module's fixture stay together
+# (xdist groups) and the heaviest go first: tests/conftest.py derives both from the tests' own
+# fixtures and `slow` marks, and --no-loadscope-reorder keeps that order.
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 # Everything but the tests that run real pipelines, clusters and searches (`slow`): a minute.
 test-fast: setup

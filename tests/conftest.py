@@ -1,148 +1,84 @@
-"""Tests compose the project's real params files and shrink them, never a hand-written config."""
+"""Fixtures, the `slow` convention and the order `make test` hands tests to its two workers.
+Tests compose the project's real params files and shrink them, never a hand-written config;
+the scaffolding they share lives in tests/helpers (import it from there, not from here).
+
+Slow tests: a test that runs a real pipeline, cluster, search or an ImageNet-sized model (a
+minute or more on 2 CPU cores, or seconds that add up) carries pytest's `slow` mark where the
+cost is: `@pytest.mark.slow` on the test, or `marks=pytest.mark.slow` on a costly case of a
+parametrised test (`slow_cases`). Never a module-wide `pytestmark`: every test's own line says
+whether `make test-fast` (`pytest -m "not slow"`) runs it.
+"""
 
 from __future__ import annotations
 
-import json
 import os
+from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
+from helpers import PARAMS_FILES
+from helpers.cases import is_imagenet, slow_cases
+from helpers.shared import shared_run as _shared_run
 
-from pipeline.config import Params, parse_with_overrides
-from pipeline.models import MSDNet, MSDNetSpec, RANet, RANetSpec
 from pipeline.rayenv import prepare_ray
-
-ROOT = Path(__file__).resolve().parents[1]
-PARAMS_FILES = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 prepare_ray()  # before any test module imports ray
 
 
-# The files that run whole pipelines, longest first (per-file time in CI, 2026-11-26).
-LONGEST_FILES = (
-    "test_faults.py",
-    "test_pipeline.py",
-    "test_tuning.py",
-    "test_object_storage.py",
-    "test_cluster.py",
-    "test_protocol_pipeline.py",
-    "test_folder_pipeline.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The longest files first. `make test` hands whole files to two workers (xdist
-    --dist loadfile) in this order; a long file left to the end would keep one worker busy
-    while the other idles. The sort is stable, so each file keeps its own order."""
-    rank = {name: index for index, name in enumerate(LONGEST_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
-
-
-def raw_params(path: Path = ROOT / "params.yaml") -> dict[str, Any]:
-    return yaml.safe_load(path.read_text())
-
-
-def compose(path: Path = ROOT / "params.yaml", **overrides: Any) -> Params:
-    """The real params file with dotted-key overrides, e.g. compose(**{"model.n_blocks": 3})."""
-    return parse_with_overrides(raw_params(path), overrides, str(path))
-
-
-def trained_run(uri: str, repo: Path) -> Any:
-    """The MLflow run (in the store at `uri`) that trained the outputs in `repo`: the stages
-    link them by history.json's `run`, never by a run id in the outputs."""
-    from mlflow import MlflowClient
-
-    from pipeline.tracking import find_training_run
-
-    client = MlflowClient(uri)
-    experiment = client.get_experiment_by_name("boostpipe")
-    key = json.loads((repo / "outputs/train/history.json").read_text())["run"]
-    run = find_training_run(client, [experiment.experiment_id], key)
-    assert run is not None, f"{uri} has no run of {key}"
-    return run
-
-
-def imagenet_slow(values: list[Any], name: Any = lambda value: value.stem) -> list[Any]:
-    """Parameters for `parametrize`, named by `name`; ImageNet-sized ones (seconds each on a CPU)
-    are marked slow, so that `make test-fast` stays under a minute."""
-    return [
-        pytest.param(value, id=name(value), marks=[pytest.mark.slow] * ("imagenet" in name(value)))
-        for value in values
-    ]
-
-
-@pytest.fixture(params=imagenet_slow(PARAMS_FILES))
+@pytest.fixture(params=slow_cases(PARAMS_FILES, is_imagenet))
 def params_file(request: pytest.FixtureRequest) -> Path:
     return request.param
 
 
-def grey_msdnet(**overrides: Any) -> MSDNet:
-    """A small MSDNet for grey images, built directly from a spec (no dataset rules)."""
-    spec = dict(
-        n_blocks=4,
-        base=2,
-        step=2,
-        step_mode="even",
-        n_channels=8,
-        growth_rate=4,
-        gr_factor=(1, 2, 4),
-        bn_factor=(1, 2, 4),
-        bottleneck=True,
-        prune="max",
-        reduction=0.5,
-        in_channels=1,
-        num_classes=10,
-        stem="small",
-    )
-    return MSDNet(MSDNetSpec(**{**spec, **overrides}))
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shrunk pipeline run to the end once per session (shared by the xdist workers):
+    tests that only read its outputs take it; tests that change it take `shared_copy`."""
+    return _shared_run(tmp_path_factory)
 
 
-def grey_ranet(**overrides: Any) -> RANet:
-    """A small RANet for grey 28x28 images with 4 exits (one per sub-network), from a spec."""
-    spec = dict(
-        n_blocks=1,
-        step=2,
-        step_mode="even",
-        n_channels=4,
-        growth_rate=4,
-        scale_list=(1, 2, 3, 3),
-        gr_factor=(4, 2, 1, 1),
-        bn_factor=(4, 2, 1, 1),
-        compress_factor=0.25,
-        bn_after=True,
-        reduction=0.5,
-        in_channels=1,
-        num_classes=10,
-        stem="small",
-    )
-    return RANet(RANetSpec(**{**spec, **overrides}))
+@pytest.fixture
+def shared_copy(shared_run: Path, tmp_path: Path) -> Path:
+    """A copy of `shared_run` of the test's own (project, DVC cache and MLflow store)."""
+    from helpers.shared import copy_project
+
+    return copy_project(shared_run, tmp_path / "repo")
 
 
-def write_image_folder(
-    root: Path, classes: int = 3, per_class: int = 12, val_per_class: int = 4, seed: int = 0
-) -> Path:
-    """A small ImageNet-layout dataset of real JPEGs of varying sizes (root/{train,val}/<wnid>/),
-    each class a different mean colour so a model can learn something; one PNG and one WebP per
-    split, and a non-image file that must be ignored."""
-    import numpy as np
-    from PIL import Image
+# --- scheduling ---------------------------------------------------------------------------------
+# `make test` runs `pytest -n 2 --dist loadgroup --no-loadscope-reorder`: xdist hands the work
+# units below to two workers in this order, the next unit to whichever worker runs dry. No list
+# of long files is kept: the order follows from the tests' own `slow` marks and fixtures.
 
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", per_class), ("val", val_per_class)):
-        for label in range(classes):
-            folder = root / split / f"n{label:08d}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                height, width = (int(v) for v in rng.integers(40, 120, size=2))
-                base = np.zeros(3)
-                base[label % 3] = 200
-                pixels = base + rng.normal(0, 40, size=(height, width, 3))
-                image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
-                suffix = {0: ".png", 1: ".webp"}.get(i, ".JPEG") if label == 0 else ".JPEG"
-                image.save(folder / f"{split}_{label}_{i}{suffix}")
-        (root / split / "n00000000" / "notes.txt").write_text("not an image\n")
-    return root
+
+def _module_fixtures(item: pytest.Item) -> list[str]:
+    """The module- or class-scoped fixtures the test uses: built once per worker that runs one
+    of its tests, and often changed by them, so its tests must share a worker."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return []
+    return [
+        name
+        for name, defs in info.name2fixturedefs.items()
+        if defs and defs[-1].scope in ("module", "class")
+    ]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that share a module-scoped fixture form one unit (an `xdist_group`); every other
+    test is a unit of its own. Units run heaviest first, a unit's weight being its count of
+    slow tests, so that the long units start at once and the short ones fill the gaps at the
+    end; within a weight, collection order (a module's tests stay in their order)."""
+    units: dict[pytest.Item, str] = {}
+    for item in items:
+        if _module_fixtures(item):
+            group = item.path.stem
+            item.add_marker(pytest.mark.xdist_group(group))
+            units[item] = group
+        else:
+            units[item] = item.nodeid
+    weight = Counter(units[item] for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -weight[units[item]])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import grey_msdnet, grey_ranet
+from helpers import grey_msdnet, grey_ranet
 
 from pipeline.boosting import BoostNet
 from pipeline.models.msdnet import MSDLayer, Stem, Transition

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import yaml
-from conftest import compose
-from test_pipeline import _run, _shrunk_copy
+from helpers import compose, needs_data, run, set_params, shrunk_copy
 
 from pipeline.boosting import BoostNet
 from pipeline.config import load_params
-from pipeline.data import DEBIAN_FASHION_MNIST
-from pipeline.io import load_checkpoint, read_json
 from pipeline.fitting import COMPILE_AUTO_EPOCHS, compiles
+from pipeline.io import load_checkpoint, read_json
 from pipeline.training import run_name
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -41,16 +38,17 @@ def test_compiling_does_not_change_which_run_resumes():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.exists(), reason="needs dataset-fashion-mnist")
+@needs_data
 def test_compiled_training_on_two_ray_workers(tmp_path):
-    repo = _shrunk_copy(tmp_path)
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
-    raw["model"]["n_blocks"] = 2  # a small graph: compiling it takes seconds, not minutes
-    raw["train"].update(compile=True, batch_size=64)
-    raw["train"]["scaling"].update(workers=2, use_gpu=False)
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    repo = shrunk_copy(tmp_path)
+    set_params(
+        repo,
+        **{"model.n_blocks": 2},  # a small graph: compiling it takes seconds, not minutes
+        **{"train.compile": True, "train.batch_size": 64},
+        **{"train.scaling.workers": 2, "train.scaling.use_gpu": False},
+    )
 
-    result = _run(["dvc", "repro", "train"], repo)
+    result = run(["dvc", "repro", "train"], repo)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "compiled the training step in" in result.stdout + result.stderr
 

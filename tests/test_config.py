@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT, compose, raw_params
+from helpers import ROOT, compose, raw_params
 from pydantic import BaseModel
 
 from pipeline.config import ConfigError, Params, load_params, set_dotted

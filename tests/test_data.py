@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import compose
+from helpers import compose
 
 from pipeline import data
 from pipeline.config import ConfigError

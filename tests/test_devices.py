@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose
+from helpers import ROOT, compose
 
 from pipeline.config import ConfigError
 from pipeline.devices import stage_device, trial_device

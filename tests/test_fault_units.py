@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose
+from helpers import ROOT, compose, mlflow_server, stop
+from helpers.faults import read_only
 
 from pipeline import tracking
+from pipeline.cluster import free_port
 from pipeline.io import (
     CorruptFile,
     NotWritable,
@@ -32,32 +34,6 @@ from pipeline.io import (
     save_arrays,
     write_json,
 )
-from pipeline.cluster import free_port
-
-
-@contextlib.contextmanager
-def read_only(*paths: Path) -> Iterator[None]:
-    """Really read-only, also for root (who ignores file modes): the immutable attribute."""
-    if os.geteuid() != 0:
-        modes = {path: path.stat().st_mode for path in paths}
-        for path in paths:
-            path.chmod(0o555 if path.is_dir() else 0o444)
-        try:
-            yield
-        finally:
-            for path, mode in modes.items():
-                path.chmod(mode)
-        return
-    done = []
-    try:
-        for path in paths:
-            if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-                pytest.skip("cannot make a file read-only for root here (chattr +i refused)")
-            done.append(path)
-        yield
-    finally:
-        for path in done:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
 
 
 @pytest.fixture
@@ -131,7 +107,7 @@ def test_a_search_parent_is_killed_when_interrupted_and_finished_when_done(store
 PREFLIGHT = """
 import sys
 from pathlib import Path
-from conftest import compose
+from helpers import compose
 from pipeline import tracking
 try:
     tracking.start_run(compose(), "abc", ".", Path(sys.argv[1]), "unit")
@@ -211,44 +187,6 @@ def test_runs_and_compare_give_up_on_a_closed_port_in_one_line(tmp_path):
         assert result.returncode == 1, result.stdout + result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and f"{uri} is unreachable" in lines[0], result.stderr
-
-
-@contextlib.contextmanager
-def mlflow_server(folder: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real `mlflow server` on 127.0.0.1 (one worker) with its store in `folder`, stopped by
-    its PID (its process group) when the block ends, if the test has not stopped it already."""
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1"),
-            *("--port", str(port), "--workers", "1"),
-            *("--backend-store-uri", f"sqlite:///{folder / 'db.sqlite'}"),
-            *("--artifacts-destination", str(folder / "artifacts")),
-        ],
-        env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                tracking.check_server(uri)
-                break
-            except tracking.TrackingUnavailable:
-                assert server.poll() is None and time.monotonic() < deadline, "no server"
-                time.sleep(0.5)
-        yield uri, server
-    finally:
-        stop(server)
-
-
-def stop(server: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGTERM)
-    server.wait(timeout=30)
 
 
 @pytest.mark.slow

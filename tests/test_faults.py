@@ -17,23 +17,26 @@ from pathlib import Path
 
 import psutil
 import pytest
-import yaml
-from conftest import ROOT, trained_run
-from test_fault_units import mlflow_server, read_only, stop
-from test_pipeline import _run, _sha, _shrunk_copy
-
-from pipeline.data import DEBIAN_FASHION_MNIST
-from pipeline.io import read_json
-
-needs_data = pytest.mark.skipif(
-    not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
+from helpers import (
+    ROOT,
+    command_env,
+    mlflow_server,
+    needs_data,
+    run,
+    set_params,
+    sha,
+    shrunk_copy,
+    stop,
+    trained_run,
 )
+from helpers.faults import read_only
+from helpers.shared import console
+
+from pipeline.io import read_json
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = command_env()
     env.pop("SHELL", None)  # DVC then runs stages through /bin/sh, which stays in between (CI)
     return env
 
@@ -65,7 +68,7 @@ def _checksums(repo: Path) -> dict[str, str]:
     """Every output, the prepared data and dvc.lock: what a stopped stage must leave alone."""
     files = [repo / "dvc.lock", repo / "data/prepared.npz"]
     files += [path for path in (repo / "outputs").rglob("*") if path.is_file()]
-    return {str(path.relative_to(repo)): _sha(path) for path in files}
+    return {str(path.relative_to(repo)): sha(path) for path in files}
 
 
 def _checkpointed(repo: Path) -> bool:
@@ -89,17 +92,14 @@ def _command(process: psutil.Process) -> str:
 
 @needs_data
 @pytest.mark.slow
-def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
+def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(shared_copy, tmp_path):
     """`kill <dvc pid>` during training: the stage stops as on Ctrl-C (its parent's death, or
     its shell parent's parent's, signals it), Ray goes with it, no output is written, Ray's
     session folder is removed; Ctrl-C to the stage exits 130; kill -9 of the whole run changes
     nothing either; and the next `dvc repro` resumes from the checkpoint, in the same MLflow
     run."""
-    repo = _shrunk_copy(tmp_path)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["train_subset"] = 4000
-    params["train"]["epochs"] = 3
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    repo = shared_copy  # prepared: `dvc repro` goes straight to training
+    set_params(repo, **{"train.epochs": 3})
     log = (tmp_path / "repro.log").open("w")
     dvc = subprocess.Popen(
         ["dvc", "repro"], cwd=repo, env=_env(), start_new_session=True, stdout=log, stderr=log
@@ -183,13 +183,12 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(tmp_path):
                 os.killpg(crash.pid, signal.SIGKILL)
     assert _checksums(repo) == before
 
-    second = _run(["dvc", "repro"], repo)
+    second = run(["dvc", "repro"], repo)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "resuming after epoch" in second.stdout + second.stderr
     history = read_json(repo / "outputs/train/history.json")
     assert [record["epoch"] for record in history["epochs"]] == [1, 2, 3]
-    run = trained_run(f"sqlite:///{repo / 'mlflow.db'}", repo)
-    assert run.info.run_id == killed
+    assert trained_run(f"sqlite:///{repo / 'mlflow.db'}", repo).info.run_id == killed
     # Each epoch logged once across the interruption and the resume: epochs 2 and 3 as they
     # ended, epoch 1 (killed between its checkpoint and its logging) after training.
     from mlflow import MlflowClient
@@ -221,15 +220,12 @@ def test_ui_fails_when_its_port_is_taken(tmp_path):
     assert "http://" not in result.stdout  # no URL banner for a server that never ran
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """The shrunk pipeline run to the end once; each fault test below restores what it breaks."""
-    repo = _shrunk_copy(tmp_path_factory.mktemp("finished"))
-    result = _run(["dvc", "repro"], repo)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "warning:" not in result.stdout + result.stderr  # everything logged
-    _check_run_status(repo, "FINISHED")
-    return repo
+@pytest.fixture
+def finished(shared_run: Path, shared_copy: Path) -> Path:
+    """The shrunk pipeline run to the end (a copy of the session's), everything logged."""
+    assert "warning:" not in console(shared_run)
+    _check_run_status(shared_copy, "FINISHED")
+    return shared_copy
 
 
 def _stage(repo: Path, name: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
@@ -345,7 +341,7 @@ def test_a_tracking_server_that_stops_mid_run_costs_each_stage_one_line(tmp_path
     """`dvc repro` against a real `mlflow server` on loopback that stops (by PID) once training
     has opened its run: every stage still writes its outputs and exits 0, and each stage that
     logs prints one warning line and no traceback."""
-    repo = _shrunk_copy(tmp_path / "repo")
+    repo = shrunk_copy(tmp_path / "repo")
     log_path = tmp_path / "repro.log"
     (tmp_path / "store").mkdir()
     with mlflow_server(tmp_path / "store") as (uri, server), log_path.open("w") as log:

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, grey_msdnet, imagenet_slow
+from helpers import ROOT, grey_msdnet, is_imagenet, slow_cases
 from torch import nn
 
 from pipeline.flops import count_exit_costs, module_flops
@@ -91,7 +91,7 @@ def test_cli_json_is_one_object_of_raw_counts():
 REFERENCE = json.loads((ROOT / "tests" / "data" / "reference_costs.json").read_text())["configs"]
 
 
-@pytest.mark.parametrize("name", imagenet_slow(sorted(REFERENCE), str))
+@pytest.mark.parametrize("name", slow_cases(sorted(REFERENCE), is_imagenet))
 def test_paper_configs_agree_with_the_reference_counter(name):
     """Within 0.5% per exit of the reference implementation's own counter;
     exactly for RANet, whose layers the reference counts with the same rules as ours."""

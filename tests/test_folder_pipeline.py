@@ -10,48 +10,35 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import write_image_folder
-from test_pipeline import _run, _shrunk_copy
+from helpers import run, set_params, shrunk_copy, write_image_folder
 
 from pipeline.data import FileSplit, load_split
 from pipeline.io import read_json
 
-pytestmark = pytest.mark.slow
 CORRUPT = "train/n00000001/corrupt.JPEG"
-
-
-def _set(repo: Path, **sections: dict) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in sections.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
 def folder_project(tmp_path_factory) -> Path:
     images = write_image_folder(tmp_path_factory.mktemp("images") / "ds", per_class=20)
     (images / CORRUPT).write_bytes(b"\xff\xd8\xff\xe0" + b"not a jpeg" * 50)
-    repo = _shrunk_copy(tmp_path_factory.mktemp("folder-project"))
-    _set(
+    repo = shrunk_copy(tmp_path_factory.mktemp("folder-project"))
+    set_params(
         repo,
-        data={
-            "dataset": "imagefolder",
-            "root": str(images),
-            "image_size": 32,
-            "val_size": 12,
-            "train_subset": None,
-            "test_subset": None,
-            "skip_bad": True,
-        },
-        train={"augment": "random-resized-crop", "batch_size": 16, "loader_workers": 1},
-        calibrate={"budgets": [1.0e9]},  # above the last exit's cost: every image goes there
+        **{"data.dataset": "imagefolder", "data.root": str(images), "data.image_size": 32},
+        **{"data.val_size": 12, "data.train_subset": None, "data.test_subset": None},
+        **{"data.skip_bad": True},
+        **{"train.augment": "random-resized-crop", "train.batch_size": 16},
+        **{"train.loader_workers": 1},
+        **{"calibrate.budgets": [1.0e9]},  # above the last exit's cost: every image goes there
     )
-    result = _run(["dvc", "repro"], repo)
+    result = run(["dvc", "repro"], repo)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "skipped 1 unreadable image(s)" in result.stdout  # printed by train
     return repo
 
 
+@pytest.mark.slow
 def test_dvc_repro_trains_calibrates_and_evaluates_on_image_files(folder_project):
     info = read_json(folder_project / "data/dataset.json")
     assert info["num_classes"] == 3 and info["classes"] == ["n00000000", "n00000001", "n00000002"]
@@ -69,16 +56,17 @@ def test_dvc_repro_trains_calibrates_and_evaluates_on_image_files(folder_project
     assert all(0 <= v <= 100 for v in metrics["anytime"]["top1"].values())
 
 
+@pytest.mark.slow
 def test_without_skip_bad_a_corrupt_jpeg_stops_training_naming_it(folder_project):
     model = (folder_project / "outputs/train/model.pt").read_bytes()
-    _set(folder_project, data={"skip_bad": False})
-    result = _run(["dvc", "repro"], folder_project)
+    set_params(folder_project, **{"data.skip_bad": False})
+    result = run(["dvc", "repro"], folder_project)
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert f"error: data.root: cannot decode {CORRUPT}" in output
     assert not (folder_project / "outputs/train/model.pt").exists()  # DVC removed it first
-    _set(folder_project, data={"skip_bad": True})
-    restored = _run(["dvc", "repro"], folder_project)  # the last good results, from the run-cache
+    set_params(folder_project, **{"data.skip_bad": True})
+    restored = run(["dvc", "repro"], folder_project)  # the last good results, from the run-cache
     assert restored.returncode == 0, restored.stdout + restored.stderr
     assert "Stage 'train' is cached - skipping run" in restored.stdout
     assert (folder_project / "outputs/train/model.pt").read_bytes() == model
@@ -97,14 +85,17 @@ def _empty_class(root: Path) -> None:
         (_empty_class, "train/n00000042/ holds no images"),
     ],
 )
+@pytest.mark.slow
 def test_prepare_refuses_a_broken_layout_in_one_line(tmp_path, damage, expected):
     root = write_image_folder(tmp_path / "ds", per_class=2, val_per_class=1)
     damage(root)
     repo = tmp_path / "repo"
     repo.mkdir()
-    _shrunk_copy(repo)
-    _set(repo, data={"dataset": "imagefolder", "root": str(root), "image_size": 32})
-    result = _run(["python", "-m", "stages.prepare"], repo)
+    shrunk_copy(repo)
+    set_params(
+        repo, **{"data.dataset": "imagefolder", "data.root": str(root), "data.image_size": 32}
+    )
+    result = run(["python", "-m", "stages.prepare"], repo)
     assert result.returncode == 1
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(f"error: data.root: {expected}")

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import compose, write_image_folder
+from helpers import compose, write_image_folder
 
 from pipeline.config import ConfigError
 from pipeline.data import FileSplit, list_folder_dataset, load_split, save_splits, split_holdout

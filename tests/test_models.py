@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import ROOT, compose
+from helpers import ROOT, compose
 
 from pipeline.boosting import BoostNet, ExitRunner
 from pipeline.config import load_params

@@ -20,15 +20,13 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-import yaml
-from test_cluster import BIN, Driver, loopback_cluster, needs_data, project
-from test_pipeline import _serving
+from helpers import mlflow_server, needs_data, serving, set_params
+from helpers.cluster import BIN, Driver, cluster_project, loopback_cluster
 
-from pipeline.io import read_json
 from pipeline.cluster import free_port
+from pipeline.io import read_json
 
-pytestmark = [
-    pytest.mark.slow,
+pytestmark = [  # what the cluster needs; each test's own line says it is slow
     needs_data,
     pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux's unshare"),
 ]
@@ -56,7 +54,7 @@ def s3(tmp_path_factory) -> Iterator[dict[str, str]]:
     }
     command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
     cwd = tmp_path_factory.mktemp("s3")
-    with _serving(command, f"{env['AWS_ENDPOINT_URL']}/moto-api/", cwd):
+    with serving(command, f"{env['AWS_ENDPOINT_URL']}/moto-api/", cwd):
         bucket = _bucket(env, allow_bucket_creation=True)
         bucket.create_dir(BUCKET)
         yield env
@@ -90,9 +88,7 @@ def hidden_cluster(s3, hidden):
 
 
 def _set_storage(repo: Path, storage: str | None) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["ray"]["storage"] = storage
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(repo, **{"ray.storage": storage})
     subprocess.run(["git", "commit", "-qam", "storage"], cwd=repo, check=True)
 
 
@@ -107,6 +103,7 @@ def _snapshots(bucket: pafs.S3FileSystem, prefix: str) -> dict[str, dict]:
     return found
 
 
+@pytest.mark.slow
 def test_a_search_keeps_its_state_in_s3_and_resumes_after_ctrl_c(
     hidden_cluster, s3, tracking_server, hidden, tmp_path
 ):
@@ -116,13 +113,15 @@ def test_a_search_keeps_its_state_in_s3_and_resumes_after_ctrl_c(
 
     cluster = hidden_cluster
     cluster.wait_for("head_node", "worker_node")
-    repo = project(hidden / "search", train_subset=1200, epochs=1)
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
-    raw["ray"]["storage"] = f"s3://{BUCKET}/searches"
-    raw["data"].update(val_size=300, test_subset=100)
-    raw["tune"].update(trials=4, epochs=1, train_subset=300, val_subset=200, scheduler="fifo")
-    raw["tune"]["confirm"] = {"top_k": 0, "seeds": 2}
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    repo = cluster_project(hidden / "search", train_subset=1200, epochs=1)
+    set_params(
+        repo,
+        **{"ray.storage": f"s3://{BUCKET}/searches"},
+        **{"data.val_size": 300, "data.test_subset": 100},
+        **{"tune.trials": 4, "tune.epochs": 1, "tune.train_subset": 300},
+        **{"tune.val_subset": 200, "tune.scheduler": "fifo"},
+        **{"tune.confirm": {"top_k": 0, "seeds": 2}},
+    )
     env = {**cluster.env, **s3, "MLFLOW_TRACKING_URI": tracking_server}
     subprocess.run([sys.executable, "-m", "stages.prepare"], cwd=repo, env=env, check=True)
     client = MlflowClient(tracking_server)
@@ -178,6 +177,7 @@ def _checkpointed(bucket: pafs.S3FileSystem) -> bool:
     return any(s.get("latest_checkpoint_result") for s in _snapshots(bucket, "runs").values())
 
 
+@pytest.mark.slow
 def test_training_checkpoints_to_s3_and_resumes_on_a_node_that_cannot_see_the_project(
     hidden_cluster, s3, tracking_server, hidden
 ):
@@ -186,7 +186,7 @@ def test_training_checkpoints_to_s3_and_resumes_on_a_node_that_cannot_see_the_pr
     killed (SIGKILL) after a checkpoint, and the next one resumes from the bucket."""
     cluster = hidden_cluster
     nodes = cluster.wait_for("head_node", "worker_node")
-    repo = project(hidden / "resumed", train_subset=2500, epochs=2)
+    repo = cluster_project(hidden / "resumed", train_subset=2500, epochs=2)
     _set_storage(repo, f"s3://{BUCKET}/runs")
     bucket = _bucket(s3)
     driver = Driver(repo, cluster, tracking_server, **s3)
@@ -220,6 +220,7 @@ def test_training_checkpoints_to_s3_and_resumes_on_a_node_that_cannot_see_the_pr
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 def test_local_storage_on_such_a_cluster_stops_at_once_naming_the_node_and_path(
     hidden_cluster, tracking_server, hidden
 ):
@@ -227,7 +228,7 @@ def test_local_storage_on_such_a_cluster_stops_at_once_naming_the_node_and_path(
     any training with one line naming the node and the folder it cannot read."""
     cluster = hidden_cluster
     nodes = cluster.wait_for("head_node", "worker_node")
-    repo = project(hidden / "local", train_subset=2000, epochs=1)
+    repo = cluster_project(hidden / "local", train_subset=2000, epochs=1)
     started = time.monotonic()
     driver = Driver(repo, cluster, tracking_server)
     try:
@@ -253,12 +254,5 @@ def test_local_storage_on_such_a_cluster_stops_at_once_naming_the_node_and_path(
 @pytest.fixture(scope="module")
 def tracking_server(tmp_path_factory) -> Iterator[str]:
     """An `mlflow server` on 127.0.0.1, where rank 0 logs each epoch from whichever node."""
-    store = tmp_path_factory.mktemp("mlflow-server")
-    uri = f"http://127.0.0.1:{free_port()}"
-    command = [
-        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--workers", "1"),
-        *("--port", uri.rsplit(":", 1)[1], "--backend-store-uri", f"sqlite:///{store}/db.sqlite"),
-        *("--artifacts-destination", str(store / "artifacts")),
-    ]
-    with _serving(command, f"{uri}/health", store):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as (uri, _):
         yield uri

@@ -7,18 +7,13 @@ restore every stage from DVC's run-cache, and what `dvc metrics show` and `dvc p
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
-import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,63 +22,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, trained_run
+from helpers import (
+    mlflow_server,
+    needs_data,
+    run,
+    serving,
+    set_params,
+    sha,
+    shrunk_copy,
+    trained_run,
+)
 
 from pipeline.boosting import BoostNet
+from pipeline.cluster import free_port
 from pipeline.config import load_params
 from pipeline.data import DEBIAN_FASHION_MNIST, load_split
 from pipeline.io import read_json
 from pipeline.reports import budget_key
-from pipeline.cluster import free_port
 
-pytestmark = [
-    pytest.mark.slow,  # each module trains a project first
-    pytest.mark.skipif(
-        not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
-    ),
-]
-
-
-def _run(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env_vars)
-    env.pop("RAY_ADDRESS", None)
-    if "MLFLOW_TRACKING_URI" not in env_vars:
-        env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _shrunk_copy(repo: Path, source: str = "params.yaml") -> Path:
-    """A git + DVC copy of this repository with params shrunk to 2,000 training images; the
-    params come from `source` (a file of the repository), written as the copy's params.yaml."""
-    files = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in files:
-        if (ROOT / name).is_file():
-            (repo / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, repo / name)
-    params = yaml.safe_load((repo / source).read_text())
-    params["data"].update(train_subset=2000, val_size=200, test_subset=300)
-    params["train"]["epochs"] = 1
-    params["evaluate"]["timing_repeats"] = 1
-    params["tune"].update(trials=2, epochs=1, train_subset=300, val_subset=200)
-    params["tune"]["confirm"] = {"top_k": 1, "seeds": 2}  # 4 confirmation runs
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for command in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "t"],
-    ):
-        subprocess.run(command, cwd=repo, check=True)
-    return repo
+pytestmark = needs_data  # every test trains on Fashion-MNIST
 
 
 @pytest.fixture(scope="module")
@@ -92,44 +49,22 @@ def baseline_run(project) -> str:
     temporary copy under .dvc/tmp/exps; returns its MLflow run id."""
     from mlflow import MlflowClient
 
-    result = _run(
+    result = run(
         ["dvc", "exp", "run", "--temp", "-n", "baseline", "-S", "boost.enabled=false"], project
     )
     assert result.returncode == 0, result.stdout + result.stderr
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    (run,) = client.search_runs(
+    (baseline,) = client.search_runs(
         [client.get_experiment_by_name("boostpipe").experiment_id],
         filter_string="tags.`dvc.experiment` = 'baseline'",
     )
-    return run.info.run_id
+    return baseline.info.run_id
 
 
 CHROMIUM_FLAGS = [  # as root, offline: no sandbox, no background traffic to Google
     *("--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync"),
     *("--disable-background-networking", "--disable-component-update"),
 ]
-
-
-@contextlib.contextmanager
-def _serving(
-    command: list[str], url: str, cwd: Path, stop: int = signal.SIGTERM
-) -> Iterator[subprocess.Popen]:
-    """A server we start (in its own process group) until `url` answers; `stop` is sent to that
-    group afterwards, as a terminal sends Ctrl-C to its foreground job."""
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    server = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, f"{command[:4]} exited with {server.returncode}"
-            assert time.monotonic() < deadline, f"{url} did not answer"
-            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2):
-                break
-            time.sleep(0.5)
-        yield server
-    finally:
-        os.killpg(server.pid, stop)
-        server.wait(timeout=60)
 
 
 @dataclass
@@ -146,20 +81,13 @@ class Projects:
 
 @pytest.fixture(scope="module")
 def projects(tmp_path_factory) -> Iterator[Projects]:
-    local = _shrunk_copy(tmp_path_factory.mktemp("project"))
-    served = _shrunk_copy(tmp_path_factory.mktemp("server-project"))
-    store = tmp_path_factory.mktemp("mlflow-server")
-    uri = f"http://127.0.0.1:{free_port()}"
-    command = [
-        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--workers", "1"),
-        *("--port", uri.rsplit(":", 1)[1], "--backend-store-uri", f"sqlite:///{store}/db.sqlite"),
-        *("--artifacts-destination", str(store / "artifacts")),
-    ]
-    with _serving(command, f"{uri}/health", store):
+    local = shrunk_copy(tmp_path_factory.mktemp("project"))
+    served = shrunk_copy(tmp_path_factory.mktemp("server-project"))
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as (uri, _):
         with ThreadPoolExecutor(2) as pool:
             runs = {
-                "local": pool.submit(_run, ["dvc", "repro"], local),
-                "served": pool.submit(_run, ["dvc", "repro"], served, MLFLOW_TRACKING_URI=uri),
+                "local": pool.submit(run, ["dvc", "repro"], local),
+                "served": pool.submit(run, ["dvc", "repro"], served, MLFLOW_TRACKING_URI=uri),
             }
             results = {name: run.result() for name, run in runs.items()}
         for result in results.values():
@@ -173,6 +101,7 @@ def project(projects) -> Path:
     return projects.local
 
 
+@pytest.mark.slow
 def test_two_pipelines_at_once_keep_to_their_own_ray_clusters(projects):
     """Each run's Ray Train asks the state API of its own cluster, never "the" cluster on the
     machine (which fails with a traceback while another local cluster runs)."""
@@ -182,6 +111,7 @@ def test_two_pipelines_at_once_keep_to_their_own_ray_clusters(projects):
         assert "core_worker.cc" not in console, (name, console)  # Ray's C++ log lines
 
 
+@pytest.mark.slow
 def test_prepare_holds_out_a_seeded_validation_split(project):
     info = read_json(project / "data/dataset.json")
     assert (info["train"], info["val"], info["test"]) == (2000, 200, 300)
@@ -192,6 +122,7 @@ def test_prepare_holds_out_a_seeded_validation_split(project):
     assert set(load_split(prepared, "val").targets.tolist()) <= set(range(10))
 
 
+@pytest.mark.slow
 def test_train_writes_selected_weights_and_history(project):
     params = load_params(project / "params.yaml")
     net = BoostNet.from_params(params)
@@ -206,6 +137,7 @@ def test_train_writes_selected_weights_and_history(project):
     assert not any((project / ".boostpipe/ray").glob("train-*"))  # finished runs are cleaned
 
 
+@pytest.mark.slow
 def test_calibrate_fits_the_grid_and_the_budgets_on_validation(project):
     calibration = read_json(project / "outputs/calibrate/thresholds.json")
     assert len(calibration["grid"]) == 39
@@ -219,6 +151,7 @@ def test_calibrate_fits_the_grid_and_the_budgets_on_validation(project):
         assert row["expected_flops"] <= row["budget"]
 
 
+@pytest.mark.slow
 def test_evaluate_reports_anytime_budgets_and_real_early_exit(project):
     metrics = read_json(project / "outputs/evaluate/metrics.json")
     top1 = list(metrics["anytime"]["top1"].values())
@@ -314,11 +247,13 @@ def _check_logged_run(project: Path, uri: str):
     return run
 
 
+@pytest.mark.slow
 def test_mlflow_run_holds_params_tags_metrics_and_artifacts(project):
     run = _check_logged_run(project, f"sqlite:///{project / 'mlflow.db'}")
     assert run.info.artifact_uri.startswith((project / "mlruns").as_uri())
 
 
+@pytest.mark.slow
 def test_a_real_mlflow_server_receives_the_same_run(projects):
     repo = projects.served
     run = _check_logged_run(repo, projects.uri)
@@ -326,6 +261,7 @@ def test_a_real_mlflow_server_receives_the_same_run(projects):
     assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()
 
 
+@pytest.mark.slow
 def test_dvc_temp_experiments_log_to_the_project_store(project, baseline_run):
     from mlflow import MlflowClient
 
@@ -336,8 +272,9 @@ def test_dvc_temp_experiments_log_to_the_project_store(project, baseline_run):
     assert not list((project / ".dvc/tmp/exps").glob("*/mlflow.db"))
 
 
+@pytest.mark.slow
 def test_compare_draws_the_runs_in_one_png(project, baseline_run):
-    result = _run(
+    result = run(
         ["boostpipe", "compare", "workspace", baseline_run[:8], "--output", "cmp.png"], project
     )
     assert result.returncode == 0, result.stderr
@@ -348,21 +285,23 @@ def test_compare_draws_the_runs_in_one_png(project, baseline_run):
     assert last_exit in result.stdout and first_budget in result.stdout
     for name in ("cmp.png", "cmp-effective-samples.png"):
         assert (project / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    missing = _run(["boostpipe", "compare", "no-such-run"], project)
+    missing = run(["boostpipe", "compare", "no-such-run"], project)
     assert missing.returncode != 0 and "no-such-run" in missing.stderr
 
 
+@pytest.mark.slow
 def test_a_second_repro_runs_nothing(project):
-    before = _sha(project / "outputs/train/model.pt")
-    result = _run(["dvc", "repro"], project)
+    before = sha(project / "outputs/train/model.pt")
+    result = run(["dvc", "repro"], project)
     assert result.returncode == 0
     assert "Running stage" not in result.stdout, result.stdout
-    assert _sha(project / "outputs/train/model.pt") == before
+    assert sha(project / "outputs/train/model.pt") == before
 
 
+@pytest.mark.slow
 def test_the_tune_stage_runs_only_when_asked_and_writes_the_best_values(project):
-    assert "tune" not in _run(["dvc", "repro", "--dry"], project).stdout
-    result = _run(["dvc", "repro", "tune/dvc.yaml"], project)
+    assert "tune" not in run(["dvc", "repro", "--dry"], project).stdout
+    result = run(["dvc", "repro", "tune/dvc.yaml"], project)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = read_json(project / "outputs/tune/summary.json")
     assert summary["trials_finished"] == 2 and summary["trials_failed"] == 0
@@ -375,7 +314,7 @@ def test_the_tune_stage_runs_only_when_asked_and_writes_the_best_values(project)
 
 
 def _outputs(project: Path) -> dict[Path, str]:
-    return {p: _sha(p) for p in sorted((project / "outputs").rglob("*")) if p.is_file()}
+    return {p: sha(p) for p in sorted((project / "outputs").rglob("*")) if p.is_file()}
 
 
 def _cached(result: subprocess.CompletedProcess, *stages: str) -> bool:
@@ -387,15 +326,14 @@ def _cached(result: subprocess.CompletedProcess, *stages: str) -> bool:
     return restored and "Running stage" not in output
 
 
+@pytest.mark.slow
 def test_bad_params_fail_on_the_key_and_dvc_repro_restores_the_last_results(project):
     before = _outputs(project)
     params_path = project / "params.yaml"
     good = params_path.read_text()
-    params = yaml.safe_load(good)
-    params["boost"]["temperature"] = -0.5
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(project, **{"boost.temperature": -0.5})
     try:
-        result = _run(["dvc", "repro"], project)
+        result = run(["dvc", "repro"], project)
     finally:
         params_path.write_text(good)
     assert result.returncode != 0
@@ -406,7 +344,7 @@ def test_bad_params_fail_on_the_key_and_dvc_repro_restores_the_last_results(proj
     train = project / "outputs/train"
     later = {p: h for p, h in _outputs(project).items() if p.parent != train}
     assert later == {p: h for p, h in before.items() if p.parent != train}
-    restored = _run(["dvc", "repro"], project)
+    restored = run(["dvc", "repro"], project)
     assert restored.returncode == 0 and _cached(restored, "train"), restored.stdout
     assert _outputs(project) == before
 
@@ -422,18 +360,16 @@ def test_params_changed_and_back_restore_every_stage_from_the_run_cache(project)
     experiment = client.get_experiment_by_name("boostpipe").experiment_id
     params_path = project / "params.yaml"
     good = params_path.read_text()
-    params = yaml.safe_load(good)
-    params["train"]["lr"] = 0.05
-    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    set_params(project, **{"train.lr": 0.05})
     try:
-        changed = _run(["dvc", "repro"], project)
+        changed = run(["dvc", "repro"], project)
         assert changed.returncode == 0, changed.stdout + changed.stderr
         assert "Running stage 'train'" in changed.stdout
     finally:
         params_path.write_text(good)
     runs = len(client.search_runs([experiment], max_results=1000))
     began = time.monotonic()
-    back = _run(["dvc", "repro"], project)
+    back = run(["dvc", "repro"], project)
     seconds = time.monotonic() - began
     assert back.returncode == 0, back.stdout + back.stderr
     assert _cached(back, "train", "calibrate", "evaluate"), back.stdout
@@ -444,11 +380,12 @@ def test_params_changed_and_back_restore_every_stage_from_the_run_cache(project)
     print(f"restored from the run-cache in {seconds:.1f} s")
 
 
+@pytest.mark.slow
 def test_dvc_shows_clean_metric_names_and_the_curves_as_plots(project):
     from pipeline.tracking import flatten
 
     params = load_params(project / "params.yaml")
-    shown = _run(["dvc", "metrics", "show", "--json"], project)
+    shown = run(["dvc", "metrics", "show", "--json"], project)
     assert shown.returncode == 0, shown.stderr
     (workspace,) = json.loads(shown.stdout).values()  # DVC 3.67 keys the workspace ""
     files = workspace["data"]
@@ -462,7 +399,7 @@ def test_dvc_shows_clean_metric_names_and_the_curves_as_plots(project):
     assert evaluate["device"] == "cpu"
     assert train["best_epoch"] == 1 and train["train_seconds"] > 0
 
-    plotted = _run(["dvc", "plots", "show", "--json"], project)
+    plotted = run(["dvc", "plots", "show", "--json"], project)
     assert plotted.returncode == 0, plotted.stderr
     plots = json.loads(plotted.stdout)
     assert not plots.get("errors"), plots["errors"]
@@ -481,8 +418,9 @@ def test_dvc_shows_clean_metric_names_and_the_curves_as_plots(project):
         assert {(row["epoch"], row["exit"]) for row in values[name]} == {(1, k) for k in exits}
 
 
+@pytest.mark.slow
 def test_dvc_plots_diff_draws_boostnet_and_the_baseline_on_one_chart(project, baseline_run):
-    result = _run(["dvc", "plots", "diff", "baseline", "--json"], project)
+    result = run(["dvc", "plots", "diff", "baseline", "--json"], project)
     assert result.returncode == 0, result.stderr
     plots = json.loads(result.stdout)["data"]
     for name in ("accuracy_vs_flops", "outputs/train/curves.json"):
@@ -494,33 +432,36 @@ def test_dvc_plots_diff_draws_boostnet_and_the_baseline_on_one_chart(project, ba
         }
 
 
+@pytest.mark.slow
 def test_a_store_without_the_run_is_one_warning_and_the_outputs_stay(project, tmp_path):
     """Outputs restored on another machine (or against another store) find no MLflow run: the
     stage says so in one line and still writes its outputs; compare names the problem."""
     before = _outputs(project)
     other = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'other.db'}"}
-    result = _run([sys.executable, "-m", "stages.calibrate"], project, **other)
+    result = run([sys.executable, "-m", "stages.calibrate"], project, **other)
     assert result.returncode == 0, result.stdout + result.stderr
     (warning,) = [line for line in result.stderr.splitlines() if line.startswith("warning")]
     history = read_json(project / "outputs/train/history.json")
     assert f"has no run that trained {history['run']}" in warning
     assert "Traceback" not in result.stdout + result.stderr
     assert _outputs(project) == before
-    compare = _run(["boostpipe", "compare", "workspace"], project, **other)
+    compare = run(["boostpipe", "compare", "workspace"], project, **other)
     assert compare.returncode != 0 and "Traceback" not in compare.stderr
     assert "this MLflow store has no run" in compare.stderr
 
 
+@pytest.mark.slow
 def test_rerunning_prepare_on_the_same_data_keeps_later_stages_valid(project):
-    result = _run(["dvc", "repro", "--force", "--single-item", "prepare"], project)
+    result = run(["dvc", "repro", "--force", "--single-item", "prepare"], project)
     assert result.returncode == 0, result.stderr
-    status = _run(["dvc", "status"], project)
+    status = run(["dvc", "status"], project)
     assert "up to date" in status.stdout, status.stdout
 
 
 CHROMIUM = Path("/usr/bin/chromium")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make data)")
 def test_mlflow_ui_compares_the_runs_per_exit_in_a_real_browser(project, baseline_run, tmp_path):
     """`boostpipe ui`, then headless Chromium on MLflow's metric page for both runs: the per-exit
@@ -542,7 +483,7 @@ def test_mlflow_ui_compares_the_runs_per_exit_in_a_real_browser(project, baselin
     )
     command = [sys.executable, "-m", "pipeline", "ui", "--port", str(port)]
     with (
-        _serving(command, f"http://127.0.0.1:{port}/health", project, stop=signal.SIGINT) as ui,
+        serving(command, f"http://127.0.0.1:{port}/health", project, stop=signal.SIGINT) as ui,
         sync_playwright() as playwright,
     ):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
@@ -576,8 +517,8 @@ def test_mlflow_ui_compares_the_runs_per_exit_in_a_real_browser(project, baselin
 def test_ranet_runs_through_the_pipeline_and_the_search(tmp_path):
     """The second backbone end to end: `dvc repro` with a RANet params file, then the tune stage
     (2 trials), both on shrunk Fashion-MNIST."""
-    repo = _shrunk_copy(tmp_path, source="configs/fashion-mnist-ranet.yaml")
-    result = _run(["dvc", "repro"], repo)
+    repo = shrunk_copy(tmp_path, source="configs/fashion-mnist-ranet.yaml")
+    result = run(["dvc", "repro"], repo)
     assert result.returncode == 0, result.stdout + result.stderr
     params = load_params(repo / "params.yaml")
     assert params.model.arch == "ranet" and params.model.n_exits == 6
@@ -590,10 +531,8 @@ def test_ranet_runs_through_the_pipeline_and_the_search(tmp_path):
         assert row["speedup_predicted"] >= 1 and row["speedup_measured"] > 0
         assert abs(row["early_exit_top1"] - row["top1"]) < 2  # early exit really ran on RANet
 
-    raw = yaml.safe_load((repo / "params.yaml").read_text())
-    raw["tune"]["confirm"]["top_k"] = 0  # the search on RANet; confirming is backbone-blind
-    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    result = _run(["dvc", "repro", "tune/dvc.yaml"], repo)
+    set_params(repo, **{"tune.confirm.top_k": 0})  # the search on RANet; confirming is blind to it
+    result = run(["dvc", "repro", "tune/dvc.yaml"], repo)
     assert result.returncode == 0, result.stdout + result.stderr
     summary = read_json(repo / "outputs/tune/summary.json")
     assert summary["trials_finished"] == 2 and summary["trials_failed"] == 0

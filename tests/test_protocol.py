@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ROOT, compose, imagenet_slow
+from helpers import ROOT, compose, is_imagenet, slow_cases
 
 from pipeline.config import load_params
 from pipeline.data import Split, split_holdout
+from pipeline.fitting import keeps, selection_score
 from pipeline.flops import count_exit_costs
 from pipeline.models import build_backbone
-from pipeline.fitting import keeps, selection_score
 
 PAPER_CONFIGS = sorted((ROOT / "configs").glob("*-msdnet-*.yaml"))
 
 
-@pytest.mark.parametrize("path", imagenet_slow(PAPER_CONFIGS))
+@pytest.mark.parametrize("path", slow_cases(PAPER_CONFIGS, is_imagenet))
 def test_paper_configs_follow_the_reference_protocol(path):
     params = load_params(path)
     assert params.train.amp is False
@@ -28,7 +28,7 @@ def test_paper_configs_follow_the_reference_protocol(path):
         assert params.train.select == "best"
 
 
-@pytest.mark.parametrize("path", imagenet_slow(PAPER_CONFIGS))
+@pytest.mark.parametrize("path", slow_cases(PAPER_CONFIGS, is_imagenet))
 def test_paper_budgets_lie_between_the_first_and_last_exit_cost(path):
     params = load_params(path)
     size = params.data.spec.image_size

@@ -4,32 +4,23 @@ kept (`data.val_size: 0`), and `boostpipe compare --paper` on finished runs."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import ROOT
-from test_pipeline import _run, _shrunk_copy
+from helpers import ROOT, needs_data, run, set_params, shrunk_copy
 
 from pipeline.data import Split, save_splits
 from pipeline.io import read_json
 
-pytestmark = pytest.mark.slow
 
-
-def _write_params(repo: Path, params: dict) -> None:
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
+@pytest.mark.slow
+@needs_data
 def test_val_size_zero_trains_on_every_image_and_records_no_calibration(tmp_path):
-    repo = _shrunk_copy(tmp_path)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["data"]["val_size"] = 0
-    params["train"].update(epochs=2, select="last")
-    _write_params(repo, params)
-    result = _run(["dvc", "repro"], repo)
+    repo = shrunk_copy(tmp_path)
+    params = set_params(repo, **{"data.val_size": 0, "train.epochs": 2, "train.select": "last"})
+    result = run(["dvc", "repro"], repo)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "data.val_size is 0: no held-out split" in result.stdout
 
@@ -43,11 +34,11 @@ def test_val_size_zero_trains_on_every_image_and_records_no_calibration(tmp_path
     assert metrics["calibrated"] is False and metrics["budgets"] == {}
     assert len(metrics["anytime"]["top1"]) == params["model"]["n_blocks"]
     for command in (["dvc", "metrics", "show"], ["dvc", "plots", "show", "--json"]):
-        shown = _run(command, repo)
+        shown = run(command, repo)
         assert shown.returncode == 0, shown.stdout + shown.stderr
 
     # the default dataset has no published numbers: one line, nothing written
-    compared = _run(["boostpipe", "compare", "workspace", "--paper", "auto"], repo)
+    compared = run(["boostpipe", "compare", "workspace", "--paper", "auto"], repo)
     assert compared.returncode == 0, compared.stdout + compared.stderr
     assert compared.stdout.strip() == "no published numbers exist for fashion-mnist"
     assert not (repo / "compare.png").exists()
@@ -59,16 +50,20 @@ def _cifar100_shaped(n: int, seed: int) -> Split:
     return Split(images, torch.randint(0, 100, (n,), generator=generator))
 
 
+@pytest.mark.slow
 def test_compare_with_the_paper_on_a_shortened_cifar100_paper_run(tmp_path):
     """The paper's CIFAR-100 anytime configuration, shortened, through the real train,
     calibrate and evaluate stages on generated images of CIFAR-100's shape (the real files are
     not obtainable here; prepare's output is written the way prepare writes it)."""
-    repo = _shrunk_copy(tmp_path)
-    params = yaml.safe_load((ROOT / "configs/cifar100-msdnet-anytime.yaml").read_text())
-    params["train"].update(epochs=1, batch_size=32)
-    params["train"]["scaling"].update(workers=1, cpus_per_worker=1, use_gpu=False)
-    params["evaluate"].update(batch_size=64, timing_repeats=1)
-    _write_params(repo, params)
+    repo = shrunk_copy(tmp_path)
+    shutil.copy(ROOT / "configs/cifar100-msdnet-anytime.yaml", repo / "params.yaml")  # unshrunk
+    set_params(
+        repo,
+        **{"train.epochs": 1, "train.batch_size": 32},
+        **{"train.scaling.workers": 1, "train.scaling.cpus_per_worker": 1},
+        **{"train.scaling.use_gpu": False},
+        **{"evaluate.batch_size": 64, "evaluate.timing_repeats": 1},
+    )
     (repo / "data").mkdir(exist_ok=True)
     save_splits(
         repo / "data/prepared.npz",
@@ -81,10 +76,10 @@ def test_compare_with_the_paper_on_a_shortened_cifar100_paper_run(tmp_path):
     info = {"dataset": "cifar100", "source": "generated", "fingerprint": "generated0000000"}
     (repo / "data/dataset.json").write_text(json.dumps(info | {"train": 96, "val": 0, "test": 64}))
     for stage in ("train", "calibrate", "evaluate"):
-        result = _run([sys.executable, "-m", f"stages.{stage}"], repo)
+        result = run([sys.executable, "-m", f"stages.{stage}"], repo)
         assert result.returncode == 0, stage + result.stdout + result.stderr
 
-    compared = _run(
+    compared = run(
         ["boostpipe", "compare", "workspace", "--paper", "auto", "--output", "paper.png"], repo
     )
     assert compared.returncode == 0, compared.stdout + compared.stderr
@@ -100,5 +95,5 @@ def test_compare_with_the_paper_on_a_shortened_cifar100_paper_run(tmp_path):
     assert (repo / "paper.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a setting of another shape is refused in one line
-    other = _run(["boostpipe", "compare", "workspace", "--paper", "imagenet-msdnet-anytime"], repo)
+    other = run(["boostpipe", "compare", "workspace", "--paper", "imagenet-msdnet-anytime"], repo)
     assert other.stdout.strip() == "imagenet-msdnet-anytime has 5 exits but the run has 10"

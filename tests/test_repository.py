@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from helpers import ROOT
 
 LOCAL_STORE = re.compile(r"sqlite:/{4}")  # an SQLite store at an absolute path
 

@@ -5,10 +5,10 @@ import time
 
 import pytest
 import ray
-from conftest import compose
+from helpers import compose
 
-from pipeline.config import ConfigError
 from pipeline.cluster import Layout, worker_layout
+from pipeline.config import ConfigError
 
 
 @pytest.fixture(scope="module")

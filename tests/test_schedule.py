@@ -5,7 +5,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 import torch
-from conftest import compose
+from helpers import compose
 
 from pipeline.fitting import make_optimizer, make_scheduler
 

@@ -7,11 +7,11 @@ import os
 import time
 
 import pytest
-from conftest import compose
+from helpers import compose
 
+from pipeline.cluster import free_port
 from pipeline.config import ConfigError, RayConfig
 from pipeline.storage import STORAGE_ENV, open_storage
-from pipeline.cluster import free_port
 
 
 def test_the_default_is_the_project_folder_and_holds_files(tmp_path, monkeypatch):

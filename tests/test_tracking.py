@@ -3,7 +3,7 @@ import socket
 import time
 
 import pytest
-from conftest import ROOT, compose
+from helpers import ROOT, compose
 
 from pipeline.tracking import TrackingUnavailable, connect, flatten, project_root, tracking_uri
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,13 +16,12 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
-from conftest import ROOT, compose
+from helpers import ROOT, command_env, compose, needs_data, run, set_params
+from helpers.shared import once_per_session
 
 from pipeline.calibration import ExitScores, budget_auc
 from pipeline.config import ConfigError, load_params, write_overrides
 from pipeline.confirmation import apply_confirmed
-from pipeline.data import DEBIAN_FASHION_MNIST
 from pipeline.io import read_json
 from pipeline.outcome import PARAMS_FILE, Candidate, Confirmation, SearchOutcome
 from pipeline.search import run_search
@@ -32,10 +32,6 @@ from pipeline.tuning import (
     overrides,
     run_trial,
     search_space,
-)
-
-needs_data = pytest.mark.skipif(
-    not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
 )
 
 
@@ -140,23 +136,16 @@ def test_apply_writes_only_a_confirmed_gain_unless_forced(tmp_path, challenger, 
         assert path.read_bytes() == before and "left unchanged" in line
 
 
-def _env(**env_vars: str) -> dict[str, str]:
-    """This venv's commands first; no cluster or store from the caller's environment."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
-    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
-        env.pop(name, None)
-    return dict(env, **env_vars)
-
-
 def _tune(args: list[str], cwd: Path, **env_vars: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["boostpipe", "tune", *args],
-        cwd=cwd,
-        env=_env(**env_vars),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run(["boostpipe", "tune", *args], cwd, **env_vars)
+
+
+def _search_params(workdir: Path, experiment: str, **dotted: object) -> Path:
+    """A params file of its own for one search (its own MLflow experiment), beside params.yaml."""
+    params_file = workdir / f"{experiment}.yaml"
+    shutil.copy(workdir / "params.yaml", params_file)
+    set_params(params_file, **{"tracking.experiment": experiment}, **dotted)
+    return params_file
 
 
 def _search_in_background(params_file: Path, workdir: Path) -> tuple[subprocess.Popen, Any]:
@@ -169,7 +158,7 @@ def _search_in_background(params_file: Path, workdir: Path) -> tuple[subprocess.
     driver = subprocess.Popen(
         ["boostpipe", "tune", "--params", params_file.name],
         cwd=workdir,
-        env=_env(),
+        env=command_env(),
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -188,10 +177,8 @@ def _search_in_background(params_file: Path, workdir: Path) -> tuple[subprocess.
     ],
 )
 def test_bad_options_and_ranges_fail_in_one_line_with_exit_2(tmp_path, args, edit, message):
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    if edit:
-        raw["tune"]["space"]["temperature"].update(edit)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    set_params(tmp_path, **{f"tune.space.temperature.{k}": v for k, v in (edit or {}).items()})
     result = _tune(args, tmp_path)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
@@ -201,20 +188,32 @@ def test_bad_options_and_ranges_fail_in_one_line_with_exit_2(tmp_path, args, edi
 # --- real searches --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """A folder with the real params shrunk to a tiny search and the real prepared data."""
-    folder = tmp_path_factory.mktemp("tune")
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["data"].update(train_subset=1200, val_size=300, test_subset=100)
-    raw["tune"].update(trials=4, epochs=2, train_subset=600, val_subset=300)
-    raw["tune"]["confirm"] = {"top_k": 0, "seeds": 2}  # tests that confirm ask with --confirm
-    (folder / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run(
-        [sys.executable, "-m", "stages.prepare"], cwd=folder, env=env, check=True, timeout=300
+def _prepare(folder: Path) -> str:
+    shutil.copy(ROOT / "params.yaml", folder / "params.yaml")
+    set_params(
+        folder,
+        **{"data.train_subset": 1200, "data.val_size": 300, "data.test_subset": 100},
+        **{"tune.trials": 4, "tune.epochs": 2, "tune.train_subset": 600, "tune.val_subset": 300},
+        **{"tune.confirm": {"top_k": 0, "seeds": 2}},  # tests that confirm ask with --confirm
     )
-    return folder
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "stages.prepare"],
+        cwd=folder,
+        env=env,
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    ).stdout
+
+
+@pytest.fixture
+def workdir(tmp_path_factory, tmp_path) -> Path:
+    """A folder of the test's own with the real params shrunk to a tiny search and the real
+    prepared data (prepared once per session)."""
+    prepared = once_per_session(tmp_path_factory, "tune-workdir", _prepare)
+    return Path(shutil.copytree(prepared, tmp_path / "tune"))
 
 
 def _children(
@@ -267,7 +266,6 @@ def test_a_small_search_records_every_trial_in_mlflow_and_confirms_the_best(work
         assert "left unchanged" in result.stdout
     else:
         assert "wrote the confirmed best values" in result.stdout
-        (workdir / "params.yaml").write_bytes(params_before)  # for the module's other tests
     assert parent.info.status == "FINISHED" and len(children) == 4
     outcomes = [c.data.tags["tune.outcome"] for c in children]
     assert set(outcomes) <= {"finished", "stopped_early"} and "finished" in outcomes
@@ -343,11 +341,11 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
     finished trials were not run again and the parent ends with exactly 4 children. (After
     kill -9 a trial that ended after Tune's last state snapshot is reopened from its final
     checkpoint and closed again, training nothing.)"""
-    raw = yaml.safe_load((workdir / "params.yaml").read_text())
-    raw["tracking"]["experiment"] = experiment
-    raw["tune"].update(trials=4, max_concurrent=1, scheduler="fifo")
-    params_file = workdir / f"{experiment}.yaml"
-    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    params_file = _search_params(
+        workdir,
+        experiment,
+        **{"tune.trials": 4, "tune.max_concurrent": 1, "tune.scheduler": "fifo"},
+    )
     driver, client = _search_in_background(params_file, workdir)
     try:
         deadline = time.monotonic() + 300
@@ -421,14 +419,14 @@ def test_kill_9_then_resume_runs_only_unfinished_trials(workdir):
 def test_ctrl_c_in_the_confirmation_then_resume_runs_only_unfinished_confirmation_runs(workdir):
     """2 one-epoch trials, then 4 confirmation runs one at a time; Ctrl-C once one of them has
     ended; `--resume --apply --force` runs the other 3 only, and writes the confirmed best."""
-    raw = yaml.safe_load((workdir / "params.yaml").read_text())
-    raw["tracking"]["experiment"] = "confirm-resume"
-    raw["tune"].update(
-        trials=2, epochs=1, scheduler="fifo", max_concurrent=1, train_subset=200, val_subset=200
+    params_file = _search_params(
+        workdir,
+        "confirm-resume",
+        **{"tune.trials": 2, "tune.epochs": 1, "tune.scheduler": "fifo"},
+        **{"tune.max_concurrent": 1, "tune.train_subset": 200, "tune.val_subset": 200},
+        **{"tune.confirm": {"top_k": 1, "seeds": 2}},
     )
-    raw["tune"]["confirm"] = {"top_k": 1, "seeds": 2}
-    params_file = workdir / "confirm-resume.yaml"
-    params_file.write_text(yaml.safe_dump(raw, sort_keys=False))
+    before_apply = load_params(params_file).boost.temperature
     driver, client = _search_in_background(params_file, workdir)
 
     def runs(phase: str) -> list:
@@ -471,21 +469,20 @@ def test_ctrl_c_in_the_confirmation_then_resume_runs_only_unfinished_confirmatio
         assert "the params file's values are the best" in result.stdout
     else:  # --force: written whatever the interval
         assert "wrote the confirmed best values" in result.stdout
-        assert load_params(params_file).boost.temperature != raw["boost"]["temperature"]
+        assert load_params(params_file).boost.temperature != before_apply
 
 
 @needs_data
 def test_a_second_identical_search_is_refused_and_the_first_finishes_untouched(workdir):
     """Two `boostpipe tune` with the same params: the second names the running one in one line
     and exits non-zero without touching its folder; the first ends with all its trials."""
-    raw = yaml.safe_load((workdir / "params.yaml").read_text())
-    raw["tracking"]["experiment"] = "twice"
-    raw["tune"].update(trials=2, epochs=1, scheduler="fifo")
-    (workdir / "twice.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _search_params(
+        workdir, "twice", **{"tune.trials": 2, "tune.epochs": 1, "tune.scheduler": "fifo"}
+    )
     first = subprocess.Popen(
         ["boostpipe", "tune", "--params", "twice.yaml"],
         cwd=workdir,
-        env=_env(),
+        env=command_env(),
         start_new_session=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -519,10 +516,12 @@ def test_a_second_identical_search_is_refused_and_the_first_finishes_untouched(w
 @pytest.mark.slow
 @needs_data
 def test_trials_can_be_ray_train_ddp_jobs(workdir):
-    raw = yaml.safe_load((workdir / "params.yaml").read_text())
-    raw["tracking"]["experiment"] = "ddp"
-    raw["tune"].update(trials=1, epochs=1, workers_per_trial=2, cpus_per_trial=0.5)
-    (workdir / "ddp.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    _search_params(
+        workdir,
+        "ddp",
+        **{"tune.trials": 1, "tune.epochs": 1, "tune.workers_per_trial": 2},
+        **{"tune.cpus_per_trial": 0.5},
+    )
     result = _tune(["--params", "ddp.yaml"], workdir)
     assert result.returncode == 0, result.stdout + result.stderr
     from mlflow import MlflowClient

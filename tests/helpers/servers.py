@@ -1,0 +1,67 @@
+"""Real servers a test starts on 127.0.0.1, each in a process group of its own, so that the test
+can stop it (or lose it) by PID and nothing of it outlives the test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+from pipeline.cluster import free_port
+
+
+@contextlib.contextmanager
+def serving(
+    command: list[str], url: str, cwd: Path, stop: int = signal.SIGTERM
+) -> Iterator[subprocess.Popen]:
+    """A server we start (in its own process group) until `url` answers; `stop` is sent to that
+    group afterwards, as a terminal sends Ctrl-C to its foreground job, unless it is gone."""
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    server = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"{command[:4]} exited with {server.returncode}"
+            assert time.monotonic() < deadline, f"{url} did not answer"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2):
+                break
+            time.sleep(0.5)
+        yield server
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, stop)
+        server.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def mlflow_server(folder: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real `mlflow server` on 127.0.0.1 (one worker) with its store in `folder`: its URI and
+    process, stopped by its PID when the block ends, if the test has not stopped it already."""
+    uri = f"http://127.0.0.1:{free_port()}"
+    command = [
+        *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--workers", "1"),
+        *("--port", uri.rsplit(":", 1)[1], "--backend-store-uri", f"sqlite:///{folder}/db.sqlite"),
+        *("--artifacts-destination", str(folder / "artifacts")),
+    ]
+    with serving(command, f"{uri}/health", folder) as server:
+        yield uri, server
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop a server as its process manager would (SIGTERM to its group), and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
