@@ -71,6 +71,7 @@ def main() -> None:
         paths.ACCURACY_PLOT,
         paths.TIME_PLOT,
         paths.EFFECTIVE_SAMPLES_PLOT,
+        paths.EXIT_COSTS,
         paths.DVC_LOCK,
     ]
     tracking.best_effort(

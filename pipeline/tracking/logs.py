@@ -92,23 +92,33 @@ def log_evaluation(
     files: list[Path],
 ) -> None:
     """Laid out for the UI's charts: per-exit values use the exit index as the step (so runs
-    overlay accuracy against exit), the budgeted curve uses the expected cost in kFLOPs. The
-    run is FINISHED: evaluate is the last stage."""
+    overlay accuracy against exit), the budgeted curve uses the expected cost in kFLOPs and
+    the profile's predicted time in microseconds per image at batch 1 and batch N (steps are
+    integers). The run is FINISHED: evaluate is the last stage."""
 
     def values() -> Iterable[tuple[str, float, int]]:
         for row in anytime:
             yield "test_top1_by_exit", row["top1"], row["exit"]
             yield "test_top5_by_exit", row["top5"], row["exit"]
             yield "mflops_by_exit", row["mflops"], row["exit"]
+            for column in ("ms_batch_1", "ms_batch_n"):
+                yield f"{column}_by_exit", row[column], row["exit"]
         for row in sorted(budget_curve, key=lambda r: r["mflops"]):
             step = round(row["mflops"] * 1000)
             yield "budget_top1_by_kflops", row["top1"], step
             yield "budget_top1_flat_by_kflops", row["top1_flat"], step
+        for column in ("ms_batch_1", "ms_batch_n"):
+            for row in sorted(budget_curve, key=lambda r: r[column]):
+                step = round(row[column] * 1000)
+                yield f"budget_top1_flat_by_us_{column[3:]}", row["top1_flat"], step
         yield "test_final_top1", metrics["final_top1"], 0
         yield "test_mean_top1", metrics["mean_top1"], 0
         for row in metrics["budgets"].values():  # MLflow names allow no "+": use MFLOPs
             for key in ("top1", "expected_mflops", "speedup_measured", "speedup_predicted"):
                 yield f"budget_{row['target_mflops']:g}M_{key}", row[key], 0
+        for name, row in metrics["time_budgets"].items():
+            for key in ("top1", "target_ms", "measured_ms", "measured_over_target"):
+                yield f"time_{name}_{key}", row[key], 0
 
     log_metrics(run_id, values())
     log_artifacts(run_id, files)
