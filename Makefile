@@ -35,8 +35,8 @@ lint: setup
 
 # Two tests at a time: the pipeline tests spend most of their time starting processes and waiting
 # on them, so two halve the wall time on 2 cores. Tests sharing a module's fixture stay together
-# (xdist groups) and the heaviest go first: tests/conftest.py derives both from the tests' own
-# fixtures and `slow` marks, and --no-loadscope-reorder keeps that order.
+# (xdist groups) and the longest go first: tests/conftest.py derives both from the tests' own
+# fixtures, `slow` marks and last run's times, and --no-loadscope-reorder keeps that order.
 test: lint
 	$(BIN)/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 

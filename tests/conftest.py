@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import PARAMS_FILES
 from helpers.cases import is_imagenet, slow_cases
-from helpers.shared import shared_run as _shared_run
+from helpers.shared import SharedRun, copy_project, shared_run_of
 
 from pipeline.rayenv import prepare_ray
 
@@ -33,24 +33,28 @@ def params_file(request: pytest.FixtureRequest) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shrunk pipeline run to the end once per session (shared by the xdist workers):
-    tests that only read its outputs take it; tests that change it take `shared_copy`."""
-    return _shared_run(tmp_path_factory)
+def shared_run(tmp_path_factory: pytest.TempPathFactory) -> SharedRun:
+    """The shrunk pipeline run to the end once per session (both xdist workers share it), as
+    two runs at once: tests that only read its outputs take it; tests that change them take
+    `shared_copy` or copy it themselves (helpers.shared.copy_project)."""
+    return shared_run_of(tmp_path_factory)
 
 
 @pytest.fixture
-def shared_copy(shared_run: Path, tmp_path: Path) -> Path:
-    """A copy of `shared_run` of the test's own (project, DVC cache and MLflow store)."""
-    from helpers.shared import copy_project
-
-    return copy_project(shared_run, tmp_path / "repo")
+def shared_copy(shared_run: SharedRun, tmp_path: Path) -> Path:
+    """A copy of the shared run's local project of the test's own (DVC cache, MLflow store)."""
+    return copy_project(shared_run.local, tmp_path / "repo")
 
 
 # --- scheduling ---------------------------------------------------------------------------------
 # `make test` runs `pytest -n 2 --dist loadgroup --no-loadscope-reorder`: xdist hands the work
 # units below to two workers in this order, the next unit to whichever worker runs dry. No list
-# of long files is kept: the order follows from the tests' own `slow` marks and fixtures.
+# of long files is kept: the order follows from each test's time in the last run (pytest's
+# cache), else from the tests' own `slow` marks, and the units from their fixtures.
+
+DURATIONS = "boostpipe/durations"  # pytest cache key: seconds per test id, from the last run
+SLOW_SECONDS = 60.0  # a slow test never timed here: "a minute or more"
+_SECONDS: dict[str, float] = {}  # this process's reports: test id -> seconds
 
 
 def _module_fixtures(item: pytest.Item) -> list[str]:
@@ -69,10 +73,12 @@ def _module_fixtures(item: pytest.Item) -> list[str]:
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tests that share a module-scoped fixture form one unit (an `xdist_group`); every other
-    test is a unit of its own. Units run heaviest first, a unit's weight being its count of
-    slow tests, so that the long units start at once and the short ones fill the gaps at the
-    end; within a weight, collection order (a module's tests stay in their order)."""
+    test is a unit of its own. Units run longest first (a unit's time: its tests' times in the
+    last run, or SLOW_SECONDS per slow test never timed), so that the long units start at once
+    and the short ones fill the gaps at the end; a module's tests stay in their order."""
+    timed: dict[str, float] = config.cache.get(DURATIONS, {}) if config.cache else {}
     units: dict[pytest.Item, str] = {}
+    cost: Counter[str] = Counter()
     for item in items:
         if _module_fixtures(item):
             group = item.path.stem
@@ -80,5 +86,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             units[item] = group
         else:
             units[item] = item.nodeid
-    weight = Counter(units[item] for item in items if item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -weight[units[item]])
+        slow = SLOW_SECONDS if item.get_closest_marker("slow") else 0.0
+        cost[units[item]] += timed.get(item.nodeid, slow)
+    items.sort(key=lambda item: -cost[units[item]])
+
+
+def _test_id(nodeid: str) -> str:
+    """The id collection gives a test: xdist's loadgroup appends `@group` to it."""
+    path, _, name = nodeid.rpartition("::")
+    return f"{path}::{name.split('@')[0]}" if path else nodeid
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Each test's setup, call and teardown seconds, summed (in the process that reports)."""
+    test = _test_id(report.nodeid)
+    _SECONDS[test] = _SECONDS.get(test, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """The times of this run into pytest's cache, for the next run's order (the controller
+    only: under xdist it receives every worker's reports)."""
+    config = session.config
+    if config.cache is None or hasattr(config, "workerinput") or not _SECONDS:
+        return
+    config.cache.set(DURATIONS, {**config.cache.get(DURATIONS, {}), **_SECONDS})

@@ -30,7 +30,7 @@ from helpers import (
     trained_run,
 )
 from helpers.faults import read_only
-from helpers.shared import console
+from helpers.shared import SharedRun
 
 from pipeline.io import read_json
 
@@ -221,9 +221,9 @@ def test_ui_fails_when_its_port_is_taken(tmp_path):
 
 
 @pytest.fixture
-def finished(shared_run: Path, shared_copy: Path) -> Path:
+def finished(shared_run: SharedRun, shared_copy: Path) -> Path:
     """The shrunk pipeline run to the end (a copy of the session's), everything logged."""
-    assert "warning:" not in console(shared_run)
+    assert "warning:" not in shared_run.consoles["local"]  # everything logged
     _check_run_status(shared_copy, "FINISHED")
     return shared_copy
 

@@ -14,9 +14,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -32,6 +29,7 @@ from helpers import (
     shrunk_copy,
     trained_run,
 )
+from helpers.shared import SharedRun, copy_project
 
 from pipeline.boosting import BoostNet
 from pipeline.cluster import free_port
@@ -67,110 +65,88 @@ CHROMIUM_FLAGS = [  # as root, offline: no sandbox, no background traffic to Goo
 ]
 
 
-@dataclass
-class Projects:
-    """Two shrunk pipelines `dvc repro`-ed at the same time, as two users' runs on one machine:
-    `local` with the default store (SQLite in the project), `served` against a real `mlflow
-    server` on 127.0.0.1 at `uri`; `consoles` holds what each printed."""
-
-    local: Path
-    served: Path
-    uri: str
-    consoles: dict[str, str]
-
-
 @pytest.fixture(scope="module")
-def projects(tmp_path_factory) -> Iterator[Projects]:
-    local = shrunk_copy(tmp_path_factory.mktemp("project"))
-    served = shrunk_copy(tmp_path_factory.mktemp("server-project"))
-    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as (uri, _):
-        with ThreadPoolExecutor(2) as pool:
-            runs = {
-                "local": pool.submit(run, ["dvc", "repro"], local),
-                "served": pool.submit(run, ["dvc", "repro"], served, MLFLOW_TRACKING_URI=uri),
-            }
-            results = {name: run.result() for name, run in runs.items()}
-        for result in results.values():
-            assert result.returncode == 0, result.stdout + result.stderr
-        consoles = {name: r.stdout + r.stderr for name, r in results.items()}
-        yield Projects(local, served, uri, consoles)
+def project(shared_run: SharedRun, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the session's finished local run for this module's tests, which change it."""
+    return copy_project(shared_run.local, tmp_path_factory.mktemp("project") / "repo")
 
 
-@pytest.fixture(scope="module")
-def project(projects) -> Path:
-    return projects.local
+@pytest.fixture
+def trained(shared_run: SharedRun) -> Path:
+    """The session's finished local run itself, for the tests that only read its outputs."""
+    return shared_run.local
 
 
 @pytest.mark.slow
-def test_two_pipelines_at_once_keep_to_their_own_ray_clusters(projects):
+def test_two_pipelines_at_once_keep_to_their_own_ray_clusters(shared_run):
     """Each run's Ray Train asks the state API of its own cluster, never "the" cluster on the
     machine (which fails with a traceback while another local cluster runs)."""
-    for name, console in projects.consoles.items():
+    for name, console in shared_run.consoles.items():
         assert "multiple active Ray instances" not in console, (name, console)
         assert "Traceback" not in console, (name, console)
         assert "core_worker.cc" not in console, (name, console)  # Ray's C++ log lines
 
 
 @pytest.mark.slow
-def test_prepare_holds_out_a_seeded_validation_split(project):
-    info = read_json(project / "data/dataset.json")
+def test_prepare_holds_out_a_seeded_validation_split(trained):
+    info = read_json(trained / "data/dataset.json")
     assert (info["train"], info["val"], info["test"]) == (2000, 200, 300)
     assert info["source"] == str(DEBIAN_FASHION_MNIST) and len(info["fingerprint"]) == 16
-    prepared = project / "data/prepared.npz"
+    prepared = trained / "data/prepared.npz"
     train = load_split(prepared, "train")
     assert train.images.shape == (2000, 1, 28, 28) and train.images.dtype == torch.uint8
     assert set(load_split(prepared, "val").targets.tolist()) <= set(range(10))
 
 
 @pytest.mark.slow
-def test_train_writes_selected_weights_and_history(project):
-    params = load_params(project / "params.yaml")
+def test_train_writes_selected_weights_and_history(trained):
+    params = load_params(trained / "params.yaml")
     net = BoostNet.from_params(params)
-    saved = torch.load(project / "outputs/train/model.pt", weights_only=True)
+    saved = torch.load(trained / "outputs/train/model.pt", weights_only=True)
     net.load_state_dict(saved["model"])
-    history = read_json(project / "outputs/train/history.json")
+    history = read_json(trained / "outputs/train/history.json")
     assert history["best_epoch"] == saved["epoch"] == 1 and history["device"] == "cpu"
     (epoch,) = history["epochs"]
     assert len(epoch["val_top1"]) == len(epoch["train_loss"]) == params.model.n_exits
     assert all(0 < f <= 1 for f in epoch["effective_samples"])
     assert epoch["images_per_second"] > 0
-    assert not any((project / ".boostpipe/ray").glob("train-*"))  # finished runs are cleaned
+    assert not any((trained / ".boostpipe/ray").glob("train-*"))  # finished runs are cleaned
 
 
 @pytest.mark.slow
-def test_calibrate_fits_the_grid_and_the_budgets_on_validation(project):
-    calibration = read_json(project / "outputs/calibrate/thresholds.json")
+def test_calibrate_fits_the_grid_and_the_budgets_on_validation(trained):
+    calibration = read_json(trained / "outputs/calibrate/thresholds.json")
     assert len(calibration["grid"]) == 39
     flops = calibration["exit_flops"]
     assert flops == sorted(flops)
     for row in calibration["grid"]:
         assert len(row["thresholds"]) == len(flops) and row["thresholds"][-1] == -math.inf
-    budgets = load_params(project / "params.yaml").calibrate.budgets
+    budgets = load_params(trained / "params.yaml").calibrate.budgets
     assert [row["budget"] for row in calibration["budgets"]] == budgets
     for row in calibration["budgets"]:
         assert row["expected_flops"] <= row["budget"]
 
 
 @pytest.mark.slow
-def test_evaluate_reports_anytime_budgets_and_real_early_exit(project):
-    metrics = read_json(project / "outputs/evaluate/metrics.json")
+def test_evaluate_reports_anytime_budgets_and_real_early_exit(trained):
+    metrics = read_json(trained / "outputs/evaluate/metrics.json")
     top1 = list(metrics["anytime"]["top1"].values())
-    n_exits = load_params(project / "params.yaml").model.n_exits
+    n_exits = load_params(trained / "params.yaml").model.n_exits
     assert len(top1) == n_exits and all(15 < v <= 100 for v in top1)  # chance is 10%
     assert all(a <= b for a, b in zip(top1, metrics["anytime"]["top5"].values(), strict=True))
     assert metrics["final_top1"] == top1[-1]
-    budgets = load_params(project / "params.yaml").calibrate.budgets
+    budgets = load_params(trained / "params.yaml").calibrate.budgets
     assert list(metrics["budgets"]) == [budget_key(b) for b in budgets]
     for row in metrics["budgets"].values():
         assert row["expected_mflops"] <= row["target_mflops"] * 1.2
         assert row["speedup_predicted"] >= 1 and row["speedup_measured"] > 0
         assert abs(row["early_exit_top1"] - row["top1"]) < 2
-    anytime = read_json(project / "outputs/evaluate/anytime.json")
+    anytime = read_json(trained / "outputs/evaluate/anytime.json")
     assert [row["exit"] for row in anytime] == list(range(1, n_exits + 1))
-    curve = read_json(project / "outputs/evaluate/budget_curve.json")
+    curve = read_json(trained / "outputs/evaluate/budget_curve.json")
     assert len(curve) == 39
     for name in ("accuracy_vs_flops.png", "effective_samples.png"):
-        assert (project / "outputs/evaluate" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (trained / "outputs/evaluate" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _check_logged_run(project: Path, uri: str):
@@ -248,15 +224,16 @@ def _check_logged_run(project: Path, uri: str):
 
 
 @pytest.mark.slow
-def test_mlflow_run_holds_params_tags_metrics_and_artifacts(project):
-    run = _check_logged_run(project, f"sqlite:///{project / 'mlflow.db'}")
-    assert run.info.artifact_uri.startswith((project / "mlruns").as_uri())
+def test_mlflow_run_holds_params_tags_metrics_and_artifacts(trained):
+    run = _check_logged_run(trained, f"sqlite:///{trained / 'mlflow.db'}")
+    assert run.info.artifact_uri.startswith((trained / "mlruns").as_uri())
 
 
 @pytest.mark.slow
-def test_a_real_mlflow_server_receives_the_same_run(projects):
-    repo = projects.served
-    run = _check_logged_run(repo, projects.uri)
+def test_a_real_mlflow_server_receives_the_same_run(shared_run):
+    repo = shared_run.served
+    with mlflow_server(shared_run.store) as (uri, _):  # a server again on the run's store
+        run = _check_logged_run(repo, uri)
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")
     assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()
 

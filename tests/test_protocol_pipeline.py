@@ -52,7 +52,7 @@ def _cifar100_shaped(n: int, seed: int) -> Split:
 
 @pytest.mark.slow
 def test_compare_with_the_paper_on_a_shortened_cifar100_paper_run(tmp_path):
-    """The paper's CIFAR-100 anytime configuration, shortened, through the real train,
+    """The paper's CIFAR-100 anytime configuration, shortened, through the real train, profile,
     calibrate and evaluate stages on generated images of CIFAR-100's shape (the real files are
     not obtainable here; prepare's output is written the way prepare writes it)."""
     repo = shrunk_copy(tmp_path)
@@ -63,6 +63,7 @@ def test_compare_with_the_paper_on_a_shortened_cifar100_paper_run(tmp_path):
         **{"train.scaling.workers": 1, "train.scaling.cpus_per_worker": 1},
         **{"train.scaling.use_gpu": False},
         **{"evaluate.batch_size": 64, "evaluate.timing_repeats": 1},
+        **{"profile.repeats": 1, "profile.warmup": 0, "profile.batch1_images": 4},
     )
     (repo / "data").mkdir(exist_ok=True)
     save_splits(
@@ -75,7 +76,7 @@ def test_compare_with_the_paper_on_a_shortened_cifar100_paper_run(tmp_path):
     )
     info = {"dataset": "cifar100", "source": "generated", "fingerprint": "generated0000000"}
     (repo / "data/dataset.json").write_text(json.dumps(info | {"train": 96, "val": 0, "test": 64}))
-    for stage in ("train", "calibrate", "evaluate"):
+    for stage in ("train", "profile", "calibrate", "evaluate"):
         result = run([sys.executable, "-m", f"stages.{stage}"], repo)
         assert result.returncode == 0, stage + result.stdout + result.stderr
 

@@ -9,12 +9,15 @@ import os
 import shutil
 import sqlite3
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from filelock import FileLock
 
 from helpers.project import run, shrunk_copy
+from helpers.servers import mlflow_server
 
 DONE = ".built"
 
@@ -40,28 +43,57 @@ def once_per_session(
     return target
 
 
-def _repro(repo: Path) -> str:
-    shrunk_copy(repo)
-    result = run(["dvc", "repro"], repo)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout + result.stderr
+@dataclass
+class SharedRun:
+    """Two shrunk pipelines `dvc repro`-ed at the same time, as two users' runs on one machine:
+    `local` with the default store (SQLite in the project), `served` against a real `mlflow
+    server` on 127.0.0.1 with its store in `store` (stopped since; start one on it to read);
+    `consoles` holds what each printed."""
+
+    local: Path
+    served: Path
+    store: Path
+
+    @property
+    def consoles(self) -> dict[str, str]:
+        return {name: (self.local.parent / f"{name}.log").read_text() for name in NAMES}
 
 
-def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A shrunk copy of the repository after `dvc repro` (default params, shrunk data)."""
-    return once_per_session(tmp_path_factory, "shared-run", _repro)
+NAMES = ("local", "served")
 
 
-def console(folder: Path) -> str:
-    """What building a session folder printed (for the shared run: its `dvc repro`)."""
-    return (folder / DONE).read_text()
+def _two_at_once(folder: Path) -> str:
+    shared = SharedRun(folder / "local", folder / "served", folder / "store")
+    shared.store.mkdir()
+    with mlflow_server(shared.store) as (uri, _), ThreadPoolExecutor(2) as pool:
+        env = {"local": {}, "served": {"MLFLOW_TRACKING_URI": uri}}
+        runs = {
+            name: pool.submit(run, ["dvc", "repro"], shrunk_copy(folder / name), **env[name])
+            for name in NAMES
+        }
+        results = {name: future.result() for name, future in runs.items()}
+    for name, result in results.items():
+        assert result.returncode == 0, result.stdout + result.stderr
+        (folder / f"{name}.log").write_text(result.stdout + result.stderr)
+    return ""
+
+
+def shared_run_of(tmp_path_factory: pytest.TempPathFactory) -> SharedRun:
+    """The session's two shrunk pipelines (default params, shrunk data), run to the end."""
+    folder = once_per_session(tmp_path_factory, "shared-run", _two_at_once)
+    return SharedRun(folder / "local", folder / "served", folder / "store")
+
+
+def _dvc_scratch(folder: str, names: list[str]) -> list[str]:
+    return ["tmp"] if folder.endswith("/.dvc") else []
 
 
 def copy_project(source: Path, target: Path) -> Path:
     """A copy of a project folder a test may change: files, git, DVC cache, and the MLflow store
     with its runs' artifact locations moved into the copy, so that the copy logs nothing into
     the source."""
-    shutil.copytree(source, target, symlinks=True)
+    # DVC's scratch (locks, indexes) may change under a command another test runs in `source`.
+    shutil.copytree(source, target, symlinks=True, ignore=_dvc_scratch)
     database = target / "mlflow.db"
     if database.exists():
         old, new = f"{source}/", f"{target}/"
