@@ -10,25 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import ROOT, compose
+from helpers import ROOT, compose, needs_data
 from torchvision.datasets import FashionMNIST
 from torchvision.io import write_jpeg, write_png
 
 from pipeline.boosting import BoostNet
 from pipeline.budgets import calibrate
 from pipeline.cli import main
-from pipeline.data import DEBIAN_FASHION_MNIST, Split, load_dataset
+from pipeline.data import Split, load_dataset
 from pipeline.evaluation import Source, collect_scores, early_exit, exit_costs, load_model
 from pipeline.io import write_json
 from pipeline.predict import UNREADABLE_EXIT_CODE
 from pipeline.profiling import BATCH_1, BATCH_N, ExitProfile, apply_threads, measure
 
-pytestmark = [
-    pytest.mark.slow,  # each module trains a project first
-    pytest.mark.skipif(
-        not DEBIAN_FASHION_MNIST.exists(), reason="needs Debian's dataset-fashion-mnist (make data)"
-    ),
-]
+pytestmark = needs_data
 CPU = torch.device("cpu")
 N_IMAGES = 96
 
@@ -87,6 +82,7 @@ def _predict(root: Path, monkeypatch: pytest.MonkeyPatch, *args: str):
     return CliRunner().invoke(main, ["predict", *args], catch_exceptions=False)
 
 
+@pytest.mark.slow
 def test_predictions_equal_in_process_early_exit(workspace, monkeypatch):
     root, images, thresholds = workspace
     result = _predict(root, monkeypatch, "images/shirts", "--json", "--batch-size", "32")
@@ -107,6 +103,7 @@ def test_predictions_equal_in_process_early_exit(workspace, monkeypatch):
     assert payload["images_per_second"] > 0 and payload["unreadable"] == []
 
 
+@pytest.mark.slow
 def test_unreadable_file_is_named_skipped_and_exit_code_says_so(workspace, monkeypatch):
     root, _, _ = workspace
     result = _predict(root, monkeypatch, "images", "--csv")
@@ -118,6 +115,7 @@ def test_unreadable_file_is_named_skipped_and_exit_code_says_so(workspace, monke
     assert "images/s" in result.stderr.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_budget_below_the_first_exit_is_one_line(workspace, monkeypatch):
     root, _, _ = workspace
     result = _predict(root, monkeypatch, "images/shirts/00000.png", "--budget", "1e5")
@@ -126,6 +124,7 @@ def test_budget_below_the_first_exit_is_one_line(workspace, monkeypatch):
     assert "--budget" in result.stderr and "first exit" in result.stderr
 
 
+@pytest.mark.slow
 def test_thresholds_file_and_budget_choose_the_exits(workspace, monkeypatch):
     root, _, _ = workspace
     (root / "first.json").write_text(json.dumps([0.0] * 5))  # everyone leaves at exit 1
@@ -140,6 +139,7 @@ def _cost(rows: list[dict], exit_ms: list[float]) -> float:
     return sum(exit_ms[r["exit"] - 1] for r in rows) / len(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("regime", "args"), [(BATCH_N, ["--batch-size", "32"]), (BATCH_1, ["--regime", "batch-1"])]
 )
@@ -162,6 +162,7 @@ def test_budget_ms_picks_thresholds_within_the_time_budget(workspace, monkeypatc
     assert len({r["exit"] for r in rows}) > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("budget", "says"), [("1e-9", "first exit"), ("1e9", "last exit")])
 def test_time_budget_outside_the_exits_costs_is_one_line(workspace, monkeypatch, budget, says):
     root, _, _ = workspace
@@ -172,6 +173,7 @@ def test_time_budget_outside_the_exits_costs_is_one_line(workspace, monkeypatch,
     assert "--budget-ms" in result.stderr and says in result.stderr
 
 
+@pytest.mark.slow
 def test_time_budget_with_a_profile_of_another_setup_is_refused(workspace, monkeypatch):
     root, _, _ = workspace
     path = root / "outputs/profile/exit_costs.json"
@@ -193,6 +195,7 @@ def test_time_budget_with_a_profile_of_another_setup_is_refused(workspace, monke
         path.write_text(measured)
 
 
+@pytest.mark.slow
 def test_missing_model_says_to_run_dvc_repro(tmp_path, monkeypatch):
     shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
     result = _predict(tmp_path, monkeypatch, "x.png")
