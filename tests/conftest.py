@@ -5,8 +5,9 @@ the scaffolding they share lives in tests/helpers (import it from there, not fro
 Slow tests: a test that runs a real pipeline, cluster, search or an ImageNet-sized model (a
 minute or more on 2 CPU cores, or seconds that add up) carries pytest's `slow` mark where the
 cost is: `@pytest.mark.slow` on the test, or `marks=pytest.mark.slow` on a costly case of a
-parametrised test (`slow_cases`). Never a module-wide `pytestmark`: every test's own line says
-whether `make test-fast` (`pytest -m "not slow"`) runs it.
+parametrised test (`slow_cases`); never in a module-wide `pytestmark` (which may say what a
+module needs, e.g. `needs_data`): each test's own lines say whether `make test-fast`
+(`pytest -m "not slow"`) runs it.
 """
 
 from __future__ import annotations
