@@ -82,8 +82,8 @@ class EpochLog(Protocol):
 @dataclass(frozen=True)
 class WorkerInputs:
     """What every Ray Train worker takes from the driver, reachable from any node: the
-    prepared splits (in Ray's object store), a folder dataset's files, and where a
-    deterministic error is written down for the driver."""
+    prepared splits (in Ray's object store), a folder dataset's files, where a deterministic
+    error is written down for the driver, and where rank 0 logs each epoch."""
 
     params: Params
     prepared: ray.ObjectRef
