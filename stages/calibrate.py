@@ -9,7 +9,7 @@ output records that instead.
 """
 
 from pipeline import paths, tracking
-from pipeline.budgets import UNITS, calibrate, check_time_budgets, uncalibrated
+from pipeline.budgets import FLOPS, UNITS, calibrate, check_time_budgets, uncalibrated
 from pipeline.config import load_params
 from pipeline.data import load_split
 from pipeline.devices import stage_device
@@ -41,10 +41,10 @@ def main() -> None:
             print(f"skipped {skipped} unreadable image(s) of the held-out split (data.skip_bad)")
         result = calibrate(scores, flops, profile, params.calibrate)
         for point in (*result.budgets, *result.time_budgets):
-            unit = UNITS[point.currency]
+            unit = UNITS[point.currency] + ("" if point.currency == FLOPS else f" {point.currency}")
             print(
-                f"budget {point.budget:.3g} {unit} ({point.currency}): validation "
-                f"{point.expected(point.currency):.3g} {unit}, top-1 {point.top1:.2f}%"
+                f"budget {point.budget:.3g} {unit}: validation "
+                f"{point.expected(point.currency):.3g}, top-1 {point.top1:.2f}%"
             )
     else:
         print(NOT_CALIBRATED)
