@@ -1,0 +1,34 @@
+"""What every params section shares: the error type, number types and the strict base."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+class ConfigError(ValueError):
+    """A params file that cannot be used; the message is one line naming the file and key."""
+
+
+def scalar_to_list(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
+NonNegative = Annotated[float, Field(strict=True, ge=0)]
+Positive = Annotated[float, Field(strict=True, gt=0)]
+Count = Annotated[int, Field(strict=True, ge=1)]
+# A number or a list of numbers; stored as a list so errors point at one element.
+NonNegativeList = Annotated[list[NonNegative], BeforeValidator(scalar_to_list), Field(min_length=1)]
+
+
+class Section(BaseModel):
+    # Field docstrings become their descriptions (the docs site's params reference).
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class KeyProblem(ValueError):
+    """Raised inside validators to report a problem with one dotted key."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
