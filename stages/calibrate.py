@@ -10,20 +10,20 @@ output records that instead.
 
 from pipeline import paths, tracking
 from pipeline.budgets import FLOPS, UNITS, calibrate, check_time_budgets, uncalibrated
-from pipeline.config import load_params
 from pipeline.data import load_split
 from pipeline.devices import stage_device
 from pipeline.entry import stage_main
 from pipeline.evaluation import collect_scores, eval_source, exit_costs, load_model
 from pipeline.io import check_writable, read_json, write_json
 from pipeline.profiling import ExitProfile, Machine, apply_threads
+from pipeline.stage_input import stage_input
 
 NOT_CALIBRATED = "data.val_size is 0: no held-out split, so no thresholds (anytime setting)"
 
 
 @stage_main
 def main() -> None:
-    params = load_params(paths.PARAMS).with_dataset(read_json(paths.DATASET_INFO))
+    params = stage_input().params
     check_writable([paths.CALIBRATE_DIR])
     apply_threads(params.evaluate.threads)
     device = stage_device(params.evaluate.device)

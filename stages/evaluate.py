@@ -5,7 +5,6 @@ empty and the metrics say why."""
 
 from pipeline import paths, plots, tracking
 from pipeline.budgets import Calibration
-from pipeline.config import load_params
 from pipeline.data import load_split
 from pipeline.devices import stage_device
 from pipeline.entry import stage_main
@@ -14,11 +13,12 @@ from pipeline.io import check_writable, read_json, replaced_together, write_json
 from pipeline.latency import sample
 from pipeline.profiling import COLUMNS, REGIMES, ExitProfile, Machine, apply_threads
 from pipeline.scorecard import evaluate
+from pipeline.stage_input import stage_input
 
 
 @stage_main
 def main() -> None:
-    params = load_params(paths.PARAMS).with_dataset(read_json(paths.DATASET_INFO))
+    params = stage_input().params
     check_writable([paths.EVALUATE_DIR])
     apply_threads(params.evaluate.threads)
     device = stage_device(params.evaluate.device)

@@ -5,19 +5,19 @@ The images are the held-out split's (the test split's when nothing is held out):
 no labels, and the test split stays for evaluate."""
 
 from pipeline import paths
-from pipeline.config import load_params
 from pipeline.data import load_split
 from pipeline.devices import stage_device
 from pipeline.entry import stage_main
 from pipeline.evaluation import eval_source, exit_costs, load_model
-from pipeline.io import check_writable, read_json, write_json
+from pipeline.io import check_writable, write_json
 from pipeline.latency import sample
 from pipeline.profiling import REGIMES, apply_threads, measure
+from pipeline.stage_input import stage_input
 
 
 @stage_main
 def main() -> None:
-    params = load_params(paths.PARAMS).with_dataset(read_json(paths.DATASET_INFO))
+    params = stage_input().params
     check_writable([paths.PROFILE_DIR])
     apply_threads(params.evaluate.threads)
     device = stage_device(params.evaluate.device)

@@ -7,10 +7,10 @@ import torch
 
 from pipeline import paths, reports, tracking
 from pipeline.boosting import BoostNet
-from pipeline.config import load_params
 from pipeline.entry import stage_main
-from pipeline.io import atomic_path, check_writable, read_json, replaced_together, write_json
+from pipeline.io import atomic_path, check_writable, replaced_together, write_json
 from pipeline.rayenv import prepare_ray
+from pipeline.stage_input import stage_input
 from pipeline.storage import open_storage
 
 
@@ -20,8 +20,8 @@ def main() -> None:
     from pipeline.cluster import ray_session
     from pipeline.training import run_name, train
 
-    dataset = read_json(paths.DATASET_INFO)
-    params = load_params(paths.PARAMS).with_dataset(dataset)
+    given = stage_input()
+    params, dataset = given.params, given.dataset
     name = run_name(params, dataset["fingerprint"])
     check_writable([paths.TRAIN_DIR])
     storage = open_storage(params.ray, paths.RAY_STORAGE)  # checkpoints: a real write, up front

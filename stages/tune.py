@@ -3,10 +3,10 @@ search of `boostpipe tune` with the params file's settings, confirmation include
 confirmed best values (none when the params file's values stay best)."""
 
 from pipeline import paths
-from pipeline.config import load_params
 from pipeline.entry import stage_main
-from pipeline.io import check_writable, read_json, replaced_together, write_json
+from pipeline.io import check_writable, replaced_together, write_json
 from pipeline.rayenv import prepare_ray
+from pipeline.stage_input import stage_input
 
 
 @stage_main
@@ -14,9 +14,9 @@ def main() -> None:
     prepare_ray()  # Ray reads it on import: before pipeline.search imports ray
     from pipeline.search import run_search
 
-    params = load_params(paths.PARAMS)
+    given = stage_input()
     check_writable([paths.TUNE_DIR])
-    outcome = run_search(params, paths.PREPARED, read_json(paths.DATASET_INFO), paths.TUNE_STORAGE)
+    outcome = run_search(given.params, paths.PREPARED, given.dataset, paths.TUNE_STORAGE)
     if outcome.best is None:
         raise SystemExit("tune: no trial finished; see the failed trials' runs in MLflow")
     default = outcome.default.score if outcome.default else None
