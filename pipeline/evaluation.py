@@ -27,8 +27,8 @@ from pipeline.flops import count_exit_costs
 from pipeline.inputs import check_bad, default_loader_workers, eval_batches
 from pipeline.io import load_checkpoint
 
-# Inference runs channels-last: on CPU it makes MSDNet's small convolutions ~1.5x faster (in
-# training the batch-norm backward pass loses that gain again).
+# Inference runs channels-last: oneDNN runs MSDNet's small convolutions faster in that layout on
+# CPU (in training the batch-norm backward pass loses the gain again).
 CHANNELS_LAST = torch.channels_last
 
 
@@ -110,8 +110,7 @@ class ExitQueue:
     however many input batches), so every block runs on full batches. Run per input batch, the
     late blocks would see a few dozen samples each time, at a new shape each time: on CPU that
     costs almost what a full batch does (per-call overhead, a oneDNN set-up per new shape).
-    Gathering raised measured/FLOPs-predicted speedup on the default from 0.66-0.71 to
-    0.75-0.81 (1 thread). Each sample's result does not depend on which others share its batch.
+    Each sample's result does not depend on which others share its batch.
     A runner waits with its whole batch's state only while at least half of it goes on (or
     while the rest of it is next in line), so what waits at an exit holds at most twice the
     state of the samples waiting there, plus one batch.
@@ -252,8 +251,8 @@ def load_model(params: Params, path: Path, device: torch.device) -> BoostNet:
 def fold_batch_norm(net: nn.Module) -> nn.Module:
     """Every conv followed by a batch-norm becomes one conv with the norm's scale and shift in
     its weights (eval mode only). Same outputs to float rounding and the same counted FLOPs
-    (batch-norm counts nothing), but a memory pass less per layer: 16-32 % of inference time on
-    the default model, most of it in the full-resolution first block."""
+    (batch-norm counts nothing), but a memory pass less per layer, which matters most in the
+    full-resolution first block."""
     for module in net.modules():
         if isinstance(module, nn.Sequential):
             for i in range(len(module) - 1):
