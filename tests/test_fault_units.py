@@ -87,7 +87,7 @@ def test_run_status_follows_the_work(store, tmp_path):
         assert tracking.resume_run(compose(), "train-abc") == run_id
         assert _status(run_id) == "RUNNING"
     assert _status(run_id) == "RUNNING"
-    metrics = {"final_top1": 1.0, "mean_top1": 1.0, "budgets": {}}
+    metrics = {"final_top1": 1.0, "mean_top1": 1.0, "budgets": {}, "time_budgets": {}}
     with tracking.status_of():  # evaluate
         tracking.resume_run(compose(), "train-abc")
         tracking.log_evaluation(run_id, metrics, [], [], [])
