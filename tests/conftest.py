@@ -12,9 +12,12 @@ module needs, e.g. `needs_data`): each test's own lines say whether `make test-f
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import PARAMS_FILES
@@ -48,13 +51,16 @@ def shared_copy(shared_run: SharedRun, tmp_path: Path) -> Path:
 
 
 # --- scheduling ---------------------------------------------------------------------------------
-# `make test` runs `pytest -n 2 --dist loadgroup --no-loadscope-reorder`: xdist hands the work
-# units below to two workers in this order, the next unit to whichever worker runs dry. No list
-# of long files is kept: the order follows from each test's time in the last run (pytest's
-# cache), else from the tests' own `slow` marks, and the units from their fixtures.
+# `make test` runs `pytest -n 2 --dist loadgroup --no-loadscope-reorder`: the two workers take
+# the work units below in this order, the next unit to whichever worker runs dry. No list of
+# long files is kept: the order follows from each test's time in the last run (pytest's cache),
+# else from the tests' own `slow` marks, and the units from their fixtures. (xdist's own
+# loadgroup renames tests `id@group`, which pytest 9 ignores: UnitScheduling reads the units the
+# workers write instead.)
 
 DURATIONS = "boostpipe/durations"  # pytest cache key: seconds per test id, from the last run
 SLOW_SECONDS = 60.0  # a slow test never timed here: "a minute or more"
+UNITS = "boostpipe_units"  # workerinput key: the file each worker writes its units to
 _SECONDS: dict[str, float] = {}  # this process's reports: test id -> seconds
 
 
@@ -71,25 +77,50 @@ def _module_fixtures(item: pytest.Item) -> list[str]:
     ]
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests that share a module-scoped fixture form one unit (an `xdist_group`); every other
-    test is a unit of its own. Units run longest first (a unit's time: its tests' times in the
-    last run, or SLOW_SECONDS per slow test never timed), so that the long units start at once
-    and the short ones fill the gaps at the end; a module's tests stay in their order."""
-    timed: dict[str, float] = config.cache.get(DURATIONS, {}) if config.cache else {}
-    units: dict[pytest.Item, str] = {}
+    """Tests that share a module-scoped fixture form one unit; every other test is a unit of
+    its own. Units run longest first (a unit's time: its tests' times in the last run, or
+    SLOW_SECONDS per slow test never timed), so that the long units start at once and the short
+    ones fill the gaps at the end; a module's tests stay in their order."""
+    cache = getattr(config, "cache", None)  # None under -p no:cacheprovider
+    timed: dict[str, float] = cache.get(DURATIONS, {}) if cache else {}
+    units = {
+        item.nodeid: item.path.stem if _module_fixtures(item) else item.nodeid for item in items
+    }
     cost: Counter[str] = Counter()
     for item in items:
-        if _module_fixtures(item):
-            group = item.path.stem
-            item.add_marker(pytest.mark.xdist_group(group))
-            units[item] = group
-        else:
-            units[item] = item.nodeid
         slow = SLOW_SECONDS if item.get_closest_marker("slow") else 0.0
-        cost[units[item]] += timed.get(item.nodeid, slow)
-    items.sort(key=lambda item: -cost[units[item]])
+        cost[units[item.nodeid]] += timed.get(item.nodeid, slow)
+    items.sort(key=lambda item: -cost[units[item.nodeid]])
+    workerinput = getattr(config, "workerinput", {})
+    if UNITS in workerinput:  # for the controller's UnitScheduling
+        path = Path(f"{workerinput[UNITS]}.{workerinput['workerid']}")
+        path.write_text(json.dumps(units))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """Where each xdist worker writes its units (the controller collects nothing itself)."""
+    folder = Path(tempfile.mkdtemp(prefix="boostpipe-units-"))
+    node.workerinput[UNITS] = str(folder / "units.json")
+    node.config._boostpipe_units = folder
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadgroup`: whole units, in the workers' order."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class UnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if not hasattr(self, "_units"):
+                (written, *_) = sorted(config._boostpipe_units.glob("units.json.*"))
+                self._units = json.loads(written.read_text())
+            return self._units.get(nodeid, nodeid)
+
+    return UnitScheduling(config, log)
 
 
 def _test_id(nodeid: str) -> str:
@@ -108,6 +139,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     """The times of this run into pytest's cache, for the next run's order (the controller
     only: under xdist it receives every worker's reports)."""
     config = session.config
-    if config.cache is None or hasattr(config, "workerinput") or not _SECONDS:
+    if getattr(config, "cache", None) is None or hasattr(config, "workerinput") or not _SECONDS:
         return
     config.cache.set(DURATIONS, {**config.cache.get(DURATIONS, {}), **_SECONDS})
