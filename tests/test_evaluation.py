@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from helpers import compose
+from helpers.nets import untrained_boostnet
 
 from pipeline.boosting import BoostNet
 from pipeline.budgets import Calibration, Point
@@ -42,18 +43,8 @@ from pipeline.scorecard import (
 DEVICE = torch.device("cpu")
 
 
-def _problem():
-    params = compose()
-    torch.manual_seed(0)
-    net = BoostNet.from_params(params).eval()
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (300, 1, 28, 28), dtype=torch.uint8, generator=generator)
-    split = Split(images, torch.randint(0, 10, (300,), generator=generator))
-    return params, net, split
-
-
 def test_early_exit_predicts_and_exits_as_the_thresholds_say():
-    params, net, split = _problem()
+    params, net, split = untrained_boostnet()
     source = Source(split, params.data, batch_size=64)
     scores, skipped = collect_scores(net, source, DEVICE)
     assert scores.confidence.shape == (params.model.n_exits, 300) and skipped == 0
@@ -72,7 +63,7 @@ def test_early_exit_predicts_and_exits_as_the_thresholds_say():
 
 
 def test_exit_queue_runs_every_block_on_full_batches_and_returns_results_by_id():
-    params, net, split = _problem()
+    params, net, split = untrained_boostnet()
     source = Source(split, params.data, batch_size=64)
     scores, _ = collect_scores(net, source, DEVICE)
     thresholds = fit_thresholds(scores.confidence, exit_distribution(0.7, params.model.n_exits))
@@ -118,7 +109,7 @@ def test_topk_accuracy_counts_hits_per_exit():
 
 
 def test_folding_batch_norm_keeps_outputs_and_counted_flops():
-    params, net, split = _problem()
+    params, net, split = untrained_boostnet()
     for module in net.modules():  # trained-looking statistics, so folding has work to do
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.5, 0.5)
@@ -250,7 +241,7 @@ def test_time_budget_metrics_carry_regime_target_and_measured_ms():
 
 
 def test_one_at_a_time_early_exit_agrees_with_the_batched_queue():
-    params, net, split = _problem()
+    params, net, split = untrained_boostnet()
     scores, _ = collect_scores(net, Source(split, params.data, 64), DEVICE)
     thresholds = fit_thresholds(scores.confidence, exit_distribution(0.7, net.n_exits)).tolist()
     batched = early_exit(net, Source(split, params.data, 64), thresholds, DEVICE)

@@ -5,10 +5,8 @@ import json
 
 import pytest
 import torch
-from helpers import compose
+from helpers.nets import untrained_boostnet
 
-from pipeline.boosting import BoostNet
-from pipeline.data import Split
 from pipeline.evaluation import Source, early_exit, exit_costs
 from pipeline.latency import early_exit_one_at_a_time
 from pipeline.profiling import (
@@ -27,13 +25,7 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def problem():
-    params = compose(**{"model.n_blocks": 3})
-    torch.manual_seed(0)
-    net = BoostNet.from_params(params).eval()
-    generator = torch.Generator().manual_seed(1)
-    images = torch.randint(0, 256, (128, 1, 28, 28), dtype=torch.uint8, generator=generator)
-    split = Split(images, torch.randint(0, 10, (128,), generator=generator))
-    return params, net, split
+    return untrained_boostnet(128, **{"model.n_blocks": 3})
 
 
 @pytest.mark.parametrize("exit_index", [0, 1, 2])

@@ -1,11 +1,17 @@
-"""Small networks built straight from a spec, and image folders of real files, for the unit tests
-that need a model or a dataset but not the project's params."""
+"""Small networks, built straight from a spec or from the default params, and image folders of
+real files, for the unit tests that need a model or a dataset but no pipeline run."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from helpers.project import compose
+from pipeline.boosting import BoostNet
+from pipeline.config import Params
+from pipeline.data import Split
 from pipeline.models import MSDNet, MSDNetSpec, RANet, RANetSpec
 
 
@@ -75,3 +81,15 @@ def write_image_folder(
                 image.save(folder / f"{split}_{label}_{i}{suffix}")
         (root / split / "n00000000" / "notes.txt").write_text("not an image\n")
     return root
+
+
+def untrained_boostnet(n_images: int = 300, **overrides: Any) -> tuple[Params, BoostNet, Split]:
+    """The default params (with dotted `overrides`), a seeded untrained BoostNet in eval mode, and
+    random grey images with random labels: real tensors for inference paths whose results need
+    no trained model."""
+    params = compose(**overrides)
+    torch.manual_seed(0)
+    net = BoostNet.from_params(params).eval()
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (n_images, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    return params, net, Split(images, torch.randint(0, 10, (n_images,), generator=generator))
