@@ -226,13 +226,16 @@ def test_flops_budget_metrics_speedups_and_time_measured_and_predicted():
 
 def test_time_budget_metrics_carry_regime_target_and_measured_ms():
     point = _point(0.5, [0.5, 0.0], 70.0, budget=0.8, currency=BATCH_1)
-    metrics = time_metrics(_scores(), point, Timed(0.004, RUN), PROFILE)
+    metrics = time_metrics(_scores(), point, Timed(0.004, RUN), PROFILE, drift=1.25)
     assert metrics == {
         "regime": "batch-1",
         "target_ms": 0.8,
         "expected_ms": pytest.approx(0.7),  # half at 0.4 ms, half at 1.0 ms
         "measured_ms": pytest.approx(1.0),  # 4 ms for 4 images
         "measured_over_target": pytest.approx(1.0 / 0.8),
+        # the machine ran 1.25x slower than when profiled: at the profile's speed, on target
+        "drift": 1.25,
+        "measured_over_target_at_profile_speed": pytest.approx(1.0),
         "top1": 100.0,
         "early_exit_top1": 75.0,
         "expected_mflops": 2.0,
@@ -299,6 +302,7 @@ def test_evaluate_reports_the_stage_layout_with_and_without_calibration():
     ):
         assert row["regime"] == regime and row["measured_ms"] > 0
         assert row["measured_over_target"] == pytest.approx(row["measured_ms"] / row["target_ms"])
+        assert row["drift"] > 0  # the profile's last exit, timed again in this run
     assert [r["regime"] for r in report.time_budgets] == [BATCH_1, BATCH_N]
     assert report.metrics["anytime"]["top1"] == {
         f"exit_{r['exit']}": r["top1"] for r in report.anytime

@@ -117,7 +117,7 @@ def log_evaluation(
             for key in ("top1", "expected_mflops", "speedup_measured", "speedup_predicted"):
                 yield f"budget_{row['target_mflops']:g}M_{key}", row[key], 0
         for name, row in metrics["time_budgets"].items():
-            for key in ("top1", "target_ms", "measured_ms", "measured_over_target"):
+            for key in ("top1", "target_ms", "measured_ms", "measured_over_target", "drift"):
                 yield f"time_{name}_{key}", row[key], 0
 
     log_metrics(run_id, values())
