@@ -38,7 +38,7 @@ lint: setup
 # (xdist groups) and the longest go first: tests/conftest.py derives both from the tests' own
 # fixtures, `slow` marks and last run's times, and --no-loadscope-reorder keeps that order.
 test: lint
-	$(BIN)/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # Everything but the tests that run real pipelines, clusters and searches (`slow`): a minute.
 test-fast: setup

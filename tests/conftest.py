@@ -51,8 +51,9 @@ def shared_copy(shared_run: SharedRun, tmp_path: Path) -> Path:
 
 
 # --- scheduling ---------------------------------------------------------------------------------
-# `make test` runs `pytest -n 2 --dist loadgroup --no-loadscope-reorder`: the two workers take
-# the work units below in this order, the next unit to whichever worker runs dry. No list of
+# `make test` runs `pytest -n 2 --dist loadfile` (whole files, the mode CI has passed with), while
+# `--dist loadgroup --no-loadscope-reorder` is tried out: with it the two workers take the work
+# units below in this order, the next unit to whichever worker runs dry. No list of
 # long files is kept: the order follows from each test's time in the last run (pytest's cache),
 # else from the tests' own `slow` marks, and the units from their fixtures. (xdist's own
 # loadgroup renames tests `id@group`, which pytest 9 ignores: UnitScheduling reads the units the
