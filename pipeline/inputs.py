@@ -12,13 +12,11 @@ the error there is one line naming it (or, with data.skip_bad, a count).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
-from torchvision.io import ImageReadMode, decode_image
-from torchvision.transforms import v2
 
 from pipeline.augment import batch_augment
 from pipeline.config import DataConfig
@@ -36,6 +34,8 @@ Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images, targets, u
 def decode(path: Path, grey: bool = False) -> torch.Tensor:
     """uint8 [3, H, W] RGB ([1, H, W] when `grey`). torchvision first (faster than Pillow for
     JPEG), Pillow for the rest."""
+    from torchvision.io import ImageReadMode, decode_image  # torchvision takes ~2 s to import
+
     data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
     try:
         return decode_image(data, mode=ImageReadMode.GRAY if grey else ImageReadMode.RGB)
@@ -47,10 +47,12 @@ def decode(path: Path, grey: bool = False) -> torch.Tensor:
             return pil_to_tensor(image.convert("L" if grey else "RGB"))
 
 
-def transform(data: DataConfig, train: bool) -> v2.Transform:
+def transform(data: DataConfig, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """RandomResizedCrop + flip for training, resize + centre crop for evaluation. The built-in
     datasets' own images are already image_size square, so files given for them (`boostpipe
     predict`) are resized to image_size, not to the folder datasets' larger evaluation side."""
+    from torchvision.transforms import v2
+
     size = data.spec.image_size
     if train:
         return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
@@ -61,7 +63,9 @@ def transform(data: DataConfig, train: bool) -> v2.Transform:
 class ImageFiles(Dataset):
     """A FileSplit's images, decoded and cropped one by one in loader processes."""
 
-    def __init__(self, split: FileSplit, root: Path, crop: v2.Transform, grey: bool) -> None:
+    def __init__(
+        self, split: FileSplit, root: Path, crop: Callable[[torch.Tensor], torch.Tensor], grey: bool
+    ) -> None:
         self.files, self.targets, self.root, self.crop = split.files, split.targets, root, crop
         self.grey = grey
 
