@@ -75,6 +75,8 @@ def stage_main(command: Callable[..., Any]) -> Callable[..., Any]:
     (130 for Ctrl-C) with one line instead of a traceback. The MLflow run the stage opened
     ends KILLED or FAILED with it."""
     from pipeline import interrupts, tracking
+    from pipeline.io import checked_before_writing
+    from pipeline.params_guard import ParamsGuard
 
     @wraps(command)
     def tracked(*args: Any, **kwargs: Any) -> Any:
@@ -87,12 +89,15 @@ def stage_main(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         interrupts.stop_with_parent()
         quiet_driver()
+        spec = getattr(sys.modules[command.__module__], "__spec__", None)
+        stage = spec.name if spec else command.__module__  # stages.x, also as __main__
+        # Params edited while the stage runs: stop before writing, or dvc.lock would record them.
+        guard = ParamsGuard(stage.rpartition(".")[2])
         try:
-            return reporting(*args, **kwargs)
+            with checked_before_writing(guard.check):
+                return reporting(*args, **kwargs)
         except KeyboardInterrupt:
             code = interrupts.exit_code()
-            spec = getattr(sys.modules[command.__module__], "__spec__", None)
-            stage = spec.name if spec else command.__module__  # stages.x, also as __main__
             click.echo(
                 f"{stage}: interrupted by {signal.Signals(code - 128).name}; "
                 "`dvc repro` runs it again (training resumes from its last checkpoint)",

@@ -9,7 +9,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,24 @@ from pipeline.errors import CorruptFile, NotWritable
 
 # (temporary, final) pairs of the innermost `replaced_together` block, renamed when it ends.
 _deferred: list[list[tuple[str, Path]]] = []
+# Checks that must pass before any output is renamed into place (`checked_before_writing`).
+_checks: list[Callable[[], None]] = []
+
+
+@contextmanager
+def checked_before_writing(check: Callable[[], None]) -> Iterator[None]:
+    """In the block, `check()` runs before every output is renamed into place; when it raises,
+    that output (or the whole `replaced_together` group) is discarded and the old one stays."""
+    _checks.append(check)
+    try:
+        yield
+    finally:
+        _checks.remove(check)
+
+
+def _run_checks() -> None:
+    for check in list(_checks):
+        check()
 
 
 @contextmanager
@@ -41,6 +59,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             _deferred[-1].append((tmp, path))
             deferred = True
         else:
+            _run_checks()
             os.replace(tmp, path)
     finally:
         if not deferred and os.path.exists(tmp):
@@ -66,6 +85,12 @@ def replaced_together() -> Iterator[None]:
     if _deferred:  # nested: the outer block renames
         _deferred[-1].extend(pending)
         return
+    try:
+        _run_checks()
+    except BaseException:
+        for tmp, _ in pending:
+            Path(tmp).unlink(missing_ok=True)
+        raise
     for tmp, path in pending:  # renames within a folder do not fail for want of space
         os.replace(tmp, path)
 

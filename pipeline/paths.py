@@ -3,6 +3,7 @@
 from pathlib import Path
 
 PARAMS = Path("params.yaml")
+DVC_FILES = (Path("dvc.yaml"), Path("tune/dvc.yaml"))  # the pipelines; stages declare params there
 DVC_LOCK = Path("dvc.lock")
 PREPARED = Path("data/prepared.npz")
 DATASET_INFO = Path("data/dataset.json")

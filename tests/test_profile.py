@@ -45,10 +45,10 @@ def test_the_profile_times_every_exit_in_both_regimes(problem):
     profile = measure(
         net,
         Source(split, params.data, 64),
-        Source(split.subset(torch.arange(16)), params.data, 1),
+        Source(split.subset(torch.arange(32)), params.data, 1),
         CPU,
         flops,
-        repeats=3,
+        repeats=7,
         warmup=1,
     )
     assert profile.flops == flops and profile.batch_size == 64

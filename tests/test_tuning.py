@@ -472,6 +472,7 @@ def test_ctrl_c_in_the_confirmation_then_resume_runs_only_unfinished_confirmatio
         assert load_params(params_file).boost.temperature != before_apply
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_second_identical_search_is_refused_and_the_first_finishes_untouched(workdir):
     """Two `boostpipe tune` with the same params: the second names the running one in one line
