@@ -84,8 +84,12 @@ class Timed:
         return 1000.0 * self.seconds / len(self.run.targets)
 
 
-def _interleaved(jobs: list[Callable[[], EarlyExitRun]], repeats: int) -> list[Timed]:
-    """Every job once per round, `repeats` rounds, so drift in machine load hits all alike."""
+def interleaved(jobs: list[Callable[[], EarlyExitRun]], repeats: int, warmup: int) -> list[Timed]:
+    """Every job once per round, `repeats` rounds, so drift in machine load hits all alike,
+    after `warmup` untimed rounds (allocator, thread pool and kernel set-up on these shapes)."""
+    for _ in range(warmup):
+        for job in jobs:
+            job()
     runs: list[list[EarlyExitRun]] = [[] for _ in jobs]
     for _ in range(repeats):
         for job, kept in zip(jobs, runs, strict=True):
@@ -201,6 +205,7 @@ def evaluate(
     calibration: Calibration,
     profile: ExitProfile,
     repeats: int,
+    warmup: int,
 ) -> Report:
     """Score every exit on the test split and apply the calibrated thresholds to those scores;
     time real early exit at every budget (`single`: the batch-1 sample), interleaved repeats."""
@@ -216,13 +221,14 @@ def evaluate(
     # drifted since the profile ran (another stage, minutes or a machine away).
     regimes = [r for r in REGIMES if any(p.currency == r for p in calibration.time_budgets)]
     last_exit = forced_exit(net.n_exits - 1, net.n_exits)
-    every_exit, *timed = _interleaved(
+    every_exit, *timed = interleaved(
         [
             _all_exits(net, test, device),
             *(job(last_exit, regime) for regime in regimes),
             *(job(point.thresholds, point.currency) for point in timed_points),
         ],
         repeats,
+        warmup,
     )
     anchors, timed = timed[: len(regimes)], timed[len(regimes) :]
     drift = {

@@ -31,8 +31,9 @@ def main() -> None:
     split = load_split(paths.PREPARED, "test")
     test = eval_source(params, split, params.evaluate.batch_size)
     single = eval_source(params, sample(split, params.evaluate.batch1_images, params.seed), 1)
+    timing = params.evaluate
     report = evaluate(
-        net, test, single, device, calibration, profile, params.evaluate.timing_repeats
+        net, test, single, device, calibration, profile, timing.timing_repeats, timing.timing_warmup
     )
 
     anytime, curve = report.anytime, report.budget_curve

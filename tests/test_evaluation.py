@@ -2,6 +2,7 @@
 the evaluate stage's curves, speedups and metric layout from small synthetic scores."""
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -37,6 +38,7 @@ from pipeline.scorecard import (
     budget_curve,
     evaluate,
     flops_metrics,
+    interleaved,
     time_metrics,
 )
 
@@ -283,7 +285,7 @@ def test_evaluate_reports_the_stage_layout_with_and_without_calibration():
             _point(0.3, fitted[0], 50.0, budget=0.15, currency=BATCH_N),
         ],
     )
-    report = evaluate(net, source, single, DEVICE, calibration, profile, repeats=2)
+    report = evaluate(net, source, single, DEVICE, calibration, profile, repeats=2, warmup=1)
     assert list(report.metrics) == [
         "anytime",
         "final_top1",
@@ -314,8 +316,25 @@ def test_evaluate_reports_the_stage_layout_with_and_without_calibration():
 
     reason = "data.val_size is 0: nothing held out to calibrate on"
     empty = Calibration(False, flops, profile.ms, [], [], [], reason)
-    report = evaluate(net, source, single, DEVICE, empty, profile, repeats=1)
+    report = evaluate(net, source, single, DEVICE, empty, profile, repeats=1, warmup=0)
     assert report.metrics["budgets"] == {} and report.budget_curve == []
     assert report.metrics["time_budgets"] == {} and report.time_budgets == []
     assert report.metrics["calibrated"] is False
     assert report.summary()[-1] == f"budgeted evaluation skipped: {reason}"
+
+
+def test_timings_take_medians_after_untimed_warm_up_rounds():
+    """The first run of a configuration pays one-time set-up; it is run, never timed."""
+    calls: list[int] = []
+
+    def job(index: int) -> Callable[[], EarlyExitRun]:
+        def run() -> EarlyExitRun:
+            calls.append(index)
+            seconds = 100.0 if calls.count(index) == 1 else float(len(calls))  # a cold first run
+            return EarlyExitRun(torch.zeros(1), torch.zeros(1), torch.zeros(1), seconds)
+
+        return run
+
+    first, second = interleaved([job(0), job(1)], repeats=3, warmup=1)
+    assert calls == [0, 1] * 4  # interleaved: the warm-up round, then three timed rounds
+    assert (first.seconds, second.seconds) == (5.0, 6.0)  # medians of 3,5,7 and 4,6,8

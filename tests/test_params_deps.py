@@ -14,6 +14,7 @@ from helpers import ROOT, needs_data, run, set_params
 INERT = {
     "train.loader_workers": "decoding processes per Ray worker: the same images either way",
     "evaluate.timing_repeats": "how many timings a median takes",
+    "evaluate.timing_warmup": "how many untimed rounds come first",
     "tune.max_concurrent": "how many trials run at once",
     "tracking.uri": "where runs are logged",
     "tracking.experiment": "where runs are logged",

@@ -181,6 +181,7 @@ class CalibrateConfig(Section):
 class EvaluateConfig(Section):
     batch_size: Count = 512
     timing_repeats: Count = 5  # early-exit wall times: median of this many interleaved runs
+    timing_warmup: Annotated[int, Field(strict=True, ge=0)] = 1  # untimed rounds first
     # profile, calibrate and evaluate (scores and the early-exit timing): auto takes CUDA when
     # present
     device: Literal["auto", "cpu", "cuda"] = "auto"
