@@ -136,3 +136,33 @@ def test_flatten_gives_dotted_keys():
         "boost.enabled": "True",
         "seed": "0",
     }
+
+
+def test_processes_creating_one_sqlite_store_at_once_all_connect(tmp_path):
+    """What `dvc queue start -j 3` does in a new project: three stages create the default
+    store at the same moment. One creates the tables and the experiment, the others wait and
+    find them; MLflow's migrations never run twice at once."""
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    code = (
+        "from pipeline.config import load_params; from pipeline.tracking import connect; "
+        "print(connect(load_params('params.yaml')))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PYTHONPATH"] = str(ROOT)
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in starts]
+    assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
+    assert len({out.strip() for _, out, _ in results}) == 1  # one experiment

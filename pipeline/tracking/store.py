@@ -10,10 +10,13 @@ store must answer its health check before anything waits on it.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.config import Params
 from pipeline.errors import TrackingUnavailable, describe_failure
+from pipeline.locks import waited
 from pipeline.verbosity import quiet_driver
 
 
@@ -92,29 +95,48 @@ KIND_TAG = "mlflow.experimentKind"
 TRAINING_KIND = "custom_model_development"
 
 
+SETUP_WAIT_S = 120.0  # another process creating the same SQLite store: its migrations
+
+
+@contextmanager
+def _one_at_a_time(uri: str) -> Iterator[None]:
+    """For a SQLite store, one process at a time creates its tables (MLflow's migrations fail
+    when two run at once: `dvc queue start -j 2` on a new project) and its experiment."""
+    database = local_store(uri) if uri.startswith("sqlite:///") else None
+    if database is None:
+        yield
+        return
+    with waited(Path(f"{database}.lock"), f"tracking store {uri}", SETUP_WAIT_S):
+        yield
+
+
 def connect(params: Params) -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
-    import mlflow
-
     quiet_driver()  # importing mlflow puts its loggers back at INFO (store creation lines)
     root = project_root()
     uri = tracking_uri(params, root)
     reach(uri)
     name = params.tracking.experiment
     try:
-        experiment = mlflow.get_experiment_by_name(name)
-        if experiment is None:
-            artifacts = None if uri.startswith("http") else (root / "mlruns").as_uri()
-            return mlflow.create_experiment(
-                name, artifact_location=artifacts, tags={KIND_TAG: TRAINING_KIND}
-            )
-        if experiment.tags.get(KIND_TAG) != TRAINING_KIND:  # created by an older boostpipe
-            mlflow.MlflowClient().set_experiment_tag(
-                experiment.experiment_id, KIND_TAG, TRAINING_KIND
-            )
-        return experiment.experiment_id
+        with _one_at_a_time(uri):
+            return _experiment_id(uri, name, root)
     except Exception as exc:
         raise TrackingUnavailable(f"tracking store {uri}: {describe_failure(exc)}") from None
+
+
+def _experiment_id(uri: str, name: str, root: Path) -> str:
+    """The experiment's id, created (tagged as a training experiment) when missing."""
+    import mlflow
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        artifacts = None if uri.startswith("http") else (root / "mlruns").as_uri()
+        return mlflow.create_experiment(
+            name, artifact_location=artifacts, tags={KIND_TAG: TRAINING_KIND}
+        )
+    if experiment.tags.get(KIND_TAG) != TRAINING_KIND:  # created by an older boostpipe
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, KIND_TAG, TRAINING_KIND)
+    return experiment.experiment_id
 
 
 def current_uri() -> str:
