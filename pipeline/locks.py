@@ -19,40 +19,46 @@ class Busy(RuntimeError):
 
 
 @contextmanager
-def exclusive(path: Path, what: str) -> Iterator[None]:
-    """Hold `path` locked for the block, or raise Busy at once naming the holder (PID, start)."""
+def _opened(path: Path) -> Iterator[int]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock(fd: int, timeout_s: float) -> bool:
+    """Lock `fd`, waiting up to `timeout_s` (0: not at all); False if another holder kept it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
         except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+
+
+@contextmanager
+def exclusive(path: Path, what: str) -> Iterator[None]:
+    """Hold `path` locked for the block, or raise Busy at once naming the holder (PID, start)."""
+    with _opened(path) as fd:
+        if not _lock(fd, 0):
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown process"
-            raise Busy(f"{what} is already running ({holder}); wait for it or stop it") from None
+            raise Busy(f"{what} is already running ({holder}); wait for it or stop it")
         started = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"PID {os.getpid()}, started {started}".encode(), 0)
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 @contextmanager
 def waited(path: Path, what: str, timeout_s: float) -> Iterator[None]:
     """Hold `path` locked for the block, waiting up to `timeout_s` for another holder to let go
     (a short critical section, such as creating a store); then raise Busy naming it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise Busy(f"{what} stayed locked for {timeout_s:g} s ({path})") from None
-                time.sleep(0.05)
+    with _opened(path) as fd:
+        if not _lock(fd, timeout_s):
+            raise Busy(f"{what} stayed locked for {timeout_s:g} s ({path})")
         yield
-    finally:
-        os.close(fd)  # releases the lock

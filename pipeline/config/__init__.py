@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import yaml
-from pydantic import BeforeValidator, Field, ValidationError, model_validator
+from pydantic import BeforeValidator, ValidationError, model_validator
 
-from pipeline.config.base import ConfigError, KeyProblem, Section
+from pipeline.config.base import ConfigError, KeyProblem, NonNegativeInt, Section
 from pipeline.config.models import ARCHS, ModelConfig, default_arch
 from pipeline.config.search import TuneConfig
 from pipeline.config.sections import (
@@ -50,7 +50,7 @@ __all__ = [
 
 
 class Params(Section):
-    seed: Annotated[int, Field(strict=True, ge=0)] = 0
+    seed: NonNegativeInt = 0
     """Seeds the held-out split, data order, augmentation and initialisation."""
     data: DataConfig = DataConfig()
     model: Annotated[ModelConfig, BeforeValidator(default_arch)]

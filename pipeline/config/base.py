@@ -18,6 +18,7 @@ def scalar_to_list(value: Any) -> Any:
 NonNegative = Annotated[float, Field(strict=True, ge=0)]
 Positive = Annotated[float, Field(strict=True, gt=0)]
 Count = Annotated[int, Field(strict=True, ge=1)]
+NonNegativeInt = Annotated[int, Field(strict=True, ge=0)]
 # A number or a list of numbers; stored as a list so errors point at one element.
 NonNegativeList = Annotated[list[NonNegative], BeforeValidator(scalar_to_list), Field(min_length=1)]
 

@@ -10,6 +10,7 @@ from pipeline.config.base import (
     Count,
     KeyProblem,
     NonNegative,
+    NonNegativeInt,
     Positive,
     Section,
 )
@@ -57,7 +58,7 @@ class ConfirmConfig(Section):
     retrained with `seeds` fresh seeds each (the trials' budget), so the winner is judged on a
     mean over seeds, not on one lucky draw. top_k 0: no confirmation."""
 
-    top_k: Annotated[int, Field(strict=True, ge=0)] = 2
+    top_k: NonNegativeInt = 2
     """How many of the best trials are retrained; 0: no confirmation."""
     seeds: Annotated[int, Field(strict=True, ge=2)] = 3
     """Fresh seeds per configuration; two at least, for a paired interval."""
@@ -100,7 +101,7 @@ class TuneConfig(Section):
     """GPUs each trial reserves; fractions share a GPU between trials."""
     workers_per_trial: Count = 1
     """Above 1: every trial is a Ray Train DDP job with this many workers."""
-    seed: Annotated[int, Field(strict=True, ge=0)] = 0
+    seed: NonNegativeInt = 0
     """The trials' seed; confirmation uses the next ones."""
     space: SearchSpace = SearchSpace()
     """What the search samples."""

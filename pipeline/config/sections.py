@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Literal
+from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import model_validator
 
 from pipeline.config.base import (
     Count,
     KeyProblem,
     NonNegative,
+    NonNegativeInt,
     NonNegativeList,
     Positive,
     Section,
@@ -27,7 +28,7 @@ class DataConfig(Section):
     root: str | None = None
     """Where the data is; null: the dataset's usual locations (Debian's Fashion-MNIST, else
     torchvision's download). Folder datasets: the folder holding train/ and val/."""
-    val_size: Annotated[int, Field(strict=True, ge=0)] = 5000
+    val_size: NonNegativeInt = 5000
     """Images held out of the training split for selection and calibration; 0 trains on every
     image (the paper's anytime setting), leaving nothing to select or calibrate on."""
     train_subset: Count | None = None
@@ -156,7 +157,7 @@ class TrainConfig(Section):
     """What best means: mean top-1 over exits, or the last exit's top-1 (the reference's)."""
     eval_batch_size: Count = 512
     """Batch size when scoring the held-out split after every epoch."""
-    loader_workers: Annotated[int, Field(strict=True, ge=0)] | None = None
+    loader_workers: NonNegativeInt | None = None
     """Folder datasets: decoding processes per Ray worker; null: the worker's CPUs minus one."""
     scaling: ScalingConfig = ScalingConfig()
 
@@ -181,7 +182,7 @@ class CalibrateConfig(Section):
 class EvaluateConfig(Section):
     batch_size: Count = 512
     timing_repeats: Count = 5  # early-exit wall times: median of this many interleaved runs
-    timing_warmup: Annotated[int, Field(strict=True, ge=0)] = 1  # untimed rounds first
+    timing_warmup: NonNegativeInt = 1  # untimed rounds first
     # profile, calibrate and evaluate (scores and the early-exit timing): auto takes CUDA when
     # present
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -194,7 +195,7 @@ class EvaluateConfig(Section):
 
 class ProfileConfig(Section):
     repeats: Count = 5  # interleaved timing rounds per exit and regime; medians
-    warmup: Annotated[int, Field(strict=True, ge=0)] = 1  # untimed rounds first
+    warmup: NonNegativeInt = 1  # untimed rounds first
     images: Count | None = 2048  # batch-N: held-out images timed per round (None: all)
     batch1_images: Count = 200  # batch 1: held-out images timed one at a time per round
 
