@@ -19,7 +19,11 @@ from pipeline.io import read_json
 @needs_data
 def test_val_size_zero_trains_on_every_image_and_records_no_calibration(tmp_path):
     repo = shrunk_copy(tmp_path)
-    params = set_params(repo, **{"data.val_size": 0, "train.epochs": 2, "train.select": "last"})
+    params = set_params(
+        repo,
+        **{"data.val_size": 0, "data.train_subset": 600},
+        **{"train.epochs": 2, "train.select": "last"},
+    )
     result = run(["dvc", "repro"], repo)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "data.val_size is 0: no held-out split" in result.stdout

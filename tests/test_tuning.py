@@ -148,21 +148,26 @@ def _search_params(workdir: Path, experiment: str, **dotted: object) -> Path:
     return params_file
 
 
-def _search_in_background(params_file: Path, workdir: Path) -> tuple[subprocess.Popen, Any]:
-    """`boostpipe tune` in a session of its own (the test signals it), and a client of the
-    project's store, created first: two processes must not create it at once."""
+def _search_in_background(
+    params_file: Path | None, workdir: Path, *args: str
+) -> tuple[subprocess.Popen, Any]:
+    """`boostpipe tune` (on `params_file`, else params.yaml) in a session of its own (the test
+    signals it), its console appended to background.log, and a client of the project's store,
+    created first."""
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
     client.search_experiments()
+    log = (workdir / "background.log").open("a")
     driver = subprocess.Popen(
-        ["boostpipe", "tune", "--params", params_file.name],
+        ["boostpipe", "tune", *(["--params", params_file.name] if params_file else []), *args],
         cwd=workdir,
         env=command_env(),
         start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
     )
+    log.close()  # the driver holds its own copy
     return driver, client
 
 
@@ -336,62 +341,77 @@ def test_a_failing_trial_is_recorded_as_failed_and_the_others_finish(workdir, mo
     )
 
 
-def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
-    """Start a 4-trial search, stop it once two trials have ended, resume it, and check that
-    finished trials were not run again and the parent ends with exactly 4 children. (After
-    kill -9 a trial that ended after Tune's last state snapshot is reopened from its final
-    checkpoint and closed again, training nothing.)"""
+def _stop_once_ended(
+    driver: subprocess.Popen, client: Any, experiment: str, count: int, stop: int
+) -> list:
+    """Wait until `count` trials of the search have ended, then stop its driver with `stop`
+    (Ctrl-C, or kill -9 of the driver and the Ray it started); returns the ended trials' runs."""
+    try:
+        deadline = time.monotonic() + 300
+        ended: list = []
+        while len(ended) < count:
+            assert driver.poll() is None and time.monotonic() < deadline, "no trial ended"
+            time.sleep(1)
+            found = client.get_experiment_by_name(experiment)
+            if found is not None:
+                runs = client.search_runs([found.experiment_id])
+                ended = [r for r in runs if "tune.outcome" in r.data.tags]
+        if stop == signal.SIGINT:
+            os.kill(driver.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
+            assert driver.wait(timeout=120) == 130
+        else:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+    return ended
+
+
+@pytest.mark.slow
+@needs_data
+def test_ctrl_c_and_kill_9_then_resume_run_only_unfinished_trials(workdir):
+    """A 4-trial search stopped by Ctrl-C once a trial has ended, resumed, killed -9 (driver
+    and Ray) once another has ended, resumed again: no finished trial runs again, and the
+    parent ends with exactly 4 children. (After kill -9 a trial that ended after Tune's last
+    state snapshot is reopened from its final checkpoint and closed again, training nothing.)"""
+    experiment = "interrupted"
     params_file = _search_params(
         workdir,
         experiment,
         **{"tune.trials": 4, "tune.max_concurrent": 1, "tune.scheduler": "fifo"},
     )
     driver, client = _search_in_background(params_file, workdir)
-    try:
-        deadline = time.monotonic() + 300
-        ended: list = []
-        while len(ended) < 2:
-            assert driver.poll() is None and time.monotonic() < deadline, "no trial ended"
-            time.sleep(1)
-            experiment_obj = client.get_experiment_by_name(experiment)
-            if experiment_obj is None:
-                continue
-            runs = client.search_runs([experiment_obj.experiment_id])
-            ended = [r for r in runs if "tune.outcome" in r.data.tags]
-        if stop == signal.SIGINT:
-            os.kill(driver.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and returns
-            assert driver.wait(timeout=120) == 130
-            runs = client.search_runs([experiment_obj.experiment_id])
-            (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-            assert parent.info.status == "KILLED"  # interrupted; --resume reopens it
-        else:
-            os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
-            driver.wait()
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(driver.pid, signal.SIGKILL)
+    first = _stop_once_ended(driver, client, experiment, 1, signal.SIGINT)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    (parent,) = [
+        r for r in client.search_runs([experiment_id]) if "mlflow.parentRunId" not in r.data.tags
+    ]
+    assert parent.info.status == "KILLED"  # interrupted; --resume reopens it
 
     def epochs(run_id: str) -> list[int]:
         return sorted(m.step for m in client.get_metric_history(run_id, "val_budget_auc"))
 
-    before = {r.info.run_id: (r.info.end_time, epochs(r.info.run_id)) for r in ended}
+    saved = {r.info.run_id: (r.info.end_time, epochs(r.info.run_id)) for r in first}
     # After Ctrl-C `--resume` alone finds it (the workdir's params.yaml names another search).
-    found_by = ["--resume"] if stop == signal.SIGINT else ["--params", params_file.name, "--resume"]
-    result = _tune(found_by, workdir)
+    driver, _ = _search_in_background(None, workdir, "--resume")
+    second = _stop_once_ended(driver, client, experiment, len(first) + 1, signal.SIGKILL)
+    killed = {r.info.run_id: epochs(r.info.run_id) for r in second}
+    console = (workdir / "background.log").read_text()
+    assert "resuming tune-" in console and "latest interrupted search" in console
+
+    result = _tune(["--params", params_file.name, "--resume"], workdir)
     assert result.returncode == 0, result.stdout + result.stderr
-    if stop == signal.SIGINT:
-        assert "resuming tune-" in result.stderr and "latest interrupted search" in result.stderr
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
     runs = client.search_runs([experiment_id], max_results=100)
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert parent.info.status == "FINISHED" and len(children) == 4
     assert len({c.data.tags["ray.trial_id"] for c in children}) == 4
     assert all(c.data.tags.get("tune.outcome") == "finished" for c in children)
-    for run_id, (end_time, trained) in before.items():  # ended trials were not run again
+    for run_id, trained in killed.items():  # ended trials were not run again
         assert epochs(run_id) == trained == [1, 2]  # no epoch trained twice
-        if stop == signal.SIGINT:  # Tune saved their state: not even reopened
-            assert client.get_run(run_id).info.end_time == end_time
+    for run_id, (end_time, trained) in saved.items():  # Tune saved their state: not reopened
+        assert client.get_run(run_id).info.end_time == end_time and epochs(run_id) == trained
     # Resuming the finished search says so, exits 0 and changes nothing.
     storage = workdir / ".boostpipe/tune"
     state = {path: path.stat().st_mtime_ns for path in storage.rglob("*") if path.is_file()}
@@ -400,18 +420,6 @@ def _interrupt_and_resume(workdir: Path, experiment: str, stop: int) -> None:
     assert "has finished: nothing to resume" in again.stdout
     assert len(client.search_runs([experiment_id], max_results=100)) == len(runs)
     assert {p: p.stat().st_mtime_ns for p in storage.rglob("*") if p.is_file()} == state
-
-
-@pytest.mark.slow
-@needs_data
-def test_ctrl_c_then_resume_runs_only_unfinished_trials(workdir):
-    _interrupt_and_resume(workdir, "interrupted", signal.SIGINT)
-
-
-@pytest.mark.slow
-@needs_data
-def test_kill_9_then_resume_runs_only_unfinished_trials(workdir):
-    _interrupt_and_resume(workdir, "killed", signal.SIGKILL)
 
 
 @needs_data

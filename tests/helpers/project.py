@@ -32,6 +32,9 @@ SHRUNK = {
     "data.val_size": 200,
     "data.test_subset": 300,
     "train.epochs": 1,
+    # One Ray Train worker: each worker process costs ~8 CPU-s to start on 2 cores. DDP across
+    # workers is tested where it is the point (test_cluster, test_compile, test_object_storage).
+    "train.scaling.workers": 1,
     "evaluate.timing_repeats": 1,
     "evaluate.batch1_images": 50,
     "profile.repeats": 1,
