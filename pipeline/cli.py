@@ -166,6 +166,25 @@ def runs(params_path: Path, limit: int) -> None:
 
 
 @main.command()
+@exits_on_config_error
+def sync() -> None:
+    """Send the MLflow records the stages kept in .boostpipe/outbox while the store did not
+    answer (each to the store it was meant for), oldest first."""
+    from pipeline import paths
+    from pipeline.errors import TrackingUnavailable, describe_failure
+    from pipeline.tracking import send_kept
+    from pipeline.tracking.outbox import kept
+
+    try:
+        sent = send_kept()
+    except Exception as exc:
+        raise TrackingUnavailable(
+            f"{describe_failure(exc)}; {len(kept())} record(s) still kept in {paths.OUTBOX}"
+        ) from None
+    click.echo(f"sent {sent} kept record(s)" if sent else f"nothing kept in {paths.OUTBOX}")
+
+
+@main.command()
 @click.argument("refs", nargs=-1, required=True)
 @PARAMS_OPTION
 @click.option(

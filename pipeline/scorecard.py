@@ -197,6 +197,28 @@ class Report:
         return lines
 
 
+MIN_BATCHES = 3  # fewer, and a timed pass is mostly its set-up
+MIN_REPEATS = 3  # a median of fewer is one noisy pass
+
+
+def timing_caveats(test_images: int, batch_size: int, repeats: int) -> list[str]:
+    """Why this evaluation's measured times would say little, one line each naming the key."""
+    lines = []
+    batches = -(-test_images // batch_size)
+    if batches < MIN_BATCHES:
+        lines.append(
+            f"evaluate.batch_size: the {test_images} test images make {batches} batch(es) of "
+            f"{batch_size}; timings of fewer than {MIN_BATCHES} are mostly set-up, so read the "
+            "measured speedups with care"
+        )
+    if repeats < MIN_REPEATS:
+        lines.append(
+            f"evaluate.timing_repeats: {repeats}; a median of fewer than {MIN_REPEATS} timed "
+            "passes is one noisy pass, so read the measured speedups with care"
+        )
+    return lines
+
+
 def evaluate(
     net: BoostNet,
     test: Source,

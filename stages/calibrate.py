@@ -30,7 +30,8 @@ def main() -> None:
     profile = ExitProfile.from_json(read_json(paths.EXIT_COSTS))
     profile.check_serves(Machine.current(device), params.evaluate.batch_size, paths.EXIT_COSTS)
     check_time_budgets(params.calibrate, profile)
-    run_id = tracking.resume_run(params, read_json(paths.HISTORY)["run"])
+    key = read_json(paths.HISTORY)["run"]  # the model's training run: this stage logs into it
+    run_id = tracking.resume_run(params, key)
     net = load_model(params, paths.MODEL, device)
     val = load_split(paths.PREPARED, "val")
     flops = exit_costs(net, params)
@@ -50,10 +51,7 @@ def main() -> None:
         print(NOT_CALIBRATED)
         result = uncalibrated(NOT_CALIBRATED, flops, profile)
     write_json(paths.THRESHOLDS, result.to_json())
-    tracking.best_effort(
-        lambda: tracking.log_artifacts(run_id, [paths.THRESHOLDS]),
-        "the thresholds",
-    )
+    tracking.deliver(tracking.record(params, key, run_id, "artifacts", files=[paths.THRESHOLDS]))
 
 
 if __name__ == "__main__":

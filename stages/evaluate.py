@@ -3,6 +3,8 @@ test split, and real early-exit inference timed against running every exit and a
 time budget's target. Without calibrated thresholds (`data.val_size: 0`) the budgeted half is
 empty and the metrics say why."""
 
+import sys
+
 from pipeline import paths, plots, tracking
 from pipeline.budgets import Calibration
 from pipeline.data import load_split
@@ -12,7 +14,7 @@ from pipeline.evaluation import eval_source, load_model
 from pipeline.io import check_writable, read_json, replaced_together, write_json
 from pipeline.latency import sample
 from pipeline.profiling import COLUMNS, REGIMES, ExitProfile, Machine, apply_threads
-from pipeline.scorecard import evaluate
+from pipeline.scorecard import evaluate, timing_caveats
 from pipeline.stage_input import stage_input
 
 
@@ -29,9 +31,11 @@ def main() -> None:
     run_id = tracking.resume_run(params, history["run"])
     net = load_model(params, paths.MODEL, device)
     split = load_split(paths.PREPARED, "test")
+    timing = params.evaluate
+    for caveat in timing_caveats(len(split), timing.batch_size, timing.timing_repeats):
+        print(f"warning: {caveat}", file=sys.stderr)
     test = eval_source(params, split, params.evaluate.batch_size)
     single = eval_source(params, sample(split, params.evaluate.batch1_images, params.seed), 1)
-    timing = params.evaluate
     report = evaluate(
         net, test, single, device, calibration, profile, timing.timing_repeats, timing.timing_warmup
     )
@@ -75,18 +79,13 @@ def main() -> None:
         paths.EXIT_COSTS,
         paths.DVC_LOCK,
     ]
-    tracking.best_effort(
-        lambda: tracking.log_evaluation(run_id, report.metrics, anytime, curve, files),
-        "the evaluation",
-    )
+    details = {"metrics": report.metrics, "anytime": anytime, "curve": curve}
+    key = history["run"]
+    tracking.deliver(tracking.record(params, key, run_id, "evaluation", details, files))
     name = params.tracking.registered_model
     if name:
-        tracking.best_effort(
-            lambda: print(
-                f"registered {name} v{tracking.register(run_id, name)} (alias evaluated)"
-            ),
-            "the registry entry",
-        )
+        tracking.deliver(tracking.record(params, key, run_id, "registry", {"name": name}))
+    tracking.settle(params.tracking.catch_up_s)  # the last stage: what is kept, sent now
     print("\n".join(report.summary()))
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 import torch
 
 from pipeline import paths, reports, tracking
-from pipeline.boosting import BoostNet
 from pipeline.entry import stage_main
 from pipeline.io import atomic_path, check_writable, replaced_together, write_json
 from pipeline.rayenv import prepare_ray
@@ -32,7 +31,7 @@ def main() -> None:
     tracking.link_run(run_id, name)  # calibrate and evaluate find the run by this name
     with ray_session():
         root = Path(params.data.root) if params.data.is_folder else None
-        log_epoch = tracking.EpochLogger(tracking.current_uri(), run_id)  # live, per epoch
+        log_epoch = tracking.EpochLogger(tracking.current_uri(), run_id, tracking.outbox_folder())
         outcome = train(params, paths.PREPARED, storage, name, root, log_epoch)
     epochs = [record.as_json() for record in outcome.history]  # history.json's rows
     with replaced_together():  # the model, its history and curves, or none
@@ -62,19 +61,9 @@ def main() -> None:
     if skipped:
         print(f"skipped {skipped} unreadable image(s) per epoch (data.skip_bad: true)")
     run_file.unlink(missing_ok=True)
-    net = BoostNet.from_params(params)
-    net.load_state_dict(outcome.model_state)
-    tracking.best_effort(
-        lambda: tracking.log_training(
-            run_id,
-            outcome.history,
-            outcome.device,
-            net,
-            params.input_shape,
-            [paths.MODEL, paths.PARAMS],
-        ),
-        "training",
-    )
+    details = {"device": outcome.device, "dataset": dataset, "epochs": epochs}
+    files = [paths.MODEL, paths.PARAMS]
+    tracking.deliver(tracking.record(params, name, run_id, "training", details, files))
 
 
 if __name__ == "__main__":

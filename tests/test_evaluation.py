@@ -40,6 +40,7 @@ from pipeline.scorecard import (
     flops_metrics,
     interleaved,
     time_metrics,
+    timing_caveats,
 )
 
 DEVICE = torch.device("cpu")
@@ -338,3 +339,12 @@ def test_timings_take_medians_after_untimed_warm_up_rounds():
     first, second = interleaved([job(0), job(1)], repeats=3, warmup=1)
     assert calls == [0, 1] * 4  # interleaved: the warm-up round, then three timed rounds
     assert (first.seconds, second.seconds) == (5.0, 6.0)  # medians of 3,5,7 and 4,6,8
+
+
+def test_timings_of_too_few_batches_or_repeats_come_with_a_line_naming_the_key():
+    assert timing_caveats(300, 100, 3) == []
+    (batches,) = timing_caveats(300, 512, 3)
+    assert batches.startswith("evaluate.batch_size: the 300 test images make 1 batch(es)")
+    (repeats,) = timing_caveats(10_000, 512, 1)
+    assert repeats.startswith("evaluate.timing_repeats: 1;")
+    assert len(timing_caveats(64, 64, 1)) == 2

@@ -209,6 +209,49 @@ def test_a_server_that_stops_mid_run_costs_one_warning_within_60_s(tmp_path, mon
     assert tracking.SESSION.failed == ["metrics"]  # the second call was not waited on
 
 
+@pytest.mark.slow
+def test_records_a_stopped_server_did_not_take_are_kept_and_sent_in_order(
+    tmp_path, monkeypatch, capsys
+):
+    """A real `mlflow server` stopped after the run was opened: two records are kept in the
+    outbox (one warning, within a stage's 60 s), and once the server is back on the same port
+    and store they are sent, oldest first, and the outbox is empty."""
+    from mlflow import MlflowClient
+
+    from pipeline.tracking import outbox
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(outbox, "DELIVERY", outbox.Delivery())
+    port, store = free_port(), tmp_path / "store"
+    store.mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    (tmp_path / "thresholds.json").write_text("{}")
+    params = compose()
+    with mlflow_server(store, port) as (uri, server):
+        run_id = _start(tmp_path, tmp_path / "marker")
+        stop(server)
+    start = time.monotonic()
+    for status in ("KILLED", "FINISHED"):  # the later must win: sent in order
+        tracking.deliver(tracking.record(params, "k", run_id, "status", {"status": status}))
+    tracking.deliver(
+        tracking.record(params, "k", run_id, "artifacts", files=[tmp_path / "thresholds.json"])
+    )
+    assert time.monotonic() - start < 60
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "logging is delayed" in warnings[0], warnings
+    kept = sorted(p.name for p in (tmp_path / ".boostpipe/outbox").glob("[0-9]*"))
+    assert kept == ["000001-status", "000002-status", "000003-artifacts"]
+    (tmp_path / "thresholds.json").unlink()  # the outbox holds its own copy
+    assert not tracking.settle(0)  # still away: one line saying what is kept and how to send it
+    assert "`boostpipe sync`" in capsys.readouterr().err
+    with mlflow_server(store, port):
+        assert tracking.settle(10)
+        assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"
+        assert [a.path for a in MlflowClient(uri).list_artifacts(run_id)] == ["thresholds.json"]
+    assert "MLflow caught up: sent 3 delayed record(s)" in capsys.readouterr().out
+    assert not list((tmp_path / ".boostpipe/outbox").glob("[0-9]*"))
+
+
 def test_stage_outputs_are_replaced_together_or_not_at_all(tmp_path):
     old = {name: tmp_path / name for name in ("a.json", "b.json")}
     for path in old.values():

@@ -18,6 +18,7 @@ INERT = {
     "tune.max_concurrent": "how many trials run at once",
     "tracking.uri": "where runs are logged",
     "tracking.experiment": "where runs are logged",
+    "tracking.catch_up_s": "how long to wait for a store that stopped answering",
     "ray.storage": "where Ray keeps checkpoints",
     "ray.storage_options": "where Ray keeps checkpoints",
 }

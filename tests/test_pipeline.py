@@ -140,6 +140,8 @@ def test_evaluate_reports_anytime_budgets_and_real_early_exit(trained):
     for row in metrics["budgets"].values():
         assert row["expected_mflops"] <= row["target_mflops"] * 1.2
         assert row["speedup_predicted"] >= 1 and row["speedup_measured"] > 0
+        # warmed-up medians: a cold first pass once made this 4.8 (7.53x measured, 1.56x)
+        assert 0.25 <= row["speedup_measured"] / row["speedup_predicted"] <= 2.0, row
         assert abs(row["early_exit_top1"] - row["top1"]) < 2
     anytime = read_json(trained / "outputs/evaluate/anytime.json")
     assert [row["exit"] for row in anytime] == list(range(1, n_exits + 1))

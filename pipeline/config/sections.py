@@ -208,6 +208,9 @@ class TrackingConfig(Section):
     registered_model: str | None = None
     """A registered-model name: evaluate registers the model it evaluated under it, with the
     alias `evaluated`; null: no registry entry."""
+    catch_up_s: NonNegative = 60.0
+    """How long evaluate, the last stage, waits for a store that stopped answering to take the
+    records kept in .boostpipe/outbox; after that `boostpipe sync` sends them."""
 
 
 SECRET_OPTIONS = ("access_key", "secret_key", "session_token")

@@ -3,6 +3,7 @@
 - `store`: which store, reached with bounded waits, and the experiment;
 - `runs`: a run's lifecycle and status, and best-effort logging beside a stage's work;
 - `logs`: per-epoch metrics (live from the workers), the evaluation, artifacts;
+- `outbox`: records kept on disk while the store is away, sent once it answers;
 - `export`: the logged model and the registry;
 - `lookup`: runs read back (the run that trained a model, a run by reference, its curves).
 
@@ -19,12 +20,14 @@ from pipeline.tracking.logs import (
     log_metrics,
 )
 from pipeline.tracking.lookup import RUN_TAG, find_training_run
+from pipeline.tracking.outbox import deliver, outbox_folder, send_kept, settle
 from pipeline.tracking.runs import (
     SESSION,
     TrackingSession,
     best_effort,
     flatten,
     link_run,
+    record,
     resume_run,
     start_run,
     status_of,
@@ -52,6 +55,7 @@ __all__ = [
     "check_server",
     "connect",
     "current_uri",
+    "deliver",
     "epoch_metrics",
     "find_training_run",
     "flatten",
@@ -62,10 +66,14 @@ __all__ = [
     "log_metrics",
     "log_model",
     "log_training",
+    "outbox_folder",
     "project_root",
     "reach",
+    "record",
     "register",
     "resume_run",
+    "send_kept",
+    "settle",
     "start_run",
     "status_of",
     "tracking_uri",

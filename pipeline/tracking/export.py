@@ -10,6 +10,7 @@ import torch
 
 from pipeline.epochs import EpochRecord
 from pipeline.tracking.logs import epoch_metrics, log_artifacts, log_metrics
+from pipeline.tracking.outbox import Record
 
 PACKAGE = Path(__file__).parents[1]  # pipeline/: shipped with the model (its pickle needs it)
 
@@ -75,8 +76,9 @@ def log_training(
     files: list[Path],
 ) -> None:
     """After training: the epochs that were not logged as they ended (an interruption between
-    an epoch's checkpoint and its logging), the device, the model, and the checkpoint and
-    params files; the run stays RUNNING (evaluate finishes it)."""
+    an epoch's checkpoint and its logging, a store that was away), the device, the model
+    (unless a first attempt logged it), and the checkpoint and params files; the run stays
+    RUNNING (evaluate finishes it)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -86,7 +88,8 @@ def log_training(
         log_metrics(run_id, (metric for record in missing for metric in epoch_metrics(record)))
     client.set_tag(run_id, "device", device)
     log_artifacts(run_id, files)
-    log_model(run_id, net, input_shape)
+    if not client.get_run(run_id).outputs.model_outputs:
+        log_model(run_id, net, input_shape)
 
 
 def register(run_id: str, name: str) -> str:
@@ -100,3 +103,8 @@ def register(run_id: str, name: str) -> str:
     version = mlflow.register_model(f"models:/{model_id}", name).version
     client.set_registered_model_alias(name, "evaluated", version)
     return version
+
+
+def send_registry(run_id: str, record: Record) -> None:
+    name = record.details["name"]
+    print(f"registered {name} v{register(run_id, name)} (alias evaluated)")

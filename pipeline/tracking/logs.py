@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.epochs import EpochRecord
-from pipeline.tracking.runs import best_effort, finish_run
+from pipeline.tracking.outbox import Record, announce_delay, caught_up
+from pipeline.tracking.runs import finish_run
 from pipeline.tracking.store import bound_waits, local_store
 
 
@@ -61,14 +62,17 @@ def epoch_metrics(record: EpochRecord) -> Iterator[tuple[str, float, int]]:
 REACH_TRACKING = "set tracking.uri (or MLFLOW_TRACKING_URI) to a server every node can reach"
 
 
-@dataclass(frozen=True)
+@dataclass
 class EpochLogger:
     """Logs each epoch into run `run_id` of store `uri` as it ends, from rank 0's Ray worker
     (pickled there), so the UI's charts grow while training runs. A resumed run logs only the
-    epochs it trains."""
+    epochs it trains. Epochs the store did not take are sent with the next one; the train stage
+    sends any still missing after training (`log_training`)."""
 
     uri: str
     run_id: str
+    outbox: Path  # the project's (absolute): where an outage is marked (outbox.DELAYED)
+    unsent: list[EpochRecord] = field(default_factory=list)
 
     def __call__(self, record: EpochRecord) -> None:
         import mlflow
@@ -76,7 +80,17 @@ class EpochLogger:
         if mlflow.get_tracking_uri() != self.uri:
             bound_waits("stage")
             mlflow.set_tracking_uri(self.uri)
-        best_effort(lambda: log_metrics(self.run_id, epoch_metrics(record)), "epoch metrics")
+        self.unsent.append(record)
+        try:
+            log_metrics(self.run_id, (m for r in self.unsent for m in epoch_metrics(r)))
+        except Exception as exc:  # the store is away: these go with the next epoch
+            announce_delay(
+                self.uri, f"epoch {record.epoch}", exc, self.outbox, "kept by the Ray worker"
+            )
+            return
+        if len(self.unsent) > 1:
+            caught_up(f"{len(self.unsent)} epochs' metrics", self.outbox)
+        self.unsent.clear()
 
     def must_reach(self) -> dict[str, str]:
         """A store on this machine's disk: every node that may host rank 0 must reach it."""
@@ -123,3 +137,12 @@ def log_evaluation(
     log_metrics(run_id, values())
     log_artifacts(run_id, files)
     finish_run(run_id)
+
+
+def send_artifacts(run_id: str, record: Record) -> None:
+    log_artifacts(run_id, record.files)
+
+
+def send_evaluation(run_id: str, record: Record) -> None:
+    details = record.details
+    log_evaluation(run_id, details["metrics"], details["anytime"], details["curve"], record.files)

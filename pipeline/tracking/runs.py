@@ -20,8 +20,18 @@ from typing import Any
 
 from pipeline.config import Params
 from pipeline.errors import TrackingUnavailable, describe_failure
+from pipeline.paths import OUTBOX
 from pipeline.tracking.lookup import RUN_TAG, find_training_run
-from pipeline.tracking.store import connect
+from pipeline.tracking.outbox import (
+    DELIVERY,
+    Record,
+    announce_delay,
+    caught_up,
+    files_of,
+    run_of,
+    send_kept,
+)
+from pipeline.tracking.store import connect, tracking_uri
 
 
 @dataclass
@@ -198,6 +208,10 @@ def link_run(run_id: str, key: str) -> None:
     MlflowClient().set_tag(run_id, RUN_TAG, key)
 
 
+class NoSuchRun(TrackingUnavailable):
+    """The store answers but holds no run that trained the model."""
+
+
 def training_run(params: Params, key: str) -> str:
     """The id of the run that trained `key` in the configured store (calibrate and evaluate
     log into it); a store without it raises one line saying so."""
@@ -207,7 +221,7 @@ def training_run(params: Params, key: str) -> str:
     experiment_id = connect(params)
     run = find_training_run(MlflowClient(), [experiment_id], key)
     if run is None:
-        raise TrackingUnavailable(
+        raise NoSuchRun(
             f"{mlflow.get_tracking_uri()} has no run that trained {key} (trained against "
             "another store?); `dvc repro --force train` trains and logs it here"
         )
@@ -216,20 +230,51 @@ def training_run(params: Params, key: str) -> str:
 
 def resume_run(params: Params, key: str) -> str | None:
     """The run that trained `key` in the configured store, marked RUNNING again while a later
-    stage logs into it (calibrate, evaluate). None, after one warning line, when the store is
-    dead or lacks the run: the stage's own outputs are written all the same."""
+    stage logs into it (calibrate, evaluate), after the records kept while the store was away
+    have been sent. When the store does not answer: the run a kept record names, else None
+    (the stage's records then name `key`, and go to the outbox too)."""
     from mlflow import MlflowClient
 
-    found: list[str] = []
-
-    def reopen() -> None:
+    try:
+        sent = send_kept()
         run_id = training_run(params, key)
-        SESSION.opened.append(run_id)
-        found.append(run_id)
-        MlflowClient().update_run(run_id, status="RUNNING")
+    except NoSuchRun as exc:  # the store answers but lacks the run: nothing to send later
+        DELIVERY.off = str(exc)
+        _warn("the training run", exc)
+        return None
+    except Exception as exc:
+        announce_delay(tracking_uri(params), "the run's lookup", exc)
+        return run_of(key)
+    if sent:
+        caught_up(f"{sent} delayed record(s) from {OUTBOX}")
+    SESSION.opened.append(run_id)
+    best_effort(lambda: MlflowClient().update_run(run_id, status="RUNNING"), "the run's status")
+    return run_id
 
-    best_effort(reopen, "the training run")
-    return found[0] if found else None
+
+def record(
+    params: Params,
+    key: str,
+    run_id: str | None,
+    what: str,
+    details: dict[str, Any] | None = None,
+    files: list[Path] | None = None,
+) -> Record:
+    """A record for the run that trained `key` (`run_id` when known) in the configured store:
+    its sender `what` (see outbox.SENDERS), JSON `details` and the files of `files` that exist."""
+    return Record(
+        tracking_uri(params),
+        params.tracking.experiment,
+        key,
+        run_id,
+        what,
+        details or {},
+        files_of(files or []),
+    )
+
+
+def send_status(run_id: str, record: Record) -> None:
+    terminate(run_id, record.details["status"])
 
 
 def best_effort(action: Callable[[], None], what: str) -> None:
@@ -240,9 +285,12 @@ def best_effort(action: Callable[[], None], what: str) -> None:
     try:
         action()
     except Exception as exc:
-        SESSION.failed.append(what)
-        print(
-            f"warning: could not log {what} to MLflow ({describe_failure(exc)}); "
-            "going on without it",
-            file=sys.stderr,
-        )
+        _warn(what, exc)
+
+
+def _warn(what: str, exc: Exception) -> None:
+    SESSION.failed.append(what)
+    print(
+        f"warning: could not log {what} to MLflow ({describe_failure(exc)}); going on without it",
+        file=sys.stderr,
+    )

@@ -47,10 +47,11 @@ def serving(
 
 
 @contextlib.contextmanager
-def mlflow_server(folder: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real `mlflow server` on 127.0.0.1 (one worker) with its store in `folder`: its URI and
-    process, stopped by its PID when the block ends, if the test has not stopped it already."""
-    uri = f"http://127.0.0.1:{free_port()}"
+def mlflow_server(folder: Path, port: int | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real `mlflow server` on 127.0.0.1 (one worker; on `port`, else a free one) with its
+    store in `folder`: its URI and process, stopped by its PID when the block ends, if the
+    test has not stopped it already."""
+    uri = f"http://127.0.0.1:{port or free_port()}"
     command = [
         *(sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--workers", "1"),
         *("--port", uri.rsplit(":", 1)[1], "--backend-store-uri", f"sqlite:///{folder}/db.sqlite"),
