@@ -100,9 +100,12 @@ def test_the_paired_t_interval_on_known_numbers():
     interval = paired_interval([3.0, 5.0, 7.0], [1.0, 2.0, 3.0])
     half = 4.303 / 3**0.5
     assert interval.mean == pytest.approx(3.0) and interval.n == 3
-    assert (interval.low, interval.high) == pytest.approx((3 - half, 3 + half))
+    assert (interval.low, interval.high) == pytest.approx((3 - half, 3 + half), abs=1e-3)
     assert paired_interval([1.0], [0.0]) is None  # one pair: no interval
-    assert t_quantile(27) == 2.060 and t_quantile(31) == 1.96  # between rows: the lower df
+    # Known quantiles (any statistics table): no step at df 30, no normal's 1.96 above it.
+    for df, quantile in ((1, 12.706), (4, 2.776), (27, 2.052), (31, 2.040), (120, 1.980)):
+        assert t_quantile(df) == pytest.approx(quantile, abs=5e-4), df
+    assert t_quantile(4, confidence=0.90) == pytest.approx(2.132, abs=5e-4)
 
 
 def _confirmed(challenger: list[float], default: list[float]) -> SearchOutcome:

@@ -11,6 +11,7 @@ is delayed and once that it caught up.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -113,8 +114,10 @@ def keep(record: Record) -> None:
         try:
             os.rename(staging, root / f"{number:06d}-{record.what}")
             return
-        except OSError:
-            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
 
 
 def _send(record: Record) -> None:
@@ -151,8 +154,9 @@ def send_kept() -> int:
 
 
 def _sent(count: int, then: str | None = None) -> str:
-    kept = [f"{count} delayed record(s) from {paths.OUTBOX}"] if count or not then else []
-    return ", then ".join(kept + ([then] if then else []))
+    """What a catch-up sent, in words: the kept records, then the one at hand."""
+    delayed = [f"{count} delayed record(s) from {paths.OUTBOX}"] if count or not then else []
+    return ", then ".join(delayed + ([then] if then else []))
 
 
 def caught_up(what: str, root: Path | None = None) -> None:
@@ -191,7 +195,14 @@ def deliver(record: Record) -> None:
         _send(record)
     except Exception as exc:
         announce_delay(record.uri, record.what, exc)
-        keep(record)
+        try:
+            keep(record)
+        except OSError as error:  # nowhere to keep it either: the stage's outputs still stand
+            print(
+                f"warning: could not keep {record.what} in {paths.OUTBOX} ({error}); "
+                "going on without it",
+                file=sys.stderr,
+            )
         return
     caught_up(_sent(sent, record.what))
 
