@@ -54,10 +54,14 @@ def main(verbose: bool) -> None:
 @exits_on_config_error
 def flops(params_path: Path, as_json: bool) -> None:
     """Cumulative FLOPs (multiply-accumulates) and parameters of every exit."""
+    from pipeline import paths
     from pipeline.boosting import BoostNet
     from pipeline.flops import count_exit_costs
+    from pipeline.io import read_json
 
     params = load_params(params_path)
+    if params.data.is_folder and paths.DATASET_INFO.exists():  # the class count prepare found
+        params = params.with_dataset(read_json(paths.DATASET_INFO))
     backbone = BoostNet.from_params(params).backbone
     costs = count_exit_costs(backbone, params.input_shape)
     if as_json:
@@ -312,11 +316,11 @@ def tune(
         raise click.ClickException(f"{paths.PREPARED}: missing; run `dvc repro prepare` first")
     if address:
         os.environ["RAY_ADDRESS"] = address
+    dataset = read_json(paths.DATASET_INFO)
+    params = params.with_dataset(dataset)  # a folder's class count, as the tune stage applies it
     bound_waits("interactive")
     try:
-        outcome = run_search(
-            params, paths.PREPARED, read_json(paths.DATASET_INFO), paths.TUNE_STORAGE, resume
-        )
+        outcome = run_search(params, paths.PREPARED, dataset, paths.TUNE_STORAGE, resume)
     except SearchNotFound as exc:
         raise click.ClickException(str(exc)) from None
     except SearchFinished as exc:
@@ -393,10 +397,10 @@ def predict(
     """
     import os
 
-    import torch
     from rich.progress import Progress
 
     from pipeline import predict as inference
+    from pipeline.devices import stage_device
     from pipeline.inputs import default_loader_workers
 
     if sum(v is not None for v in (budget, budget_ms, thresholds_path)) > 1:
@@ -407,8 +411,7 @@ def predict(
         raise ConfigError(f"--regime batch-1 and --batch-size {batch_size}: give one")
     if as_json and as_csv:
         raise ConfigError("--json and --csv: give one, not both")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    on = torch.device("cuda" if use_cuda else "cpu")
+    on = stage_device(device, "--device")
     try:
         space = inference.load_workspace(params_path, on)
         batch = 1 if regime == "batch-1" else batch_size or space.params.evaluate.batch_size

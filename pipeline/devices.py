@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import torch
 
@@ -17,11 +16,17 @@ def trial_device(gpu_ids: Sequence[object]) -> torch.device:
     return torch.device("cuda", 0) if gpu_ids else torch.device("cpu")
 
 
-def stage_device(choice: Literal["auto", "cpu", "cuda"]) -> torch.device:
-    """`evaluate.device` for calibrate and evaluate: auto takes CUDA when torch sees it."""
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def stage_device(choice: str, key: str = "evaluate.device") -> torch.device:
+    """`evaluate.device` for calibrate and evaluate (or the option `key`): auto takes CUDA when
+    torch sees it; anything else, or cuda where there is none, is refused naming `key`."""
+    if choice not in DEVICES:
+        raise ConfigError(f"{key}: is {choice}; choose one of {', '.join(DEVICES)}")
     available = torch.cuda.is_available()
     if choice == "cuda" and not available:
-        raise ConfigError("evaluate.device: is cuda, but torch sees no CUDA device on this machine")
+        raise ConfigError(f"{key}: is cuda, but torch sees no CUDA device on this machine")
     if choice == "cpu" or not available:
         return torch.device("cpu")
     return torch.device("cuda")

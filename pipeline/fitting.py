@@ -41,7 +41,10 @@ def make_optimizer(net: torch.nn.Module, config: TrainConfig) -> torch.optim.Opt
     if config.optimizer == "adamw":
         return torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     return torch.optim.SGD(
-        net.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        net.parameters(),
+        lr=config.lr,
+        momentum=config.momentum or 0.0,
+        weight_decay=config.weight_decay,
     )
 
 

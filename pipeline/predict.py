@@ -38,6 +38,10 @@ class MissingOutput(FileNotFoundError):
     """A pipeline output predict needs (model, dataset facts, thresholds) is not there."""
 
 
+# DVC-tracked outputs come from the remote when another machine made them, else are made here.
+BRINGS = "`dvc pull` brings it from the project's DVC remote, or `dvc repro` makes it"
+
+
 @dataclass(frozen=True)
 class Prediction:
     file: str
@@ -75,7 +79,7 @@ def load_workspace(params_path: Path, device: torch.device) -> Workspace:
     and how to make it."""
     for path, stage in ((paths.MODEL, "train"), (paths.THRESHOLDS, "calibrate")):
         if not path.exists():
-            raise MissingOutput(f"{path}: not found; run `dvc repro` (stage {stage}) first")
+            raise MissingOutput(f"{path}: not found; {BRINGS} (stage {stage}) first")
     info = read_json(paths.DATASET_INFO) if paths.DATASET_INFO.exists() else {}
     params = load_params(params_path).with_dataset(info)
     net = load_model(params, paths.MODEL, device)
@@ -130,7 +134,7 @@ def time_budget_profile(
     """The profile a time budget is read against, refused in one line unless it was measured
     on this device, CPU and thread count, in the regime predict is about to run."""
     if not paths.EXIT_COSTS.exists():
-        raise MissingOutput(f"{paths.EXIT_COSTS}: not found; run `dvc repro` (stage profile)")
+        raise MissingOutput(f"{paths.EXIT_COSTS}: not found; {BRINGS} (stage profile) first")
     profile = ExitProfile.from_json(read_json(paths.EXIT_COSTS))
     apply_threads(params.evaluate.threads)
     served = 1 if regime == BATCH_1 else profile.batch_size

@@ -117,6 +117,14 @@ BAD_PARAMS = {
         {"model.gr_factor": [1, 2, 4, 4], "model.bn_factor": [1, 2, 4, 4]},
         "model.gr_factor:",
     ),
+    "data root a URL": (
+        {"data.root": "s3://bucket/images"},
+        "data.root: is s3://bucket/images: a URL",
+    ),
+    "momentum with adamw": (
+        {"train.optimizer": "adamw"},  # the file's momentum: 0.9 would be ignored
+        "train.momentum: is 0.9, but adamw has no momentum",
+    ),
 }
 
 
@@ -193,3 +201,8 @@ def test_unreadable_params_files_name_the_file(tmp_path, content, expected):
     with pytest.raises(ConfigError, match=expected) as error:
         load_params(path)
     assert str(path) in str(error.value)
+
+
+def test_adamw_takes_a_params_file_without_momentum():
+    assert compose(**{"train.optimizer": "adamw", "train.momentum": None}).train.momentum is None
+    assert compose(**{"train.momentum": None}).train.optimizer == "sgd"  # SGD without momentum

@@ -1,10 +1,12 @@
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from helpers import ROOT, grey_msdnet, is_imagenet, slow_cases
+from helpers import ROOT, compose, grey_msdnet, is_imagenet, set_params, slow_cases
 from torch import nn
 
 from pipeline.flops import count_exit_costs, module_flops
@@ -105,3 +107,29 @@ def test_paper_configs_agree_with_the_reference_counter(name):
     rel = 0 if params.model.arch == "ranet" else 0.005
     assert costs.flops == pytest.approx(expected["flops"], rel=rel)
     assert costs.params == pytest.approx(expected["params"], rel=rel)
+
+
+def test_flops_of_a_folder_dataset_takes_the_class_count_prepare_found(tmp_path):
+    """imagefolder params name no class count: after `dvc repro prepare` wrote it to
+    data/dataset.json, `boostpipe flops` uses it; before, one line says what is missing."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    set_params(
+        tmp_path,
+        **{"data.dataset": "imagefolder", "data.root": "images", "data.image_size": 32},
+    )
+
+    def flops() -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "pipeline", "flops", "--json"]
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=_env())
+
+    before = flops()
+    assert before.returncode == 2 and "model.num_classes" in before.stderr, before.stderr
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/dataset.json").write_text(json.dumps({"num_classes": 7}))
+    after = flops()
+    assert after.returncode == 0, after.stderr
+    assert len(json.loads(after.stdout)["flops"]) == compose().model.n_exits
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}

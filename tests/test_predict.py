@@ -201,3 +201,18 @@ def test_missing_model_says_to_run_dvc_repro(tmp_path, monkeypatch):
     result = _predict(tmp_path, monkeypatch, "x.png")
     assert result.exit_code == 1
     assert "outputs/train/model.pt" in result.stderr and "dvc repro" in result.stderr
+    assert "`dvc pull`" in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    ("device", "says"),
+    [("tpu", "--device: is tpu; choose one of auto, cpu, cuda"), ("cuda", "--device: is cuda")],
+)
+def test_a_device_that_does_not_exist_is_one_line_before_any_work(
+    tmp_path, monkeypatch, device, says
+):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = _predict(tmp_path, monkeypatch, "x.png", "--device", device)  # no workspace at all
+    assert result.exit_code == 2
+    assert result.stderr.strip().count("\n") == 0 and says in result.stderr, result.stderr

@@ -45,6 +45,12 @@ class DataConfig(Section):
 
     @model_validator(mode="after")
     def _check_folder_keys(self) -> DataConfig:
+        if self.root and "://" in self.root:
+            raise KeyProblem(
+                "data.root",
+                f"is {self.root}: a URL; data is read from a folder on this machine (copy it "
+                "there, or mount the bucket and give the mount's path)",
+            )
         if self.dataset in FOLDER_DATASETS:  # data.root is checked by prepare, which reads it
             if self.dataset == "imagefolder" and self.image_size is None:
                 raise KeyProblem("data.image_size", "is required for imagefolder")
@@ -131,8 +137,9 @@ class TrainConfig(Section):
     """sgd (with momentum) or adamw."""
     lr: Positive = 0.1
     """Learning rate (the peak, for onecycle)."""
-    momentum: NonNegative = 0.9
-    """SGD momentum."""
+    momentum: NonNegative | None = 0.9
+    """SGD momentum (null: none). AdamW has none (its betas stay PyTorch's): leave the key out
+    or null with adamw."""
     weight_decay: NonNegative = 1e-4
     """Weight decay, one value for every parameter."""
     schedule: Literal["multistep", "cosine", "onecycle", "constant"] = "multistep"
@@ -160,6 +167,17 @@ class TrainConfig(Section):
     loader_workers: NonNegativeInt | None = None
     """Folder datasets: decoding processes per Ray worker; null: the worker's CPUs minus one."""
     scaling: ScalingConfig = ScalingConfig()
+
+    @model_validator(mode="after")
+    def _momentum_is_sgds(self) -> TrainConfig:
+        given = "momentum" in self.model_fields_set and self.momentum is not None
+        if self.optimizer == "adamw" and given:
+            raise KeyProblem(
+                "train.momentum",
+                f"is {self.momentum}, but adamw has no momentum (its betas stay PyTorch's); "
+                "remove the key or set it to null",
+            )
+        return self
 
 
 class TimeBudgets(Section):
