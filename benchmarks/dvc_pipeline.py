@@ -73,6 +73,7 @@ def tracking_cost() -> None:
     from pipeline import paths, tracking
     from pipeline.boosting import BoostNet
     from pipeline.config import load_params
+    from pipeline.devices import describe_platform
     from pipeline.epochs import EpochRecord
     from pipeline.io import read_json
 
@@ -92,7 +93,7 @@ def tracking_cost() -> None:
     tracking.log_training(
         run_id,
         [EpochRecord.from_json(row) for row in read_json(paths.HISTORY)["epochs"]],
-        "cpu",
+        describe_platform(torch.device("cpu")),
         net,
         (params.in_channels, size, size),
         [paths.MODEL, paths.PARAMS],

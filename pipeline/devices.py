@@ -32,6 +32,27 @@ def stage_device(choice: str, key: str = "evaluate.device") -> torch.device:
     return torch.device("cuda")
 
 
+def describe_platform(device: torch.device) -> dict[str, str]:
+    """What a run's numbers depend on besides its seed and params: results repeat exactly only
+    on the same device (the GPU, or the CPU's vector instructions: AVX2 and AVX-512 round
+    differently), thread count and library versions."""
+    import platform
+
+    import numpy
+
+    described = {
+        "device": describe_device(device),
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        described["cuda"] = str(torch.version.cuda)
+    return described
+
+
 def describe_device(device: torch.device) -> str:
     """What runs record as their device: cpu, or cuda and the GPU's name."""
     if device.type != "cuda":

@@ -31,7 +31,7 @@ from pipeline.boosting import BoostNet
 from pipeline.cluster import worker_layout
 from pipeline.config import ConfigError, Params
 from pipeline.data import FileSplit, split_from
-from pipeline.devices import describe_device
+from pipeline.devices import describe_platform
 from pipeline.epochs import EpochRecord
 from pipeline.fitting import (
     Fit,
@@ -193,7 +193,7 @@ def _report(
     state = fit.state(
         record.epoch,
         history=[r.as_json() for r in history],
-        device=describe_device(next(fit.net.parameters()).device),
+        platform=describe_platform(next(fit.net.parameters()).device),
     )
     kept = {"model": best.state, "epoch": best.epoch, "score": best.score}
     report_checkpoint(
@@ -206,12 +206,16 @@ def _report(
 @dataclass
 class TrainOutcome:
     """What the train stage writes: the kept weights, their epoch, every epoch's record and
-    the device tag of the run."""
+    where they were trained (`devices.describe_platform`)."""
 
     model_state: dict[str, torch.Tensor]
     best_epoch: int
     history: list[EpochRecord]
-    device: str
+    platform: dict[str, str]
+
+    @property
+    def device(self) -> str:
+        return self.platform["device"]
 
 
 def train(
@@ -265,4 +269,5 @@ def train(
     state, best = read_checkpoint(result.checkpoint, "state.pt", "best.pt")
     storage.delete(name)  # stage outputs now hold what matters
     history = [EpochRecord.from_json(row) for row in state["history"]]
-    return TrainOutcome(best["model"], best["epoch"], history, state["device"])
+    platform = state.get("platform") or {"device": state["device"]}  # a checkpoint of before
+    return TrainOutcome(best["model"], best["epoch"], history, platform)

@@ -20,4 +20,4 @@ def send_training(run_id: str, record: Record) -> None:
     net.load_state_dict(load_checkpoint(record.file("model.pt"))["model"])
     history = [EpochRecord.from_json(row) for row in record.details["epochs"]]
     files = [record.file("model.pt"), record.file("params.yaml")]
-    log_training(run_id, history, record.details["device"], net, params.input_shape, files)
+    log_training(run_id, history, record.details["platform"], net, params.input_shape, files)

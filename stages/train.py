@@ -50,6 +50,7 @@ def main() -> None:
             {
                 "run": name,
                 "device": outcome.device,
+                "platform": outcome.platform,  # what the numbers repeat on exactly
                 "best_epoch": outcome.best_epoch,  # the epoch whose weights model.pt holds
                 "select": params.train.select,
                 "train_seconds": reports.training_seconds(epochs),
@@ -61,7 +62,7 @@ def main() -> None:
     if skipped:
         print(f"skipped {skipped} unreadable image(s) per epoch (data.skip_bad: true)")
     run_file.unlink(missing_ok=True)
-    details = {"device": outcome.device, "dataset": dataset, "epochs": epochs}
+    details = {"platform": outcome.platform, "dataset": dataset, "epochs": epochs}
     files = [paths.MODEL, paths.PARAMS]
     tracking.deliver(tracking.record(params, name, run_id, "training", details, files))
 

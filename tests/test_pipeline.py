@@ -99,6 +99,35 @@ def test_prepare_holds_out_a_seeded_validation_split(trained):
 
 
 @pytest.mark.slow
+def test_the_same_seed_on_the_same_machine_gives_identical_results(shared_run: SharedRun):
+    """The session's two pipelines ran the same params at once on this machine (one logging to
+    SQLite, one to a server): weights, held-out and test accuracies and thresholds are equal
+    to the last bit. Only the timings differ."""
+    local, served = shared_run.local, shared_run.served
+
+    def weights(repo: Path) -> dict[str, torch.Tensor]:
+        return torch.load(repo / "outputs/train/model.pt", weights_only=True)["model"]
+
+    assert weights(local).keys() == weights(served).keys()
+    assert all(torch.equal(w, weights(served)[k]) for k, w in weights(local).items())
+    curves = "outputs/train/curves.json"  # per epoch and exit: held-out top-1, training loss
+    assert (local / curves).read_bytes() == (served / curves).read_bytes()
+    grids = [
+        read_json(repo / "outputs/calibrate/thresholds.json")["grid"] for repo in (local, served)
+    ]
+    for ours, theirs in zip(*grids, strict=True):  # expected_ms: from each run's own profile
+        assert [ours[k] for k in ("thresholds", "top1", "exit_fractions", "expected_flops")] == [
+            theirs[k] for k in ("thresholds", "top1", "exit_fractions", "expected_flops")
+        ]
+    for repo in (local, served):
+        assert read_json(repo / "outputs/train/history.json")["platform"]
+    metrics = [read_json(repo / "outputs/evaluate/metrics.json") for repo in (local, served)]
+    assert metrics[0]["anytime"] == metrics[1]["anytime"]
+    for budget, row in metrics[0]["budgets"].items():
+        assert row["top1"] == metrics[1]["budgets"][budget]["top1"]
+
+
+@pytest.mark.slow
 def test_train_writes_selected_weights_and_history(trained):
     params = load_params(trained / "params.yaml")
     net = BoostNet.from_params(params)
@@ -106,6 +135,9 @@ def test_train_writes_selected_weights_and_history(trained):
     net.load_state_dict(saved["model"])
     history = read_json(trained / "outputs/train/history.json")
     assert history["best_epoch"] == saved["epoch"] == 1 and history["device"] == "cpu"
+    platform = history["platform"]  # what the numbers repeat on exactly
+    assert platform["device"] == "cpu" and platform["torch"] == torch.__version__
+    assert platform["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
     (epoch,) = history["epochs"]
     assert len(epoch["val_top1"]) == len(epoch["train_loss"]) == params.model.n_exits
     assert all(0 < f <= 1 for f in epoch["effective_samples"])
@@ -173,6 +205,8 @@ def _check_logged_run(project: Path, uri: str):
     assert tags["mlflow.source.git.branch"] and tags["mlflow.source.type"] == "LOCAL"
     assert tags["data.fingerprint"] == dataset["fingerprint"]
     assert tags["device"] == "cpu" and tags["host"]
+    assert tags["platform.cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+    assert tags["platform.torch"] == torch.__version__
     contexts = {
         tag.value: item.dataset
         for item in run.inputs.dataset_inputs

@@ -70,13 +70,14 @@ def log_model(run_id: str, net: torch.nn.Module, input_shape: tuple[int, int, in
 def log_training(
     run_id: str,
     history: list[EpochRecord],
-    device: str,
+    platform: dict[str, str],
     net: torch.nn.Module,
     input_shape: tuple[int, int, int],
     files: list[Path],
 ) -> None:
     """After training: the epochs that were not logged as they ended (an interruption between
-    an epoch's checkpoint and its logging, a store that was away), the device, the model
+    an epoch's checkpoint and its logging, a store that was away), the device and platform
+    (`platform.*` tags), the model
     (unless a first attempt logged it), and the checkpoint and params files; the run stays
     RUNNING (evaluate finishes it)."""
     from mlflow import MlflowClient
@@ -86,7 +87,9 @@ def log_training(
     missing = [record for record in history if record.epoch not in logged]
     if missing:
         log_metrics(run_id, (metric for record in missing for metric in epoch_metrics(record)))
-    client.set_tag(run_id, "device", device)
+    client.set_tag(run_id, "device", platform["device"])
+    for key, value in platform.items():
+        client.set_tag(run_id, f"platform.{key}", value)
     log_artifacts(run_id, files)
     if not client.get_run(run_id).outputs.model_outputs:
         log_model(run_id, net, input_shape)
