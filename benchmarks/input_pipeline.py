@@ -1,9 +1,9 @@
 """Folder-dataset input throughput (images/s) on this machine, on generated ImageNet-like JPEGs.
 
 Figures, each the median of interleaved repeats over the same files:
-  decode    one process: torchvision decode_image vs Pillow (open + convert RGB), per image
+  decode    one process: TorchCodec decode_image vs Pillow (open + convert RGB), per image
   loaders   training crops at --size (RandomResizedCrop + flip) with --workers loader processes:
-            ours (pipeline/inputs.py: torchvision decode, uint8 out) vs the reference ImageNet
+            ours (pipeline/inputs.py: TorchCodec decode, uint8 out) vs the reference ImageNet
             recipe (torchvision ImageFolder + PIL transforms + ToTensor + Normalize), vs Ray Data
             (from_items + map_batches with our decode, iter_torch_batches)
   listing   prepare's scan + fingerprint of a tree of many small files, seconds per 100k files

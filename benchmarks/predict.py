@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from torchvision.io import write_png
+from torchcodec.encoders import PngEncoder
 
 from pipeline import paths
 from pipeline.calibration import operate
@@ -44,7 +44,7 @@ from pipeline.predict import predict
 def write_pngs(images: torch.Tensor, folder: Path) -> list[Path]:
     files = [folder / f"{i:05d}.png" for i in range(len(images))]
     for image, file in zip(images, files, strict=True):
-        write_png(image, str(file))
+        PngEncoder(image).to_file(file)
     return files
 
 

@@ -1,8 +1,9 @@
 """Batches of uint8 images from either kind of split: slices of in-memory tensors, or image files
 decoded by torch DataLoader processes (folder datasets).
 
-Files are decoded with torchvision (libjpeg-turbo, libpng, libwebp), Pillow only for the formats
-torchvision lacks, and stay uint8 until the training process normalises them (on the GPU when
+Files are decoded with TorchCodec (libjpeg-turbo, libpng, libwebp, GIF; torchvision's own decoders
+are deprecated since 0.29 in its favour), Pillow only for the formats it lacks (BMP, TIFF, ...),
+and stay uint8 until the training process normalises them (on the GPU when
 there is one): a quarter of the bytes of float32 crosses the loader's shared memory and the
 host-to-device copy. Training crops follow the ImageNet reference recipe (RandomResizedCrop to
 data.image_size, horizontal flip); evaluation resizes the shorter side to data.resize and
@@ -32,19 +33,19 @@ Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images, targets, u
 
 
 def decode(path: Path, grey: bool = False) -> torch.Tensor:
-    """uint8 [3, H, W] RGB ([1, H, W] when `grey`). torchvision first (faster than Pillow for
-    JPEG), Pillow for the rest."""
-    from torchvision.io import ImageReadMode, decode_image  # torchvision takes ~2 s to import
+    """uint8 [3, H, W] RGB ([1, H, W] when `grey`; an animation's first frame). TorchCodec
+    first (faster than Pillow for JPEG), Pillow for the formats it does not know."""
+    from torchcodec.decoders import decode_image
 
-    data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
     try:
-        return decode_image(data, mode=ImageReadMode.GRAY if grey else ImageReadMode.RGB)
-    except RuntimeError:
+        image = decode_image(path.read_bytes(), mode="GRAY" if grey else "RGB")
+    except (ValueError, RuntimeError):  # not a format it knows, or a damaged file: Pillow says
         from PIL import Image
         from torchvision.transforms.functional import pil_to_tensor
 
-        with Image.open(path) as image:
-            return pil_to_tensor(image.convert("L" if grey else "RGB"))
+        with Image.open(path) as opened:
+            return pil_to_tensor(opened.convert("L" if grey else "RGB"))
+    return image[0] if image.ndim == 4 else image
 
 
 def transform(data: DataConfig, train: bool) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -107,3 +107,47 @@ def test_folder_params_derive_size_stem_and_classes(tmp_path):
 def test_folder_keys_are_validated(overrides, message):
     with pytest.raises(ConfigError, match=message):
         compose(**overrides)
+
+
+@pytest.mark.parametrize(("suffix", "options"), [(".JPEG", {"quality": 90}), (".png", {}),
+                                                  (".webp", {"lossless": True}), (".gif", {}),
+                                                  (".bmp", {})])  # fmt: skip
+def test_decoded_pixels_equal_torchvisions_and_pillows(tmp_path, suffix, options):
+    """TorchCodec gives the pixels torchvision's deprecated decoder gave (the same codecs, so
+    models trained before the move see the same inputs); BMP, which it lacks, goes to Pillow;
+    grey is read as one channel."""
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from pipeline.inputs import decode
+
+    rng = np.random.default_rng(0)
+    pixels = np.cumsum(rng.integers(0, 8, size=(37, 53, 3)), axis=1).clip(0, 255)
+    path = tmp_path / f"image{suffix}"
+    Image.fromarray(pixels.astype(np.uint8)).save(path, **options)
+    ours = decode(path)
+    with Image.open(path) as image:
+        assert torch.equal(ours, pil_to_tensor(image.convert("RGB"))) or suffix == ".JPEG"
+    if suffix != ".bmp":  # torchvision never read BMP either: Pillow did
+        data = torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        with warnings.catch_warnings():  # its deprecation notice: the point of the move
+            warnings.simplefilter("ignore")
+            assert torch.equal(ours, decode_image(data, mode=ImageReadMode.RGB))
+    assert ours.shape == (3, 37, 53) and ours.dtype == torch.uint8
+    assert decode(path, grey=True).shape == (1, 37, 53)
+
+
+def test_a_file_neither_decoder_reads_raises_for_the_loader_to_name(tmp_path):
+    """A truncated JPEG (TorchCodec fails, then Pillow) and a file that is no image (Pillow
+    does not know it) both raise; the loader turns that into one line naming the file."""
+    from pipeline.inputs import decode
+
+    (tmp_path / "truncated.JPEG").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    (tmp_path / "text.png").write_text("not an image")
+    for name in ("truncated.JPEG", "text.png"):
+        with pytest.raises(OSError):
+            decode(tmp_path / name)

@@ -11,8 +11,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 from helpers import ROOT, compose, needs_data
+from torchcodec.encoders import JpegEncoder, PngEncoder
 from torchvision.datasets import FashionMNIST
-from torchvision.io import write_jpeg, write_png
 
 from pipeline.boosting import BoostNet
 from pipeline.budgets import calibrate
@@ -71,8 +71,8 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Split, li
     folder = root / "images" / "shirts"
     folder.mkdir(parents=True)
     for i in range(N_IMAGES):
-        write_png(images.images[i], str(folder / f"{i:05d}.png"))
-    write_jpeg(images.images[0].expand(3, -1, -1).contiguous(), str(root / "images/rgb.jpg"))
+        PngEncoder(images.images[i]).to_file(folder / f"{i:05d}.png")
+    JpegEncoder(images.images[0].expand(3, -1, -1).contiguous()).to_file(root / "images/rgb.jpg")
     (root / "images/broken.png").write_bytes(b"\x89PNG not really")
     return root, images, calibration.budgets[0].thresholds
 
