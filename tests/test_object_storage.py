@@ -20,10 +20,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
-from helpers import mlflow_server, needs_data, serving, set_params
-from helpers.cluster import BIN, Driver, cluster_project, loopback_cluster
+from helpers import mlflow_server, needs_data, s3_server, set_params
+from helpers.cluster import Driver, cluster_project, loopback_cluster
 
-from pipeline.cluster import free_port
 from pipeline.io import read_json
 
 pytestmark = [  # what the cluster needs; each test's own line says it is slow
@@ -44,19 +43,7 @@ def _can_hide() -> bool:
 def s3(tmp_path_factory) -> Iterator[dict[str, str]]:
     """moto's S3 server on 127.0.0.1 with one bucket; the AWS variables every node and driver
     gets, as a cluster's nodes get their credentials from their environment."""
-    port = free_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "boostpipe-test",
-        "AWS_SECRET_ACCESS_KEY": "boostpipe-test-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    command = [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
-    cwd = tmp_path_factory.mktemp("s3")
-    with serving(command, f"{env['AWS_ENDPOINT_URL']}/moto-api/", cwd):
-        bucket = _bucket(env, allow_bucket_creation=True)
-        bucket.create_dir(BUCKET)
+    with s3_server(tmp_path_factory.mktemp("s3"), BUCKET) as env:
         yield env
 
 

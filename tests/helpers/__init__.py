@@ -23,7 +23,7 @@ from helpers.project import (
     shrunk_copy,
     trained_run,
 )
-from helpers.servers import mlflow_server, serving, stop
+from helpers.servers import mlflow_server, s3_server, serving, stop
 
 __all__ = [
     "PARAMS_FILES",
@@ -37,6 +37,7 @@ __all__ = [
     "needs_data",
     "raw_params",
     "run",
+    "s3_server",
     "serving",
     "set_params",
     "sha",

@@ -66,3 +66,30 @@ def stop(server: subprocess.Popen) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(server.pid, signal.SIGTERM)
     server.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def s3_server(folder: Path, bucket: str) -> Iterator[dict[str, str]]:
+    """moto's S3 server on 127.0.0.1 with `bucket` created: the AWS variables a client needs
+    (credentials come from the environment, never from params or the repository)."""
+    import pyarrow.fs as pafs
+
+    port = free_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "boostpipe-test",
+        "AWS_SECRET_ACCESS_KEY": "boostpipe-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    with serving(command, f"{env['AWS_ENDPOINT_URL']}/moto-api/", folder):
+        s3 = pafs.S3FileSystem(
+            endpoint_override=env["AWS_ENDPOINT_URL"],
+            access_key=env["AWS_ACCESS_KEY_ID"],
+            secret_key=env["AWS_SECRET_ACCESS_KEY"],
+            region=env["AWS_DEFAULT_REGION"],
+            allow_bucket_creation=True,
+        )
+        s3.create_dir(bucket)
+        yield env
