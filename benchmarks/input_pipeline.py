@@ -240,8 +240,8 @@ def main() -> None:
                 listing_seconds_per_100k(tree, args.listing_files)
             )
         if "decode" not in args.skip:
-            tv, pil = decode_rates(args.folder, files[:100])
-            figures.setdefault("decode torchvision (img/s, 1 process)", []).append(tv)
+            codec, pil = decode_rates(args.folder, files[:100])
+            figures.setdefault("decode TorchCodec (img/s, 1 process)", []).append(codec)
             figures.setdefault("decode Pillow (img/s, 1 process)", []).append(pil)
         if "loaders" not in args.skip:
             figures.setdefault("loader ours (img/s)", []).append(rate(ours()))

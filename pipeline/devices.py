@@ -43,14 +43,16 @@ def describe_platform(device: torch.device) -> dict[str, str]:
     described = {
         "device": describe_device(device),
         "cpu_isa": torch.backends.cpu.get_cpu_capability(),
-        "threads": str(torch.get_num_threads()),
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "numpy": numpy.__version__,
         "python": platform.python_version(),
     }
     if device.type == "cuda":
-        described["cuda"] = str(torch.version.cuda)
-    return described
+        described["cuda"] = torch.version.cuda
+    # Plain str only: it travels in checkpoints, which load with weights_only=True (torch's
+    # version is a str subclass that such a load refuses).
+    return {key: str(value) for key, value in described.items()}
 
 
 def describe_device(device: torch.device) -> str:

@@ -11,7 +11,7 @@ import torch
 from helpers import ROOT, compose
 
 from pipeline.config import ConfigError
-from pipeline.devices import stage_device, trial_device
+from pipeline.devices import describe_platform, stage_device, trial_device
 from pipeline.storage import open_storage
 from pipeline.tuning import SearchSetup, TrialInputs, make_tuner
 
@@ -70,3 +70,12 @@ def test_evaluate_device_cuda_without_cuda_fails_on_the_key():
 def test_evaluate_device_is_validated():
     with pytest.raises(ConfigError, match=r"evaluate\.device:"):
         compose(**{"evaluate.device": "tpu"})
+
+
+def test_the_platform_a_run_records_travels_in_a_weights_only_checkpoint(tmp_path):
+    """describe_platform goes into every checkpoint, which loads with weights_only=True."""
+    platform = describe_platform(torch.device("cpu"))
+    torch.save({"platform": platform}, tmp_path / "state.pt")
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["platform"] == platform
+    assert platform["cpu_isa"] == torch.backends.cpu.get_cpu_capability()
+    assert platform["torch"] == torch.__version__ and platform["device"] == "cpu"

@@ -307,8 +307,9 @@ def _check_run_status(repo: Path, expected: str) -> None:
 @pytest.mark.slow
 def test_unwritable_outputs_and_a_dead_store(finished, tmp_path):
     """An output folder that cannot be written fails evaluate in one line before its work, and
-    nothing changes; a tracking server that is gone (a closed port) costs evaluate one warning
-    line, within 60 s, and its outputs are still written; a finished evaluate marks the run
+    nothing changes; a tracking server that is gone (a closed port) costs evaluate two warning
+    lines (logging is delayed; after tracking.catch_up_s, what is kept and how to send it),
+    within 60 s, and its outputs are still written; a finished evaluate marks the run
     FINISHED."""
     repo = finished
     before = _checksums(repo)
@@ -327,10 +328,12 @@ def test_unwritable_outputs_and_a_dead_store(finished, tmp_path):
         port = probe.getsockname()[1]
     metrics = repo / "outputs/evaluate/metrics.json"
     metrics.unlink()
+    set_params(repo, **{"tracking.catch_up_s": 5})
     result, seconds = _stage(repo, "evaluate", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
-    assert len(warnings) == 1 and "Connection refused" in warnings[0], warnings
+    assert len(warnings) == 2 and "Connection refused" in warnings[0], warnings
+    assert "logging is delayed" in warnings[0] and "did not answer within 5 s" in warnings[1]
     assert "Traceback" not in result.stdout + result.stderr
     assert metrics.exists()
     assert seconds < healthy + 60, (seconds, healthy)
