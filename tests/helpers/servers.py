@@ -74,6 +74,7 @@ def s3_server(folder: Path, bucket: str) -> Iterator[dict[str, str]]:
     (credentials come from the environment, never from params or the repository)."""
     import pyarrow.fs as pafs
 
+    folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {
         "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
