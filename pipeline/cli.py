@@ -104,7 +104,8 @@ def ui(params_path: Path, port: int) -> None:
     import signal
     import subprocess
 
-    from pipeline import interrupts
+    from pipeline import interrupts, verbosity
+    from pipeline.paths import UI_LOG
     from pipeline.tracking import connect, project_root, reach
 
     uri = _store(params_path)
@@ -126,14 +127,35 @@ def ui(params_path: Path, port: int) -> None:
         str(port),
         "--workers",
         "1",
+        "--uvicorn-opts=--no-access-log",  # a line per browser request is not for people
     ]
     if uri.startswith("sqlite:"):
         command += ["--default-artifact-root", (project_root() / "mlruns").as_uri()]
     _require_free_port(port)
-    runs = f"#/experiments/{connect(load_params(params_path))}/runs"  # the training runs view
-    click.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}/{runs}  (Ctrl-C to stop)")
+    # The runs' charts in the model-training view: without `workflowType` MLflow 3 opens the
+    # GenAI one (a browser's stored choice, GenAI unless the user switched) whatever the
+    # experiment's kind tag says; the charts' sections are names.py's prefixes.
+    view = "workflowType=machine_learning&compareRunsMode=CHART"
+    charts = f"#/experiments/{connect(load_params(params_path))}/runs?{view}"
+    click.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}/{charts}  (Ctrl-C to stop)")
     signal.signal(signal.SIGTERM, interrupts.as_ctrl_c)  # SIGTERM stops the server too
-    server = subprocess.Popen(command, env=env, preexec_fn=interrupts.sigterm_when_parent_dies)
+    # The server runs in its own session: Ctrl-C reaches only us and we stop it with SIGTERM,
+    # which uvicorn takes quietly (a SIGINT of its own prints a CancelledError traceback). Its
+    # start-up notices and deprecation warnings go to a log unless `boostpipe -v ui`.
+    log = None
+    if not verbosity.verbose():
+        path = project_root() / UI_LOG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        log = path.open("a")
+        print(f"the server's log: {log.name}", file=sys.stderr)
+    server = subprocess.Popen(
+        command,
+        env=env,
+        preexec_fn=interrupts.sigterm_when_parent_dies,
+        start_new_session=True,
+        stdout=log,
+        stderr=log,
+    )
     try:
         code = server.wait()
     except KeyboardInterrupt:

@@ -16,6 +16,7 @@ CURVES = TRAIN_DIR / "curves.json"  # per epoch and exit, for `dvc plots`
 RAY_STORAGE = Path(".boostpipe/ray")  # Ray Train checkpoints of unfinished runs (not DVC-tracked)
 TUNE_STORAGE = Path(".boostpipe/tune")  # Ray Tune searches: trials, checkpoints, state
 OUTBOX = Path(".boostpipe/outbox")  # MLflow records kept while the store did not answer
+UI_LOG = Path(".boostpipe/mlflow-ui.log")  # `boostpipe ui`'s server, unless -v
 
 PROFILE_DIR = Path("outputs/profile")
 EXIT_COSTS = PROFILE_DIR / "exit_costs.json"  # per exit: FLOPs, ms per image at batch 1 and N

@@ -37,6 +37,9 @@ def store_client(params: Params) -> tuple[MlflowClient, str]:
 
 def runs_table(params: Params, limit: int) -> Table:
     """The `limit` newest runs: per-exit and per-budget test top-1 and key params."""
+    from pipeline.tracking import names
+    from pipeline.tracking.lookup import top1_at_budgets
+
     client, experiment_id = store_client(params)
     found = client.search_runs(
         [experiment_id], max_results=limit, order_by=["attributes.start_time DESC"]
@@ -46,13 +49,9 @@ def runs_table(params: Params, limit: int) -> Table:
     for column in columns:
         table.add_column(column)
     for run in found:
-        by_exit = client.get_metric_history(run.info.run_id, "test_top1_by_exit")
+        by_exit = names.history(client, run.info.run_id, names.EXIT_TOP1)
         exits = " ".join(f"{m.value:.1f}" for m in sorted(by_exit, key=lambda m: m.step))
-        budgets = " ".join(
-            f"{v:.1f}"
-            for k, v in sorted(run.data.metrics.items())
-            if k.startswith("budget_") and k.endswith("_top1")
-        )
+        budgets = " ".join(f"{v:.1f}" for v in top1_at_budgets(run).values())
         p = run.data.params
         table.add_row(
             run.info.run_id[:8],

@@ -45,10 +45,10 @@ def _logged_epochs(repo: Path, uri: str, history: list[dict]) -> None:
     assert run.info.status == "RUNNING"
     epochs = [r["epoch"] for r in history]
     for key, value in (
-        ("val_top1_exit_4", lambda r: r["val_top1"][3]),
-        ("train_loss_exit_1", lambda r: r["train_loss"][0]),
-        ("val_mean_top1", lambda r: r["val_mean_top1"]),
-        ("lr", lambda r: r["lr"]),
+        ("val/top1_exit_4", lambda r: r["val_top1"][3]),
+        ("train/loss_exit_1", lambda r: r["train_loss"][0]),
+        ("val/mean_top1", lambda r: r["val_mean_top1"]),
+        ("train/lr", lambda r: r["lr"]),
     ):
         logged = sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)
         assert [m.step for m in logged] == epochs, key

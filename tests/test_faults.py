@@ -195,7 +195,7 @@ def test_sigterm_to_dvc_alone_stops_training_and_its_ray_cluster(shared_copy, tm
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    logged = sorted(client.get_metric_history(killed, "val_mean_top1"), key=lambda m: m.step)
+    logged = sorted(client.get_metric_history(killed, "val/mean_top1"), key=lambda m: m.step)
     assert [m.step for m in logged] == [1, 2, 3]
     assert logged[1].timestamp < logged[2].timestamp
     _check_run_status(repo, "FINISHED")  # the interrupted run, resumed and evaluated
@@ -381,7 +381,7 @@ def test_a_tracking_server_away_for_40_s_loses_nothing(tmp_path):
                 run_id = trained_run(uri, repo).info.run_id
                 client = MlflowClient(uri)
                 finished = client.get_run(run_id)
-                epochs = client.get_metric_history(run_id, "val_mean_top1")
+                epochs = client.get_metric_history(run_id, "val/mean_top1")
                 artifacts = {a.path for a in client.list_artifacts(run_id)}
         finally:
             with contextlib.suppress(ProcessLookupError):

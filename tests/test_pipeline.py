@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import signal
 import socket
 import subprocess
@@ -36,7 +37,9 @@ from pipeline.cluster import free_port
 from pipeline.config import load_params
 from pipeline.data import DEBIAN_FASHION_MNIST, load_split
 from pipeline.io import read_json
+from pipeline.paths import UI_LOG
 from pipeline.reports import budget_key
+from pipeline.tracking import names
 
 pytestmark = needs_data  # every test trains on Fashion-MNIST
 
@@ -218,18 +221,18 @@ def _check_logged_run(project: Path, uri: str):
     assert all(d.digest == dataset["fingerprint"] for d in contexts.values())
 
     history = read_json(project / "outputs/train/history.json")["epochs"]
-    for key in ("val_top1_exit_1", "train_loss_exit_4", "effective_samples_exit_2"):
+    for key in ("val/top1_exit_1", "train/loss_exit_4", "train/effective_samples_exit_2"):
         logged = client.get_metric_history(run.info.run_id, key)
         assert [m.step for m in logged] == [1]
-    logged = client.get_metric_history(run.info.run_id, "val_top1_exit_4")
+    logged = client.get_metric_history(run.info.run_id, "val/top1_exit_4")
     assert logged[0].value == pytest.approx(history[0]["val_top1"][3])
 
     metrics = read_json(project / "outputs/evaluate/metrics.json")
-    by_exit = client.get_metric_history(run.info.run_id, "test_top1_by_exit")
+    by_exit = client.get_metric_history(run.info.run_id, "exits/test_top1")
     assert sorted((m.step, round(m.value, 4)) for m in by_exit) == [
         (k + 1, round(v, 4)) for k, v in enumerate(metrics["anytime"]["top1"].values())
     ]
-    curve = client.get_metric_history(run.info.run_id, "budget_top1_by_kflops")
+    curve = client.get_metric_history(run.info.run_id, "budgets/top1_by_kflops")
     points = read_json(project / "outputs/evaluate/budget_curve.json")
     assert {m.step for m in curve} == {round(p["mflops"] * 1000) for p in points}
 
@@ -248,13 +251,13 @@ def _check_logged_run(project: Path, uri: str):
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert any(m.source_run_id == run.info.run_id for m in models)
     budget_metrics = [
-        k for k in run.data.metrics if k.startswith("budget_") and k.endswith("_top1")
+        k for k in run.data.metrics if k.startswith("test/budget_") and k.endswith("_top1")
     ]
     assert len(budget_metrics) == len(params.calibrate.budgets)
-    flops = client.get_metric_history(run.info.run_id, "mflops_by_exit")
+    flops = client.get_metric_history(run.info.run_id, "exits_cost/mflops")
     exits = list(range(1, params.model.n_exits + 1))
     assert [m.step for m in sorted(flops, key=lambda m: m.step)] == exits
-    fractions = client.get_metric_history(run.info.run_id, "effective_samples_exit_4")
+    fractions = client.get_metric_history(run.info.run_id, "train/effective_samples_exit_4")
     assert 0 < fractions[0].value <= 1
     return run
 
@@ -476,50 +479,50 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium (make data)")
-def test_mlflow_ui_compares_the_runs_per_exit_in_a_real_browser(project, baseline_run, tmp_path):
-    """`boostpipe ui`, then headless Chromium on MLflow's metric page for both runs: the per-exit
-    accuracy chart must draw one line per run. Ctrl-C (SIGINT) then stops the UI cleanly."""
-    from mlflow import MlflowClient
+def test_mlflow_ui_opens_on_the_training_charts_with_a_section_per_prefix(
+    project, baseline_run, tmp_path
+):
+    """`boostpipe ui`, then headless Chromium on the address it prints, as a newcomer follows
+    it: MLflow's model-training view (not GenAI) with the runs' charts in sections in the order
+    of names.py, and in `exits` the per-exit accuracy chart, reached by scrolling, not searching,
+    with a line per run. Ctrl-C (SIGINT) then stops the UI and its server cleanly."""
     from playwright.sync_api import sync_playwright
 
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    workspace_run = trained_run(f"sqlite:///{project / 'mlflow.db'}", project).info.run_id
-    experiment = client.get_run(baseline_run).info.experiment_id
-    runs = json.dumps([workspace_run, baseline_run])
     port = free_port()
-    page_url = (
-        f"http://127.0.0.1:{port}/#/metric/test_top1_by_exit?runs={runs}"
-        f'&metric="test_top1_by_exit"&experiments=["{experiment}"]'
-        '&plot_metric_keys=["test_top1_by_exit"]&plot_layout={}&x_axis=step'
-        "&y_axis_scale=linear&line_smoothness=1&show_point=true&deselected_curves=[]"
-        "&last_linear_y_axis_range=[]"
-    )
     command = [sys.executable, "-m", "pipeline", "ui", "--port", str(port)]
+    console = tmp_path / "ui.log"
+    n_exits = load_params(project / "params.yaml").model.n_exits
     with (
-        serving(command, f"http://127.0.0.1:{port}/health", project, stop=signal.SIGINT) as ui,
+        serving(command, f"http://127.0.0.1:{port}/health", project, signal.SIGINT, console) as ui,
         sync_playwright() as playwright,
     ):
+        address = re.search(r"http://127\.0\.0\.1:\d+/\S+", console.read_text()).group()
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
-        # The address `boostpipe ui` prints: the training runs (not MLflow's GenAI overview).
-        runs_page = browser.new_page(viewport={"width": 1400, "height": 900})
-        runs_page.goto(f"http://127.0.0.1:{port}/#/experiments/{experiment}/runs")
-        runs_page.get_by_text("matching runs").wait_for(timeout=60_000)  # the table's footer
-        runs_page.get_by_role("link", name="baseline").first.wait_for()
-        runs_page.screenshot(path=tmp_path / "mlflow-ui-runs.png")
-        runs_page.close()
-        page = browser.new_page(viewport={"width": 1400, "height": 900})  # a fresh load
-        page.goto(page_url)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})  # a fresh profile
+        page.goto(address)
+        headers = page.get_by_test_id("experiment-view-compare-runs-section-header")
+        page.get_by_text("budgets/top1_flat_by_kflops", exact=True).wait_for(timeout=60_000)
+        sections = [text.split("\n")[0] for text in headers.all_inner_texts()]
+        assert sections[:6] == ["budgets", "exits", "exits_cost", "test", "train", "val"]
+        assert page.get_by_text("Model registry").is_visible()  # the model-training sidebar
+        assert page.get_by_text("Judges").count() == 0  # GenAI's is not shown
+        page.screenshot(path=tmp_path / "mlflow-ui-charts.png")
+
+        headers.nth(sections.index("exits")).scroll_into_view_if_needed()
+        title = page.get_by_text(names.EXIT_TOP1, exact=True)
+        title.wait_for(timeout=60_000)  # charts render as they scroll into view
+        card = title.locator("xpath=ancestor::div[.//div[contains(@class,'js-plotly-plot')]][1]")
         for name in ("boostnet-fashion-mnist-seed0", "baseline"):
-            page.get_by_text(f"{name} (test_top1_by_exit)").wait_for(timeout=60_000)
-        page.get_by_text("Comparing 2 Runs").wait_for()
-        points = page.locator(".js-plotly-plot .scatterlayer .point")
-        n_exits = load_params(project / "params.yaml").model.n_exits
+            card.get_by_text(f"{name} ({names.EXIT_TOP1})").wait_for(timeout=60_000)
+        points = card.locator(".js-plotly-plot .scatterlayer .point")
         points.nth(2 * n_exits - 1).wait_for(timeout=60_000)  # drawn after the legend
-        assert points.count() == 2 * n_exits  # both runs, a point at each exit
-        page.screenshot(path=tmp_path / "mlflow-ui-compare.png")
+        assert points.count() % n_exits == 0 and points.count() >= 2 * n_exits  # every exit
+        page.screenshot(path=tmp_path / "mlflow-ui-exits.png")
         browser.close()
-        print(f"screenshot: {tmp_path / 'mlflow-ui-compare.png'}")
+        print(f"screenshots: {tmp_path}")
     assert ui.returncode == 0
+    for log in (console, project / UI_LOG):  # ours, and the server's
+        assert "Traceback" not in log.read_text(), log.read_text()
     with socket.socket() as probe:  # nothing listens there any more: mlflow's workers are gone
         # SO_REUSEADDR: the browser's closed connections may leave TIME_WAIT entries on the port.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -65,7 +65,7 @@ def test_time_budgets_are_calibrated_timed_and_logged(project):
 
     client_run = trained_run(f"sqlite:///{project / 'mlflow.db'}", project)
     logged = client_run.data.metrics
-    assert all(f"time_{key}_measured_ms" in logged for key in keys)
+    assert all(f"test/time_{key}_measured_ms" in logged for key in keys)
 
 
 def test_a_time_budget_beyond_the_last_exit_stops_calibrate_in_one_line(project):

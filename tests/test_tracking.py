@@ -166,3 +166,83 @@ def test_processes_creating_one_sqlite_store_at_once_all_connect(tmp_path):
     results = [(p.wait(timeout=300), *p.communicate()) for p in starts]
     assert all(code == 0 for code, _, _ in results), [err[-2000:] for _, _, err in results]
     assert len({out.strip() for _, out, _ in results}) == 1  # one experiment
+
+
+def test_runs_logged_under_the_old_flat_names_read_as_the_sectioned_ones(tmp_path, monkeypatch):
+    """`boostpipe runs` and `compare` read a run logged before the chart sections (the flat
+    names, written here as that version logged them) exactly as one logged now."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from pipeline.epochs import EpochRecord, EpochStats
+    from pipeline.tracking.logs import epoch_metrics, log_metrics
+    from pipeline.tracking.lookup import curves, top1_at_budgets
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    connect(compose(**{"tracking.experiment": "unit"}))
+    epoch = EpochRecord(1, EpochStats([2.0, 1.0], [1.0, 0.4], 0.1, 900.0), [60.0, 70.0], 3.0, [])
+    logged = {
+        "now": [
+            *epoch_metrics(epoch),
+            ("exits/test_top1", 70.0, 1),
+            ("exits/test_top1", 80.0, 2),
+            ("exits_cost/mflops", 1.5, 1),
+            ("exits_cost/mflops", 3.0, 2),
+            ("budgets/top1_flat_by_kflops", 75.0, 2000),
+            ("test/budget_2M_top1", 75.0, 0),
+        ],
+        "before": [
+            ("effective_samples_exit_1", 1.0, 1),
+            ("effective_samples_exit_2", 0.4, 1),
+            ("test_top1_by_exit", 70.0, 1),
+            ("test_top1_by_exit", 80.0, 2),
+            ("mflops_by_exit", 1.5, 1),
+            ("mflops_by_exit", 3.0, 2),
+            ("budget_top1_flat_by_kflops", 75.0, 2000),
+            ("budget_2M_top1", 75.0, 0),
+        ],
+    }
+    client = MlflowClient()
+    read = {}
+    for version, metrics in logged.items():
+        run_id = mlflow.start_run(run_name=version).info.run_id
+        mlflow.end_run()
+        log_metrics(run_id, metrics)
+        run = client.get_run(run_id)
+        read[version] = curves(client, run)
+        assert top1_at_budgets(run) == {2.0: 75.0}
+    now, before = read["now"], read["before"]
+    assert now.exit_top1 == before.exit_top1 == [70.0, 80.0]
+    assert now.exit_mflops == before.exit_mflops == [1.5, 3.0]
+    assert now.budget_mflops == before.budget_mflops == [2.0]
+    assert now.effective_samples == before.effective_samples == [[1.0], [0.4]]
+    assert now.epochs == before.epochs == [1]
+
+
+def test_every_metric_a_run_logs_has_a_chart_section_and_an_old_name():
+    """Each name has one of the UI's sections and maps back to what older runs logged."""
+    from pipeline.epochs import EpochRecord, EpochStats
+    from pipeline.tracking import names
+    from pipeline.tracking.logs import epoch_metrics
+
+    stats = EpochStats([2.0], [1.0], 0.1, 900.0, compile_seconds=5.0, skipped_images=1)
+    logged = {key for key, _, _ in epoch_metrics(EpochRecord(1, stats, [60.0], 3.0, []))}
+    assert {key.split("/")[0] for key in logged} == {"train", "val"}
+    old = {names.legacy(key) for key in logged}
+    assert old == {
+        "train_loss_exit_1",
+        "effective_samples_exit_1",
+        "val_top1_exit_1",
+        "val_mean_top1",
+        "lr",
+        "images_per_second",
+        "epoch_seconds",
+        "compile_seconds",
+        "skipped_images",
+    }
+    assert names.legacy(names.EXIT_TOP1) == "test_top1_by_exit"
+    assert names.legacy(names.flops_budget(1.5, "top1")) == "budget_1.5M_top1"
+    assert names.legacy(names.time_budget("batch_n_0.3ms", "measured_ms")) == (
+        "time_batch_n_0.3ms_measured_ms"
+    )

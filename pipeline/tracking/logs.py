@@ -1,6 +1,7 @@
-"""What a run holds, laid out for MLflow's charts: per-epoch metrics (step = epoch), logged live
-from the Ray worker as each epoch ends, the evaluation (per exit, step = exit index; the
-budgeted curve, step = expected cost in kFLOPs), and files as artifacts."""
+"""What a run holds, laid out for MLflow's charts (names.py: one chart section per prefix):
+per-epoch metrics (step = epoch), logged live from the Ray worker as each epoch ends, the
+evaluation (per exit, step = exit index; the budgeted curve, step = expected cost in kFLOPs),
+and files as artifacts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.epochs import EpochRecord
+from pipeline.tracking import names
 from pipeline.tracking.outbox import Record, announce_delay, caught_up
 from pipeline.tracking.runs import finish_run
 from pipeline.tracking.store import bound_waits, local_store
@@ -39,21 +41,21 @@ def epoch_metrics(record: EpochRecord) -> Iterator[tuple[str, float, int]]:
     """One epoch as (key, value, step = epoch) metrics: per exit, then the scalars it has (no
     held-out mean without a held-out split, compile time once, skipped files for folders)."""
     stats, step = record.stats, record.epoch
-    per_exit = {
-        "train_loss": stats.train_loss,
-        "val_top1": record.val_top1,
-        "effective_samples": stats.effective_samples,
+    per_exit_values = {
+        "train/loss": stats.train_loss,
+        "val/top1": record.val_top1,
+        "train/effective_samples": stats.effective_samples,
     }
-    for key, values in per_exit.items():
+    for quantity, values in per_exit_values.items():
         for index, value in enumerate(values, start=1):
-            yield f"{key}_exit_{index}", value, step
+            yield names.per_exit(quantity, index), value, step
     scalars = {
-        "val_mean_top1": record.val_mean_top1,
-        "lr": stats.lr,
-        "images_per_second": stats.images_per_second,
-        "epoch_seconds": record.epoch_seconds,
-        "compile_seconds": stats.compile_seconds,
-        "skipped_images": stats.skipped_images,
+        "val/mean_top1": record.val_mean_top1,
+        "train/lr": stats.lr,
+        "train/images_per_second": stats.images_per_second,
+        names.EPOCH_SECONDS: record.epoch_seconds,
+        "train/compile_seconds": stats.compile_seconds,
+        "train/skipped_images": stats.skipped_images,
     }
     yield from ((key, value, step) for key, value in scalars.items() if value is not None)
 
@@ -112,27 +114,27 @@ def log_evaluation(
 
     def values() -> Iterable[tuple[str, float, int]]:
         for row in anytime:
-            yield "test_top1_by_exit", row["top1"], row["exit"]
-            yield "test_top5_by_exit", row["top5"], row["exit"]
-            yield "mflops_by_exit", row["mflops"], row["exit"]
+            yield names.EXIT_TOP1, row["top1"], row["exit"]
+            yield names.EXIT_TOP5, row["top5"], row["exit"]
+            yield names.EXIT_MFLOPS, row["mflops"], row["exit"]
             for column in ("ms_batch_1", "ms_batch_n"):
-                yield f"{column}_by_exit", row[column], row["exit"]
+                yield names.exit_ms(column), row[column], row["exit"]
         for row in sorted(budget_curve, key=lambda r: r["mflops"]):
             step = round(row["mflops"] * 1000)
-            yield "budget_top1_by_kflops", row["top1"], step
-            yield "budget_top1_flat_by_kflops", row["top1_flat"], step
+            yield names.BUDGET_TOP1, row["top1"], step
+            yield names.BUDGET_TOP1_FLAT, row["top1_flat"], step
         for column in ("ms_batch_1", "ms_batch_n"):
             for row in sorted(budget_curve, key=lambda r: r[column]):
                 step = round(row[column] * 1000)
-                yield f"budget_top1_flat_by_us_{column[3:]}", row["top1_flat"], step
-        yield "test_final_top1", metrics["final_top1"], 0
-        yield "test_mean_top1", metrics["mean_top1"], 0
-        for row in metrics["budgets"].values():  # MLflow names allow no "+": use MFLOPs
+                yield names.budget_top1_by_us(column[3:]), row["top1_flat"], step
+        yield names.FINAL_TOP1, metrics["final_top1"], 0
+        yield names.MEAN_TOP1, metrics["mean_top1"], 0
+        for row in metrics["budgets"].values():
             for key in ("top1", "expected_mflops", "speedup_measured", "speedup_predicted"):
-                yield f"budget_{row['target_mflops']:g}M_{key}", row[key], 0
+                yield names.flops_budget(row["target_mflops"], key), row[key], 0
         for name, row in metrics["time_budgets"].items():
             for key in ("top1", "target_ms", "measured_ms", "measured_over_target", "drift"):
-                yield f"time_{name}_{key}", row[key], 0
+                yield names.time_budget(name, key), row[key], 0
 
     log_metrics(run_id, values())
     log_artifacts(run_id, files)

@@ -1,9 +1,9 @@
 """Reading runs back from MLflow: the run that trained a model, a run by reference, and its
 accuracy curves.
 
-`boostpipe runs` and `boostpipe compare` read what the pipeline logged (see logs.py for the
-layout): per-exit values with the exit index as the step, the budgeted curve with the expected
-cost in kFLOPs as the step.
+`boostpipe runs` and `boostpipe compare` read what the pipeline logged (logs.py lays it out,
+names.py names it, old names included): per-exit values with the exit index as the step, the
+budgeted curve with the expected cost in kFLOPs as the step.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.paths import HISTORY
+from pipeline.tracking import names
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -54,16 +55,20 @@ class RunCurves:
 
 
 def _by_step(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+    return sorted((m.step, m.value) for m in names.history(client, run_id, key))
+
+
+# A FLOPs budget's test top-1 as `test/budget_1.5M_top1` logs it (flat, before the sections).
+BUDGET_TOP1 = re.compile(r"(?:test/)?budget_([0-9.e+-]+)M_top1")
 
 
 def curves(client: MlflowClient, run: Run) -> RunCurves:
     run_id = run.info.run_id
-    exits = _by_step(client, run_id, "test_top1_by_exit")
-    costs = dict(_by_step(client, run_id, "mflops_by_exit"))
-    budget = _by_step(client, run_id, "budget_top1_flat_by_kflops")
+    exits = _by_step(client, run_id, names.EXIT_TOP1)
+    costs = dict(_by_step(client, run_id, names.EXIT_MFLOPS))
+    budget = _by_step(client, run_id, names.BUDGET_TOP1_FLAT)
     effective = [
-        _by_step(client, run_id, f"effective_samples_exit_{index}")
+        _by_step(client, run_id, names.per_exit("train/effective_samples", index))
         for index in range(1, len(exits) + 1)
     ]
     return RunCurves(
@@ -73,14 +78,20 @@ def curves(client: MlflowClient, run: Run) -> RunCurves:
         exit_top1=[value for _, value in exits],
         budget_mflops=[step / 1000 for step, _ in budget],
         budget_top1=[value for _, value in budget],
-        top1_at_budget={
-            float(match.group(1)): value
-            for key, value in run.data.metrics.items()
-            if (match := re.fullmatch(r"budget_([0-9.e+-]+)M_top1", key))
-        },
+        top1_at_budget=top1_at_budgets(run),
         epochs=[step for step, _ in effective[0]] if effective else [],
         effective_samples=[[value for _, value in history] for history in effective],
     )
+
+
+def top1_at_budgets(run: Run) -> dict[float, float]:
+    """Target MFLOPs of each calibrated budget -> its test top-1, under either name."""
+    found = {
+        float(match.group(1)): value
+        for key, value in run.data.metrics.items()
+        if (match := BUDGET_TOP1.fullmatch(key))
+    }
+    return dict(sorted(found.items()))
 
 
 def _trained_at_revision(ref: str) -> str | None:

@@ -18,18 +18,20 @@ from pipeline.cluster import free_port
 
 @contextlib.contextmanager
 def serving(
-    command: list[str], url: str, cwd: Path, stop: int = signal.SIGTERM
+    command: list[str], url: str, cwd: Path, stop: int = signal.SIGTERM, log: Path | None = None
 ) -> Iterator[subprocess.Popen]:
     """A server we start (in its own process group) until `url` answers; `stop` is sent to that
-    group afterwards, as a terminal sends Ctrl-C to its foreground job, unless it is gone."""
+    group afterwards, as a terminal sends Ctrl-C to its foreground job, unless it is gone. What
+    it prints goes to `log` when given."""
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    output = log.open("w") if log else subprocess.DEVNULL
     server = subprocess.Popen(
         command,
         cwd=cwd,
         env=env,
         start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
     )
     try:
         deadline = time.monotonic() + 120
@@ -44,6 +46,8 @@ def serving(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, stop)
         server.wait(timeout=60)
+        if log:
+            output.close()
 
 
 @contextlib.contextmanager
