@@ -101,83 +101,15 @@ def _store(params_path: Path) -> str:
 def ui(params_path: Path, port: int) -> None:
     """The MLflow UI for the project's store, on 127.0.0.1 with one worker; Ctrl-C stops it.
     A store that is already a tracking server serves its own UI: its address is printed."""
-    import signal
-    import subprocess
-
-    from pipeline import interrupts, verbosity
-    from pipeline.paths import UI_LOG
-    from pipeline.tracking import connect, project_root, reach
+    from pipeline.mlflow_ui import serve
+    from pipeline.tracking import connect, reach
 
     uri = _store(params_path)
     if uri.startswith(("http://", "https://")):
         reach(uri)  # one line within seconds when it does not answer
         click.echo(f"the tracking store is a server with its own UI: {uri}")
         return
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
-    command = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--uvicorn-opts=--no-access-log",  # a line per browser request is not for people
-    ]
-    if uri.startswith("sqlite:"):
-        command += ["--default-artifact-root", (project_root() / "mlruns").as_uri()]
-    _require_free_port(port)
-    # The runs' charts in the model-training view: without `workflowType` MLflow 3 opens the
-    # GenAI one (a browser's stored choice, GenAI unless the user switched) whatever the
-    # experiment's kind tag says; the charts' sections are names.py's prefixes.
-    view = "workflowType=machine_learning&compareRunsMode=CHART"
-    charts = f"#/experiments/{connect(load_params(params_path))}/runs?{view}"
-    click.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}/{charts}  (Ctrl-C to stop)")
-    signal.signal(signal.SIGTERM, interrupts.as_ctrl_c)  # SIGTERM stops the server too
-    # The server runs in its own session: Ctrl-C reaches only us and we stop it with SIGTERM,
-    # which uvicorn takes quietly (a SIGINT of its own prints a CancelledError traceback). Its
-    # start-up notices and deprecation warnings go to a log unless `boostpipe -v ui`.
-    log = None
-    if not verbosity.verbose():
-        path = project_root() / UI_LOG
-        path.parent.mkdir(parents=True, exist_ok=True)
-        log = path.open("a")
-        print(f"the server's log: {log.name}", file=sys.stderr)
-    server = subprocess.Popen(
-        command,
-        env=env,
-        preexec_fn=interrupts.sigterm_when_parent_dies,
-        start_new_session=True,
-        stdout=log,
-        stderr=log,
-    )
-    try:
-        code = server.wait()
-    except KeyboardInterrupt:
-        server.terminate()
-        server.wait(timeout=30)
-        return
-    if code != 0:
-        raise click.ClickException(f"the MLflow UI server exited with {code}")
-
-
-def _require_free_port(port: int) -> None:
-    """Bind as the server will (SO_REUSEADDR), so a taken port fails before the URL banner."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            raise click.ClickException(
-                f"127.0.0.1:{port} is in use; stop what listens there or pick --port"
-            ) from None
+    serve(uri, port, lambda: connect(load_params(params_path)))
 
 
 @main.command()
@@ -266,7 +198,11 @@ def _tune_params(params_path: Path, options: dict[str, OptionValue]) -> Params:
         raise
 
 
-TUNE_OPTION_NAMES = {"confirm.top_k": "--confirm"}  # keys whose option is not named after them
+TUNE_OPTION_NAMES = {"confirm.top_k": "--confirm"}
+STUDY_VARIANT_HELP = (
+    "NAME or NAME=key=value[,key=value], repeated; the first is the reference (default: boostnet,"
+    " and baseline with boost.enabled=false)."
+)  # keys whose option is not named after them
 
 
 @main.command()
@@ -509,3 +445,55 @@ def _print_predictions(outcome: Outcome, as_json: bool, as_csv: bool) -> None:
         label = p.name if p.name is not None else str(p.label)
         table.add_row(p.file, label, f"{p.confidence:.3f}", str(p.exit), f"{p.flops / 1e6:.2f}")
     Console().print(table)
+
+
+@main.command()
+@click.option("--variant", "variants", multiple=True, help=STUDY_VARIANT_HELP)
+@click.option("--seeds", default=5, show_default=True, help="Seeds 0..N-1 for every variant.")
+@click.option("--set", "sets", multiple=True, help="key=value for every run, as dvc exp run -S.")
+@click.option("--name", default="study", show_default=True, help="Names its experiments.")
+@click.option("--jobs", type=int, help="Runs at once (default: as many as the CPUs hold).")
+@click.option("--timeout", default=86400.0, show_default=True, help="Seconds to wait for runs.")
+@exits_on_config_error
+def study(
+    variants: tuple[str, ...],
+    seeds: int,
+    sets: tuple[str, ...],
+    name: str,
+    jobs: int | None,
+    timeout: float,
+) -> None:
+    """Is a variant better than the first on my data? Variants x seeds as DVC experiments
+    (`dvc exp run --queue`, named NAME-VARIANT-sSEED; one that finished never runs again, so an
+    interrupted study resumes). Per exit and budget: mean ± sd over seeds and the paired
+    difference from the first variant with its 95 % t interval, in outputs/study/NAME/ and an
+    MLflow parent run."""
+    import signal
+
+    from pipeline import interrupts
+    from pipeline.paths import PARAMS, STUDIES
+    from pipeline.study import (
+        DEFAULT_VARIANTS,
+        StudyError,
+        Variant,
+        make_plan,
+        parse_sets,
+        run_study,
+    )
+    from pipeline.study_report import table
+    from pipeline.tracking import bound_waits
+
+    chosen = tuple(Variant.parse(text) for text in variants) or DEFAULT_VARIANTS
+    plan, params = make_plan(name, chosen, seeds, parse_sets(sets), PARAMS)
+    signal.signal(signal.SIGTERM, interrupts.as_ctrl_c)
+    bound_waits("interactive")
+    console = Console()
+    try:
+        _, rows = run_study(plan, params, jobs, timeout, STUDIES / name, console.print)
+    except StudyError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("study interrupted: run the same command again to finish it", err=True)
+        sys.exit(130)
+    console.print(table(rows, [v.name for v in plan.variants], len(plan.seeds)))
+    console.print(f"files: {STUDIES / name}/")

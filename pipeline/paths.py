@@ -36,3 +36,5 @@ EFFECTIVE_SAMPLES_PLOT = EVALUATE_DIR / "effective_samples.png"
 TUNE_DIR = Path("outputs/tune")  # the optional `tune` stage (tune/dvc.yaml)
 BEST_PARAMS = TUNE_DIR / "best_params.json"
 TUNE_SUMMARY = TUNE_DIR / "summary.json"
+
+STUDIES = Path("outputs/study")  # `boostpipe study NAME`: outputs/study/NAME/ (no DVC stage)

@@ -2,32 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
-from pathlib import Path
 
-import psutil
 import pytest
-from helpers import needs_data, run, shrunk_copy
-
-
-def _statuses(repo: Path) -> dict[str, str]:
-    """`dvc queue status` as {experiment name: status} (rows: task, name, created, status)."""
-    shown = run(["dvc", "queue", "status"], repo)
-    assert shown.returncode == 0, shown.stdout + shown.stderr
-    rows = (line.split() for line in shown.stdout.splitlines()[1:])
-    return {row[1]: row[-1] for row in rows if len(row) >= 4 and row[0] != "Worker"}
-
-
-def _processes_in(repo: Path) -> list[str]:
-    """Processes (by PID and command) whose working directory is inside `repo`."""
-    found = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        with contextlib.suppress(psutil.Error):
-            if Path(process.cwd()).is_relative_to(repo):
-                found.append(f"{process.pid} {' '.join(process.info['cmdline'] or [])[:100]}")
-    return found
+from helpers import needs_data, processes_in, queue_statuses, run, shrunk_copy
 
 
 @pytest.mark.slow
@@ -49,10 +28,10 @@ def test_two_queued_experiments_run_at_once_and_both_land(tmp_path):
     started = run(["dvc", "queue", "start", "-j", "2"], repo)
     assert started.returncode == 0, started.stdout + started.stderr
     deadline = time.monotonic() + 900
-    while any(status in {"Queued", "Running"} for status in _statuses(repo).values()):
-        assert time.monotonic() < deadline, _statuses(repo)
+    while any(status in {"Queued", "Running"} for status in queue_statuses(repo).values()):
+        assert time.monotonic() < deadline, queue_statuses(repo)
         time.sleep(2)
-    statuses = _statuses(repo)
+    statuses = queue_statuses(repo)
     if set(statuses.values()) != {"Success"}:
         logs = {name: run(["dvc", "queue", "logs", name], repo).stdout[-3000:] for name in names}
         pytest.fail(f"{statuses}\n{logs}")
@@ -77,6 +56,6 @@ def test_two_queued_experiments_run_at_once_and_both_land(tmp_path):
     assert all(r.info.status == "FINISHED" for r in runs)
 
     deadline = time.monotonic() + 60  # DVC's queue workers stop once the queue is empty
-    while (left := _processes_in(repo)) and time.monotonic() < deadline:
+    while (left := processes_in(repo)) and time.monotonic() < deadline:
         time.sleep(1)
     assert not left, left

@@ -3,6 +3,7 @@ the commands run in them, each as a user would run it (this venv's commands, a c
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -139,3 +140,23 @@ def trained_run(uri: str, repo: Path) -> Any:
     run = find_training_run(client, [experiment.experiment_id], key)
     assert run is not None, f"{uri} has no run of {key}"
     return run
+
+
+def queue_statuses(repo: Path) -> dict[str, str]:
+    """`dvc queue status` as {experiment name: status} (rows: task, name, created, status)."""
+    shown = run(["dvc", "queue", "status"], repo)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    rows = (line.split() for line in shown.stdout.splitlines()[1:])
+    return {row[1]: row[-1] for row in rows if len(row) >= 4 and row[0] != "Worker"}
+
+
+def processes_in(repo: Path) -> list[str]:
+    """Processes (by PID and command) whose working directory is inside `repo`."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if Path(process.cwd()).is_relative_to(repo):
+                found.append(f"{process.pid} {' '.join(process.info['cmdline'] or [])[:100]}")
+    return found

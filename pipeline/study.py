@@ -1,0 +1,291 @@
+"""`boostpipe study`: variants x seeds through the real pipeline, as DVC experiments.
+
+Each (variant, seed) is one DVC experiment named `<study>-<variant>-s<seed>`, queued with
+`dvc exp run --queue -S ...` and run by DVC's queue workers (`dvc queue start -j N`), so every
+run is the user's own `dvc repro`: the same stages, run-cache, Ray clusters and MLflow runs, and
+`dvc exp show` lists them. The experiment names make a study resumable: a name that finished is
+never queued again, and an interrupted study queues only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError, Params, parse_with_overrides
+from pipeline.paths import METRICS
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+POLL_S = 2.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named set of params overrides (dotted keys, values as `dvc exp run -S` takes them)."""
+
+    name: str
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        """`name` or `name=key=value[,key=value...]`, e.g. `t07=boost.temperature=0.7`."""
+        name, _, rest = text.partition("=")
+        if not NAME.fullmatch(name):
+            raise ConfigError(f"--variant {text!r}: a name of letters, digits, '-', '_' first")
+        overrides = dict(_assignment(item, f"--variant {name}") for item in rest.split(",") if item)
+        return cls(name, overrides)
+
+
+DEFAULT_VARIANTS = (Variant("boostnet"), Variant("baseline", {"boost.enabled": "false"}))
+
+
+def _assignment(text: str, where: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"{where}: {text!r} is not key=value")
+    return key.strip(), value.strip()
+
+
+def _joined(overrides: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in overrides.items()) or "-"
+
+
+def parse_sets(texts: tuple[str, ...]) -> dict[str, str]:
+    return dict(_assignment(text, "--set") for text in texts)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a study runs: every variant at every seed, each with its full overrides."""
+
+    name: str
+    variants: tuple[Variant, ...]
+    seeds: tuple[int, ...]
+    common: dict[str, str]
+
+    def experiment(self, variant: Variant, seed: int) -> str:
+        return f"{self.name}-{variant.name}-s{seed}"
+
+    def overrides(self, variant: Variant, seed: int) -> dict[str, str]:
+        return {**self.common, **variant.overrides, "seed": str(seed)}
+
+    def settings(self) -> dict[str, str]:
+        """What the study ran, as the parent run's params."""
+        variants = {f"variant.{v.name}": _joined(v.overrides) for v in self.variants}
+        return {"seeds": str(len(self.seeds)), "set": _joined(self.common), **variants}
+
+    def runs(self) -> Iterator[tuple[Variant, int, str]]:
+        for variant in self.variants:
+            for seed in self.seeds:
+                yield variant, seed, self.experiment(variant, seed)
+
+
+def make_plan(
+    name: str, variants: tuple[Variant, ...], seeds: int, common: dict[str, str], params: Path
+) -> tuple[Plan, Params]:
+    """The plan, every variant's params validated as DVC will write them (one line naming the
+    variant and key otherwise), before anything is queued. Returns the first variant's params."""
+    if not NAME.fullmatch(name):
+        raise ConfigError(f"--name {name!r}: letters, digits, '-', '_' and '.' only")
+    if seeds < 2:
+        raise ConfigError(f"--seeds {seeds}: at least 2, or no interval can be drawn")
+    names = [v.name for v in variants]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--variant: names repeat ({', '.join(names)})")
+    raw = yaml.safe_load(params.read_text())
+    plan = Plan(name, variants, tuple(range(seeds)), common)
+    checked = []
+    for variant in variants:
+        overrides = {k: yaml.safe_load(v) for k, v in plan.overrides(variant, 0).items()}
+        where = f"variant {variant.name}"
+        try:
+            checked.append(parse_with_overrides(json.loads(json.dumps(raw)), overrides, where))
+        except KeyError as exc:
+            raise ConfigError(f"{where}: {exc.args[0]}: unknown params section") from None
+    return plan, checked[0]
+
+
+def dvc(*args: str) -> subprocess.CompletedProcess:
+    """A DVC command in the project, its output captured; a failure is one line naming it."""
+    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:]
+        raise StudyError(f"dvc {' '.join(args[:3])}: {last[0] if last else done.returncode}")
+    return done
+
+
+class StudyError(RuntimeError):
+    """A DVC command the study needs failed; the message is one line."""
+
+
+def finished(plan: Plan) -> dict[str, dict[str, Any]]:
+    """This study's experiments that finished: name -> their metrics.json, from `dvc exp show`."""
+    shown = json.loads(dvc("exp", "show", "--json").stdout)
+    ours = {name for _, _, name in plan.runs()}
+    found = {}
+    for base in shown:
+        for experiment in base.get("experiments") or []:
+            for rev in experiment["revs"]:
+                metrics = ((rev.get("data") or {}).get("metrics") or {}).get(str(METRICS))
+                if rev.get("name") in ours and metrics and "data" in metrics:
+                    found[rev["name"]] = metrics["data"]
+    return found
+
+
+def queue_statuses() -> dict[str, str]:
+    """`dvc queue status` as {experiment name: status} (rows: task, name, created, status)."""
+    rows = (line.split() for line in dvc("queue", "status").stdout.splitlines()[1:])
+    return {row[1]: row[-1] for row in rows if len(row) >= 4 and row[0] != "Worker"}
+
+
+def enqueue(plan: Plan, done: set[str]) -> list[str]:
+    """Queue every experiment that neither finished nor waits in the queue; an earlier
+    attempt's failed or killed entry is removed first (its name would clash)."""
+    statuses = queue_statuses()
+    queued = []
+    for variant, seed, name in plan.runs():
+        if name in done:
+            continue
+        if statuses.get(name) in {"Queued", "Running"}:
+            queued.append(name)
+            continue
+        if name in statuses:
+            dvc("queue", "remove", name)
+        sets = [arg for k, v in plan.overrides(variant, seed).items() for arg in ("-S", f"{k}={v}")]
+        dvc("exp", "run", "--queue", "--force", "-n", name, *sets)
+        queued.append(name)
+    return queued
+
+
+@contextmanager
+def running_queue(names: list[str], jobs: int) -> Iterator[None]:
+    """DVC's queue workers for the block; on an interruption our running experiments are
+    killed and our queued ones removed, so nothing of the study runs on after it."""
+    dvc("queue", "start", "-j", str(jobs))
+    try:
+        yield
+    except BaseException:
+        statuses = queue_statuses()
+        running = [n for n in names if statuses.get(n) == "Running"]
+        waiting = [n for n in names if statuses.get(n) == "Queued"]
+        if waiting:
+            subprocess.run(["dvc", "queue", "remove", *waiting], capture_output=True)
+        if running:
+            subprocess.run(["dvc", "queue", "kill", *running], capture_output=True)
+        raise
+
+
+def wait_for(names: list[str], on_change: Callable[[str, str], None], timeout_s: float) -> None:
+    """Until none of `names` is queued or running; `on_change(name, status)` as each ends."""
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, str] = {}
+    while True:
+        statuses = queue_statuses()
+        for name in names:
+            status = statuses.get(name, "Success")
+            if status != last.get(name) and status not in {"Queued", "Running"}:
+                on_change(name, status)
+            last[name] = status
+        if not any(last[name] in {"Queued", "Running"} for name in names):
+            return
+        if time.monotonic() > deadline:
+            raise StudyError(f"--timeout: {timeout_s:.0f} s passed with runs still going")
+        time.sleep(POLL_S)
+
+
+def default_jobs(params: Params, remaining: int) -> int:
+    """Concurrent experiments: as many local clusters as the CPUs hold, as `tune` bounds its
+    trials (each runs `train.scaling.workers` Ray workers of `cpus_per_worker`)."""
+    scaling = params.train.scaling
+    workers = scaling.workers if isinstance(scaling.workers, int) else 1
+    per_run = max(1.0, workers * scaling.cpus_per_worker)
+    return max(1, min(remaining, int((os.cpu_count() or 1) // per_run)))
+
+
+def run_study(
+    plan: Plan, params: Params, jobs: int | None, timeout_s: float, folder: Path, say: Callable
+) -> tuple[list, list]:
+    """Run what is missing, then summarise every run: files in `folder`, an MLflow parent run
+    with each experiment's run as a child. Returns the results and the summary rows."""
+    from pipeline.locks import exclusive
+    from pipeline.study_report import RunResult, plot, summarise, write
+    from pipeline.tracking import status_of
+    from pipeline.tracking.studies import adopt, log_study, study_parent
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with exclusive(folder / ".lock", f"study {plan.name}"):
+        parent = study_parent(params, plan.name, plan.settings())
+        with status_of(parent):  # KILLED on Ctrl-C, FAILED on an error
+            done = finished(plan)
+            missing = [name for _, _, name in plan.runs() if name not in done]
+            say(f"{len(done)} of {len(done) + len(missing)} runs finished earlier")
+            if missing:
+                names = enqueue(plan, set(done))
+                count = jobs or default_jobs(params, len(names))
+                say(f"running {len(names)} with DVC's queue, {count} at a time")
+                with running_queue(names, count):
+                    wait_for(names, lambda name, status: say(f"{name}: {status}"), timeout_s)
+                done = finished(plan)
+                if failed := [name for name in names if name not in done]:
+                    raise StudyError(
+                        f"{', '.join(failed)}: did not finish (`dvc queue logs NAME` says why);"
+                        " run the study again to retry them"
+                    )
+            results = [RunResult.from_metrics(v.name, s, n, done[n]) for v, s, n in plan.runs()]
+            variants = [v.name for v in plan.variants]
+            rows = summarise(results, variants)
+            write(folder, results, rows, {"name": plan.name, **plan.settings()})
+            plot(folder / PLOT, exit_curves(plan, results))
+            adopt(params, parent, [r.experiment for r in results])
+            log_study(parent, summary_metrics(rows, variants), [folder / f for f in FILES])
+    return results, rows
+
+
+PLOT = "accuracy_vs_cost.png"
+FILES = ("summary.json", "summary.csv", "runs.json", "runs.csv", PLOT)
+
+
+def exit_curves(plan: Plan, results: list) -> dict[str, tuple[list[float], list[list[float]]]]:
+    """Per variant: each exit's MFLOPs (as its first seed's evaluate stage counted them) and,
+    per seed, each exit's test top-1."""
+    import dvc.api
+
+    from pipeline.paths import ANYTIME
+
+    curves = {}
+    for variant in plan.variants:
+        first = plan.experiment(variant, plan.seeds[0])
+        exits = json.loads(dvc.api.read(str(ANYTIME), rev=first))
+        per_seed = [
+            [r.top1[f"exit_{row['exit']}"] for row in exits]
+            for r in results
+            if r.variant == variant.name
+        ]
+        curves[variant.name] = ([row["mflops"] for row in exits], per_seed)
+    return curves
+
+
+def summary_metrics(rows: list, variants: list[str]) -> dict[str, float]:
+    """The parent run's metrics, a chart section per variant and per comparison."""
+    reference = variants[0]
+    out = {}
+    for row in rows:
+        for variant in variants:
+            out[f"{variant}/{row.name}_mean"] = row.mean[variant]
+            out[f"{variant}/{row.name}_sd"] = row.sd[variant]
+        for variant, diff in row.diff.items():
+            section = f"{variant}_vs_{reference}"
+            out[f"{section}/{row.name}_diff"] = diff
+            out[f"{section}/{row.name}_low"] = row.low[variant]
+            out[f"{section}/{row.name}_high"] = row.high[variant]
+    return out
