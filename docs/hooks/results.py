@@ -2,9 +2,10 @@
 
 A *record* is a JSON object with `title`, `group`, `command`, `date`, `machine`, an optional
 `note`, and either `tables` (each with `columns` and `rows`, and optionally its own `caption`,
-`command`, `date` and `machine`) or `seed_study`: the name of a file that
-`benchmarks/boost_vs_baseline.py` wrote, summarised here per exit and budget. Every other JSON
-file under benchmarks/results/ must be such a study, named by one record.
+`command`, `date` and `machine`) or `seed_study`: the name of a study's file, shown here per exit
+and budget: the `summary.json` that `boostpipe study` writes (`rows`), or the runs an earlier
+in-process script wrote (`runs`). Every other JSON file under benchmarks/results/ must be such a
+study, named by one record.
 """
 
 from __future__ import annotations
@@ -51,9 +52,34 @@ def _table(columns: list[str], rows: list[list[Any]]) -> list[str]:
     return [*lines, ""]
 
 
+def _summary(summary: dict[str, Any]) -> list[str]:
+    """A `boostpipe study` summary as it wrote it: per row, each variant's mean +- sd, and each
+    later variant's paired difference from the first with its interval and verdict."""
+    rows = summary["rows"]
+    variants = list(rows[0]["mean"])
+    columns = ["test top-1 (%)", *variants]
+    for variant in variants[1:]:
+        columns += [f"{variant} - {variants[0]} [95 % CI]", "verdict"]
+    lines = []
+    for row in rows:
+        cells = [row["name"].replace("_", " ")]
+        cells += [f"{row['mean'][v]:.2f} ± {row['sd'][v]:.2f}" for v in variants]
+        for v in variants[1:]:
+            cells += [
+                f"{row['diff'][v]:+.2f} [{row['low'][v]:+.2f}, {row['high'][v]:+.2f}]",
+                row["verdict"][v],
+            ]
+        lines.append(cells)
+    sets = summary.get("set", "-")
+    note = f"Mean ± sd over {summary['seeds']} seeds; paired by seed (Student's t). Set: `{sets}`."
+    return [*_table(columns, lines), note, ""]
+
+
 def _study(study: dict[str, Any]) -> list[str]:
     """Per exit and budget: mean +- std of each variant over seeds, and the paired difference
     BoostNet - baseline with its 95 % t interval (pipeline/stats.py)."""
+    if "rows" in study:
+        return _summary(study)
     if str(ROOT) not in sys.path:  # the project's library, also when mkdocs runs from elsewhere
         sys.path.insert(0, str(ROOT))
     from pipeline.stats import paired_interval, std
