@@ -204,12 +204,19 @@ def wait_for(names: list[str], on_change: Callable[[str, str], None], timeout_s:
 
 
 def default_jobs(params: Params, remaining: int) -> int:
-    """Concurrent experiments: as many local clusters as the CPUs hold, as `tune` bounds its
-    trials (each runs `train.scaling.workers` Ray workers of `cpus_per_worker`)."""
-    scaling = params.train.scaling
-    workers = scaling.workers if isinstance(scaling.workers, int) else 1
-    per_run = max(1.0, workers * scaling.cpus_per_worker)
-    return max(1, min(remaining, int((os.cpu_count() or 1) // per_run)))
+    """Concurrent experiments: as many as this machine's CPUs and GPUs hold at the layout each
+    run's training takes (`train.scaling`, `auto` resolved as the train stage resolves it), as
+    `tune` bounds its trials."""
+    import torch
+
+    from pipeline.cluster import worker_layout
+
+    cpus, gpus = float(os.cpu_count() or 1), float(torch.cuda.device_count())
+    layout = worker_layout(params, {"CPU": cpus, "GPU": gpus})
+    fits = cpus // (layout.workers * params.train.scaling.cpus_per_worker)
+    if layout.use_gpu:
+        fits = min(fits, gpus // layout.workers)
+    return max(1, min(remaining, int(fits)))
 
 
 def run_study(
