@@ -142,25 +142,31 @@ def finished(plan: Plan) -> dict[str, dict[str, Any]]:
     return found
 
 
-def queue_statuses() -> dict[str, str]:
-    """`dvc queue status` as {experiment name: status} (rows: task, name, created, status)."""
+def queue_tasks() -> dict[str, tuple[str, str]]:
+    """`dvc queue status` as {experiment name: (task id, status)}; DVC's kill and remove take
+    the task id (they do not find a running experiment by its name)."""
     rows = (line.split() for line in dvc("queue", "status").stdout.splitlines()[1:])
-    return {row[1]: row[-1] for row in rows if len(row) >= 4 and row[0] != "Worker"}
+    return {row[1]: (row[0], row[-1]) for row in rows if len(row) >= 4 and row[0] != "Worker"}
+
+
+def queue_statuses() -> dict[str, str]:
+    return {name: status for name, (_, status) in queue_tasks().items()}
 
 
 def enqueue(plan: Plan, done: set[str]) -> list[str]:
     """Queue every experiment that neither finished nor waits in the queue; an earlier
     attempt's failed or killed entry is removed first (its name would clash)."""
-    statuses = queue_statuses()
+    tasks = queue_tasks()
     queued = []
     for variant, seed, name in plan.runs():
         if name in done:
             continue
-        if statuses.get(name) in {"Queued", "Running"}:
+        task, status = tasks.get(name, ("", ""))
+        if status in {"Queued", "Running"}:
             queued.append(name)
             continue
-        if name in statuses:
-            dvc("queue", "remove", name)
+        if task:
+            dvc("queue", "remove", task)
         sets = [arg for k, v in plan.overrides(variant, seed).items() for arg in ("-S", f"{k}={v}")]
         dvc("exp", "run", "--queue", "--force", "-n", name, *sets)
         queued.append(name)
@@ -168,21 +174,33 @@ def enqueue(plan: Plan, done: set[str]) -> list[str]:
 
 
 @contextmanager
-def running_queue(names: list[str], jobs: int) -> Iterator[None]:
-    """DVC's queue workers for the block; on an interruption our running experiments are
-    killed and our queued ones removed, so nothing of the study runs on after it."""
+def running_queue(names: list[str], jobs: int, grace_s: float = 60.0) -> Iterator[None]:
+    """DVC's queue workers for the block; on an interruption our queued experiments are removed
+    and our running ones stopped as Ctrl-C stops them (then killed after `grace_s`), so nothing
+    of the study runs on after it."""
     dvc("queue", "start", "-j", str(jobs))
     try:
         yield
     except BaseException:
-        statuses = queue_statuses()
-        running = [n for n in names if statuses.get(n) == "Running"]
-        waiting = [n for n in names if statuses.get(n) == "Queued"]
-        if waiting:
-            subprocess.run(["dvc", "queue", "remove", *waiting], capture_output=True)
-        if running:
-            subprocess.run(["dvc", "queue", "kill", *running], capture_output=True)
+        _stop(names, grace_s)
         raise
+
+
+def _stop(names: list[str], grace_s: float) -> None:
+    def ours(status: str) -> list[str]:
+        return [
+            task for name, (task, now) in queue_tasks().items() if name in names and now == status
+        ]
+
+    if waiting := ours("Queued"):
+        dvc("queue", "remove", *waiting)
+    if running := ours("Running"):
+        dvc("queue", "kill", *running)
+    deadline = time.monotonic() + grace_s
+    while (running := ours("Running")) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    if running:
+        dvc("queue", "kill", "--force", *running)
 
 
 def wait_for(names: list[str], on_change: Callable[[str, str], None], timeout_s: float) -> None:
