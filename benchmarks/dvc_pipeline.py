@@ -1,5 +1,5 @@
 """Pipeline figures on this machine: `dvc repro` wall time, the no-op re-run, test accuracy, real
-early-exit speedups (BoostNet against the baseline over seeds: benchmarks/boost_vs_baseline.py).
+early-exit speedups (BoostNet against the baseline over seeds: `boostpipe study`).
 
 Run from the project root with the venv's bin on PATH:
     python benchmarks/dvc_pipeline.py repro            # forced full run, then a no-op run

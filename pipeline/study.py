@@ -129,15 +129,18 @@ class StudyError(RuntimeError):
 
 
 def finished(plan: Plan) -> dict[str, dict[str, Any]]:
-    """This study's experiments that finished: name -> their metrics.json, from `dvc exp show`."""
+    """This study's experiments that finished: name -> their metrics.json, from `dvc exp show`.
+    Queued, running, failed and killed ones are left out: they show the commit's metrics."""
     shown = json.loads(dvc("exp", "show", "--json").stdout)
     ours = {name for _, _, name in plan.runs()}
     found = {}
     for base in shown:
         for experiment in base.get("experiments") or []:
+            state = (experiment.get("executor") or {}).get("state", "success")
             for rev in experiment["revs"]:
                 metrics = ((rev.get("data") or {}).get("metrics") or {}).get(str(METRICS))
-                if rev.get("name") in ours and metrics and "data" in metrics:
+                ok = state == "success" and not rev.get("error") and metrics and "data" in metrics
+                if ok and rev.get("name") in ours:
                     found[rev["name"]] = metrics["data"]
     return found
 

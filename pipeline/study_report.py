@@ -56,7 +56,8 @@ def seeds_to_resolve(diffs: Sequence[float], confidence: float = 0.95) -> int | 
         return None
     if spread == 0:
         return 2
-    n = 2
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    n = max(2, math.ceil((z * spread / abs(mean)) ** 2))  # t > z: the answer is at least this
     while t_quantile(n - 1, confidence) * spread / math.sqrt(n) >= abs(mean):
         n += 1
     return n

@@ -87,3 +87,14 @@ def test_the_module_table_lists_every_module():
     for path in (ROOT / "pipeline").rglob("*.py"):
         if path.name not in ("__init__.py", "__main__.py") and "__pycache__" not in path.parts:
             assert f"`{path.relative_to(ROOT).as_posix()}`" in page, path
+
+
+def test_the_default_run_on_the_results_page_is_the_committed_one():
+    """The results page's default-run figures are the committed outputs', to the digit shown."""
+    record = json.loads((ROOT / "benchmarks/results/default_run_committed.json").read_text())
+    metrics = json.loads((ROOT / "outputs/evaluate/metrics.json").read_text())
+    exits, budgets = ({row[0]: row[1:] for row in t["rows"]} for t in record["tables"][:2])
+    for key in ("top1", "top5"):
+        shown = [f"{v:.2f}" for v in metrics["anytime"][key].values()]
+        assert exits[f"test {key[:3]}-{key[3:]} (%)"] == shown
+    assert budgets["test top-1 (%)"] == [f"{b['top1']:.2f}" for b in metrics["budgets"].values()]

@@ -155,3 +155,12 @@ def _top1(metrics: dict, row: str) -> float:
     if row.startswith("exit_"):
         return metrics["anytime"]["top1"][row]
     return metrics["budgets"][row]["top1"]
+
+
+def test_seeds_to_resolve_a_tiny_difference_is_large_and_found_at_once():
+    diffs = [0.001, -0.5, 0.5, 0.002]
+    n = seeds_to_resolve(diffs)
+    mean, spread = sum(diffs) / 4, stats.tstd(diffs)
+    assert n > 10_000
+    assert stats.t.ppf(0.975, n - 1) * spread / math.sqrt(n) < mean
+    assert stats.t.ppf(0.975, n - 2) * spread / math.sqrt(n - 1) >= mean
