@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from subprocess import DEVNULL
 from typing import Any
 
 import yaml
@@ -181,8 +182,15 @@ def running_queue(names: list[str], jobs: int, grace_s: float = 60.0) -> Iterato
     """DVC's queue workers for the block; on an interruption our queued experiments are removed
     and our running ones stopped as Ctrl-C stops them (then killed after `grace_s`), so nothing
     of the study runs on after it."""
-    dvc("queue", "start", "-j", str(jobs))
     try:
+        # The workers it starts outlive it and hold its output: captured, it would never end.
+        started = subprocess.run(
+            ["dvc", "queue", "start", "-j", str(jobs)], stdout=DEVNULL, stderr=DEVNULL
+        )
+        if started.returncode != 0:
+            raise StudyError(
+                f"dvc queue start: exit {started.returncode} (`dvc queue start` says why)"
+            )
         yield
     except BaseException:
         _stop(names, grace_s)
