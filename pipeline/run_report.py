@@ -49,7 +49,7 @@ def runs_table(params: Params, limit: int) -> Table:
     for column in columns:
         table.add_column(column)
     for run in found:
-        by_exit = names.history(client, run.info.run_id, names.EXIT_TOP1)
+        by_exit = names.metric_history(client, run.info.run_id, names.EXIT_TOP1)
         exits = " ".join(f"{m.value:.1f}" for m in sorted(by_exit, key=lambda m: m.step))
         budgets = " ".join(f"{v:.1f}" for v in top1_at_budgets(run).values())
         p = run.data.params

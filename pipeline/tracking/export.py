@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 
 from pipeline.epochs import EpochRecord
-from pipeline.tracking import names
 from pipeline.tracking.logs import epoch_metrics, log_artifacts, log_metrics
+from pipeline.tracking.names import EPOCH_SECONDS, metric_history
 from pipeline.tracking.outbox import Record
 
 PACKAGE = Path(__file__).parents[1]  # pipeline/: shipped with the model (its pickle needs it)
@@ -84,7 +84,7 @@ def log_training(
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    logged = {m.step for m in names.history(client, run_id, names.EPOCH_SECONDS)}
+    logged = {m.step for m in metric_history(client, run_id, EPOCH_SECONDS)}
     missing = [record for record in history if record.epoch not in logged]
     if missing:
         log_metrics(run_id, (metric for record in missing for metric in epoch_metrics(record)))

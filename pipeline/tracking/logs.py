@@ -12,7 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.epochs import EpochRecord
-from pipeline.tracking import names
+from pipeline.tracking.names import (
+    BUDGET_TOP1,
+    BUDGET_TOP1_FLAT,
+    EPOCH_SECONDS,
+    EXIT_MFLOPS,
+    EXIT_TOP1,
+    EXIT_TOP5,
+    FINAL_TOP1,
+    MEAN_TOP1,
+    budget_top1_by_us,
+    exit_ms,
+    flops_budget,
+    per_exit,
+    time_budget,
+)
 from pipeline.tracking.outbox import Record, announce_delay, caught_up
 from pipeline.tracking.runs import finish_run
 from pipeline.tracking.store import bound_waits, local_store
@@ -48,12 +62,12 @@ def epoch_metrics(record: EpochRecord) -> Iterator[tuple[str, float, int]]:
     }
     for quantity, values in per_exit_values.items():
         for index, value in enumerate(values, start=1):
-            yield names.per_exit(quantity, index), value, step
+            yield per_exit(quantity, index), value, step
     scalars = {
         "val/mean_top1": record.val_mean_top1,
         "train/lr": stats.lr,
         "train/images_per_second": stats.images_per_second,
-        names.EPOCH_SECONDS: record.epoch_seconds,
+        EPOCH_SECONDS: record.epoch_seconds,
         "train/compile_seconds": stats.compile_seconds,
         "train/skipped_images": stats.skipped_images,
     }
@@ -114,27 +128,27 @@ def log_evaluation(
 
     def values() -> Iterable[tuple[str, float, int]]:
         for row in anytime:
-            yield names.EXIT_TOP1, row["top1"], row["exit"]
-            yield names.EXIT_TOP5, row["top5"], row["exit"]
-            yield names.EXIT_MFLOPS, row["mflops"], row["exit"]
+            yield EXIT_TOP1, row["top1"], row["exit"]
+            yield EXIT_TOP5, row["top5"], row["exit"]
+            yield EXIT_MFLOPS, row["mflops"], row["exit"]
             for column in ("ms_batch_1", "ms_batch_n"):
-                yield names.exit_ms(column), row[column], row["exit"]
+                yield exit_ms(column), row[column], row["exit"]
         for row in sorted(budget_curve, key=lambda r: r["mflops"]):
             step = round(row["mflops"] * 1000)
-            yield names.BUDGET_TOP1, row["top1"], step
-            yield names.BUDGET_TOP1_FLAT, row["top1_flat"], step
+            yield BUDGET_TOP1, row["top1"], step
+            yield BUDGET_TOP1_FLAT, row["top1_flat"], step
         for column in ("ms_batch_1", "ms_batch_n"):
             for row in sorted(budget_curve, key=lambda r: r[column]):
                 step = round(row[column] * 1000)
-                yield names.budget_top1_by_us(column[3:]), row["top1_flat"], step
-        yield names.FINAL_TOP1, metrics["final_top1"], 0
-        yield names.MEAN_TOP1, metrics["mean_top1"], 0
+                yield budget_top1_by_us(column[3:]), row["top1_flat"], step
+        yield FINAL_TOP1, metrics["final_top1"], 0
+        yield MEAN_TOP1, metrics["mean_top1"], 0
         for row in metrics["budgets"].values():
             for key in ("top1", "expected_mflops", "speedup_measured", "speedup_predicted"):
-                yield names.flops_budget(row["target_mflops"], key), row[key], 0
+                yield flops_budget(row["target_mflops"], key), row[key], 0
         for name, row in metrics["time_budgets"].items():
             for key in ("top1", "target_ms", "measured_ms", "measured_over_target", "drift"):
-                yield names.time_budget(name, key), row[key], 0
+                yield time_budget(name, key), row[key], 0
 
     log_metrics(run_id, values())
     log_artifacts(run_id, files)

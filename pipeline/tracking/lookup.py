@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pipeline.paths import HISTORY
-from pipeline.tracking import names
+from pipeline.tracking.names import (
+    BUDGET_TOP1_FLAT,
+    EXIT_MFLOPS,
+    EXIT_TOP1,
+    metric_history,
+    per_exit,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -55,7 +61,7 @@ class RunCurves:
 
 
 def _by_step(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
-    return sorted((m.step, m.value) for m in names.history(client, run_id, key))
+    return sorted((m.step, m.value) for m in metric_history(client, run_id, key))
 
 
 # A FLOPs budget's test top-1 as `test/budget_1.5M_top1` logs it (flat, before the sections).
@@ -64,11 +70,11 @@ BUDGET_TOP1 = re.compile(r"(?:test/)?budget_([0-9.e+-]+)M_top1")
 
 def curves(client: MlflowClient, run: Run) -> RunCurves:
     run_id = run.info.run_id
-    exits = _by_step(client, run_id, names.EXIT_TOP1)
-    costs = dict(_by_step(client, run_id, names.EXIT_MFLOPS))
-    budget = _by_step(client, run_id, names.BUDGET_TOP1_FLAT)
+    exits = _by_step(client, run_id, EXIT_TOP1)
+    costs = dict(_by_step(client, run_id, EXIT_MFLOPS))
+    budget = _by_step(client, run_id, BUDGET_TOP1_FLAT)
     effective = [
-        _by_step(client, run_id, names.per_exit("train/effective_samples", index))
+        _by_step(client, run_id, per_exit("train/effective_samples", index))
         for index in range(1, len(exits) + 1)
     ]
     return RunCurves(

@@ -76,7 +76,7 @@ def legacy(name: str) -> str:
     return rest or name
 
 
-def history(client: MlflowClient, run_id: str, name: str) -> list[Metric]:
+def metric_history(client: MlflowClient, run_id: str, name: str) -> list[Metric]:
     """A metric's history by its name, or by its old name in a run logged before the rename."""
     found = client.get_metric_history(run_id, name)
     return found or client.get_metric_history(run_id, legacy(name))
