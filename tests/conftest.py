@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -29,6 +30,10 @@ from pipeline.rayenv import prepare_ray
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 prepare_ray()  # before any test module imports ray
+# A shell starts a background job (`make test &`) with SIGINT ignored, and every process below it
+# inherits that: the tests that press Ctrl-C on a command need it delivered, as in a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(params=slow_cases(PARAMS_FILES, is_imagenet))

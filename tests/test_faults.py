@@ -34,6 +34,7 @@ from helpers.shared import SharedRun
 
 from pipeline.cluster import free_port
 from pipeline.io import read_json
+from pipeline.tracking.names import FINAL_TOP1
 
 
 def _env() -> dict[str, str]:
@@ -396,7 +397,7 @@ def test_a_tracking_server_away_for_40_s_loses_nothing(tmp_path):
     assert sorted(m.step for m in epochs) == [1, 2, 3]
     assert {"model.pt", "params.yaml", "thresholds.json", "metrics.json"} <= artifacts
     assert finished.outputs.model_outputs  # the logged model
-    assert "test_final_top1" in finished.data.metrics
+    assert FINAL_TOP1 in finished.data.metrics
     assert _kept(repo) == []
 
     # Away for longer than evaluate waits: the outputs are written, the rest is kept, and

@@ -513,7 +513,8 @@ def test_mlflow_ui_opens_on_the_training_charts_with_a_section_per_prefix(
         title.wait_for(timeout=60_000)  # charts render as they scroll into view
         card = title.locator("xpath=ancestor::div[.//div[contains(@class,'js-plotly-plot')]][1]")
         for name in ("boostnet-fashion-mnist-seed0", "baseline"):
-            card.get_by_text(f"{name} ({names.EXIT_TOP1})").wait_for(timeout=60_000)
+            legend = card.get_by_text(f"{name} ({names.EXIT_TOP1})")
+            legend.filter(visible=True).first.wait_for(timeout=60_000)  # may be drawn twice
         points = card.locator(".js-plotly-plot .scatterlayer .point")
         points.nth(2 * n_exits - 1).wait_for(timeout=60_000)  # drawn after the legend
         assert points.count() % n_exits == 0 and points.count() >= 2 * n_exits  # every exit
