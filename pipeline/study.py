@@ -9,6 +9,7 @@ never queued again, and an interrupted study queues only what is missing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,6 +28,7 @@ from pipeline.config import ConfigError, Params, parse_with_overrides
 from pipeline.paths import METRICS
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+STATUS_ATTEMPTS = 3
 POLL_S = 2.0
 
 
@@ -120,8 +122,10 @@ def dvc(*args: str) -> subprocess.CompletedProcess:
     """A DVC command in the project, its output captured; a failure is one line naming it."""
     done = subprocess.run(["dvc", *args], capture_output=True, text=True)
     if done.returncode != 0:
-        last = (done.stderr.strip() or done.stdout.strip()).splitlines()[-1:]
-        raise StudyError(f"dvc {' '.join(args[:3])}: {last[0] if last else done.returncode}")
+        lines = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:]  # not the
+        # support footer DVC prints last
+        raise StudyError(f"dvc {' '.join(args[:3])}: {errors[-1] if errors else done.returncode}")
     return done
 
 
@@ -149,7 +153,15 @@ def finished(plan: Plan) -> dict[str, dict[str, Any]]:
 def queue_tasks() -> dict[str, tuple[str, str]]:
     """`dvc queue status` as {experiment name: (task id, status)}; DVC's kill and remove take
     the task id (they do not find a running experiment by its name)."""
-    rows = (line.split() for line in dvc("queue", "status").stdout.splitlines()[1:])
+    for attempt in range(STATUS_ATTEMPTS):  # it fails now and then while workers come and go
+        try:
+            shown = dvc("queue", "status").stdout
+            break
+        except StudyError:
+            if attempt == STATUS_ATTEMPTS - 1:
+                raise
+            time.sleep(POLL_S)
+    rows = (line.split() for line in shown.splitlines()[1:])
     return {row[1]: (row[0], row[-1]) for row in rows if len(row) >= 4 and row[0] != "Worker"}
 
 
@@ -203,10 +215,12 @@ def _stop(names: list[str], grace_s: float) -> None:
             task for name, (task, now) in queue_tasks().items() if name in names and now == status
         ]
 
-    if waiting := ours("Queued"):
-        dvc("queue", "remove", *waiting)
-    if running := ours("Running"):
-        dvc("queue", "kill", *running)
+    # One task at a time: a task may start or end between the status and the command (DVC then
+    # refuses its id, and the rest of a list with it); one that started is killed next.
+    for command, status in (("remove", "Queued"), ("kill", "Running")):
+        for task in ours(status):
+            with contextlib.suppress(StudyError):
+                dvc("queue", command, task)
     deadline = time.monotonic() + grace_s
     while (running := ours("Running")) and time.monotonic() < deadline:
         time.sleep(POLL_S)
