@@ -45,7 +45,12 @@ def serving(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, stop)
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # the test fails, but leaves nothing running
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+            raise
         if log:
             output.close()
 
