@@ -88,8 +88,10 @@ class Plan:
         return {"seeds": str(len(self.seeds)), "set": _joined(self.common), **variants}
 
     def runs(self) -> Iterator[tuple[Variant, int, str]]:
-        for variant in self.variants:
-            for seed in self.seeds:
+        """Seed by seed, every variant at each (the queue's order): a study stopped early
+        already holds whole pairs to compare."""
+        for seed in self.seeds:
+            for variant in self.variants:
                 yield variant, seed, self.experiment(variant, seed)
 
 
@@ -118,15 +120,18 @@ def make_plan(
     return plan, checked[0]
 
 
-def dvc(*args: str) -> subprocess.CompletedProcess:
-    """A DVC command in the project, its output captured; a failure is one line naming it."""
-    done = subprocess.run(["dvc", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = (done.stderr.strip() or done.stdout.strip()).splitlines()
-        errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:]  # not the
-        # support footer DVC prints last
-        raise StudyError(f"dvc {' '.join(args[:3])}: {errors[-1] if errors else done.returncode}")
-    return done
+def dvc(*args: str, attempts: int = 1) -> subprocess.CompletedProcess:
+    """A DVC command in the project, its output captured, tried up to `attempts` times; a
+    failure is one line naming it: DVC's ERROR line, not the support footer it prints last."""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(POLL_S)
+        done = subprocess.run(["dvc", *args], capture_output=True, text=True)
+        if done.returncode == 0:
+            return done
+    lines = (done.stderr.strip() or done.stdout.strip()).splitlines()
+    errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:]
+    raise StudyError(f"dvc {' '.join(args[:3])}: {errors[-1] if errors else done.returncode}")
 
 
 class StudyError(RuntimeError):
@@ -153,14 +158,8 @@ def finished(plan: Plan) -> dict[str, dict[str, Any]]:
 def queue_tasks() -> dict[str, tuple[str, str]]:
     """`dvc queue status` as {experiment name: (task id, status)}; DVC's kill and remove take
     the task id (they do not find a running experiment by its name)."""
-    for attempt in range(STATUS_ATTEMPTS):  # it fails now and then while workers come and go
-        try:
-            shown = dvc("queue", "status").stdout
-            break
-        except StudyError:
-            if attempt == STATUS_ATTEMPTS - 1:
-                raise
-            time.sleep(POLL_S)
+    # It fails now and then while workers come and go.
+    shown = dvc("queue", "status", attempts=STATUS_ATTEMPTS).stdout
     rows = (line.split() for line in shown.splitlines()[1:])
     return {row[1]: (row[0], row[-1]) for row in rows if len(row) >= 4 and row[0] != "Worker"}
 
