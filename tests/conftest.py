@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from helpers import PARAMS_FILES
 from helpers.cases import is_imagenet, slow_cases
 from helpers.shared import SharedRun, copy_project, shared_run_of
@@ -30,6 +31,12 @@ from pipeline.rayenv import prepare_ray
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 prepare_ray()  # before any test module imports ray
+# `make test` runs two tests at once on 2 cores: torch with a thread per core in each would
+# oversubscribe them, and OpenMP's spinning threads burn the other test's CPU. One thread per
+# process: this one, and the commands and Ray workers its tests start.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 # A shell starts a background job (`make test &`) with SIGINT ignored, and every process below it
 # inherits that: the tests that press Ctrl-C on a command need it delivered, as in a terminal.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:

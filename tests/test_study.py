@@ -80,7 +80,10 @@ def test_a_study_interrupted_and_resumed_runs_each_seed_once_with_scipys_interva
     """`boostpipe study --seeds 2` on shrunk data (BoostNet against the baseline, 4 DVC queue
     experiments, 2 at a time): Ctrl-C once a run has finished, then the same command again.
     The resume queues only the missing runs; the summary's intervals are SciPy's on the runs'
-    recorded metrics; the MLflow parent holds every run as a child; nothing is left running."""
+    recorded metrics; the MLflow parent holds every run as a child; nothing is left running.
+    It is also the test of DVC's parallel queue (`dvc exp run --queue -S seed=...` run by `dvc
+    queue start -j 2`): every experiment succeeds beside another, with its metrics in `dvc exp
+    show` and a FINISHED MLflow run named after it, each with a local Ray cluster of its own."""
     from mlflow import MlflowClient
 
     repo = shrunk_copy(tmp_path).resolve()
@@ -142,6 +145,8 @@ def test_a_study_interrupted_and_resumed_runs_each_seed_once_with_scipys_interva
         [experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     )
     assert sorted(r.data.tags["dvc.experiment"] for r in children) == sorted(names)
+    assert sorted(r.info.run_name for r in children) == sorted(names)  # named as in DVC
+    assert all(r.info.status == "FINISHED" for r in children)
     for name in done_before:  # never trained twice
         assert len([r for r in children if r.info.run_name == name]) == 1
 
