@@ -3,15 +3,13 @@
 A *record* is a JSON object with `title`, `group`, `command`, `date`, `machine`, an optional
 `note`, and either `tables` (each with `columns` and `rows`, and optionally its own `caption`,
 `command`, `date` and `machine`) or `seed_study`: the name of a study's file, shown here per exit
-and budget: the `summary.json` that `boostpipe study` writes (`rows`), or the runs an earlier
-in-process script wrote (`runs`). Every other JSON file under benchmarks/results/ must be such a
-study, named by one record.
+and budget: the `summary.json` that `boostpipe study` writes. Every other JSON file under
+benchmarks/results/ must be such a study, named by one record.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,46 +73,6 @@ def _summary(summary: dict[str, Any]) -> list[str]:
     return [*_table(columns, lines), note, ""]
 
 
-def _study(study: dict[str, Any]) -> list[str]:
-    """Per exit and budget: mean +- std of each variant over seeds, and the paired difference
-    BoostNet - baseline with its 95 % t interval (pipeline/stats.py)."""
-    if "rows" in study:
-        return _summary(study)
-    if str(ROOT) not in sys.path:  # the project's library, also when mkdocs runs from elsewhere
-        sys.path.insert(0, str(ROOT))
-    from pipeline.stats import paired_interval, std
-
-    by = {v: sorted((r for r in study["runs"] if r["variant"] == v), key=lambda r: r["seed"])
-          for v in ("boostnet", "baseline")}  # fmt: skip
-    seeds = [r["seed"] for r in by["boostnet"]]
-    if seeds != [r["seed"] for r in by["baseline"]]:
-        raise ValueError("the study's variants were not run on the same seeds")
-
-    def row(label: str, key: str, i: int) -> list[str]:
-        boost = [r[key][i] for r in by["boostnet"]]
-        base = [r[key][i] for r in by["baseline"]]
-        cells = [f"{sum(v) / len(v):.2f} ± {std(v):.2f}" for v in (boost, base)]
-        interval = paired_interval(boost, base)
-        diff = (
-            f"{interval.mean:+.2f} [{interval.low:+.2f}, {interval.high:+.2f}]" if interval else "-"
-        )
-        return [label, *cells, diff]
-
-    first = by["boostnet"][0]
-    rows = [row(f"exit {i + 1} ({m:.2f} MFLOPs)", "exit_top1", i)
-            for i, m in enumerate(first["exit_mflops"])]  # fmt: skip
-    rows += [row(f"budget {b / 1e6:.1f} MFLOPs", "budget_top1", i)
-             for i, b in enumerate(study["budgets"])]  # fmt: skip
-    lines = _table(
-        ["test top-1 (%)", "BoostNet", "baseline", "BoostNet - baseline [95 % CI]"], rows
-    )
-    lines.append(
-        f"Mean ± std over seeds {', '.join(map(str, seeds))}; the interval is paired by seed "
-        f"(Student's t). Overrides: `{json.dumps(study.get('overrides') or {})}`."
-    )
-    return [*lines, ""]
-
-
 def _provenance(item: dict[str, Any], defaults: dict[str, Any], source: str) -> str:
     given = {key: item.get(key, defaults[key]) for key in PROVENANCE}
     return (
@@ -138,7 +96,7 @@ def render(folder: Path = RESULTS) -> str:
             body += [_provenance(record, record, name), ""]
             index.append([record["title"], *(record[k] for k in PROVENANCE), name])
             if "seed_study" in record:
-                body += _study(studies[record["seed_study"]])
+                body += _summary(studies[record["seed_study"]])
                 body += [f"Runs: `benchmarks/results/{record['seed_study']}`.", ""]
             for table in record.get("tables", []):
                 if table.get("caption"):
