@@ -38,9 +38,7 @@ SHRUNK = {
     "train.scaling.workers": 1,
     "evaluate.batch_size": 100,  # 3 batches of the 300 test images: timings worth reading
     "evaluate.timing_repeats": 3,
-    # One thread: `make test` runs two tests at once on 2 cores, and two threads each would
-    # oversubscribe them (evaluate: 19-32 s beside another test, against 8-10 s with one).
-    "evaluate.threads": 1,
+    "evaluate.threads": 1,  # as tests/conftest.py sets every process under `make test`
     "evaluate.batch1_images": 50,
     "profile.repeats": 1,
     "profile.warmup": 0,
