@@ -34,6 +34,7 @@ class Point:
     expected_ms: dict[str, float] = field(default_factory=dict)  # regime -> ms per image
     budget: float | None = None  # the target it was fitted for (in `currency`); None: p grid
     currency: str = FLOPS
+    stated: float | str | None = None  # a time budget as params states it: ms, or "N%"
 
     def expected(self, currency: str) -> float:
         return self.expected_flops if currency == FLOPS else self.expected_ms[currency]
@@ -101,6 +102,7 @@ def _point(
     profile: ExitProfile | None,
     budget: float | None = None,
     currency: str = FLOPS,
+    stated: float | str | None = None,
 ) -> Point:
     ms = {r: operating.cost_in(profile.ms[r]) for r in REGIMES} if profile else {}
     return Point(
@@ -112,24 +114,38 @@ def _point(
         ms,
         budget,
         currency,
+        stated,
     )
 
 
-def time_budgets(config: CalibrateConfig) -> list[tuple[str, float]]:
-    """(regime, ms) for every time budget in params, batch-1 first."""
-    return [
-        (regime, ms) for regime in REGIMES for ms in getattr(config.budgets_ms, PARAM_KEYS[regime])
-    ]
+@dataclass(frozen=True)
+class ResolvedTimeBudget:
+    """One of calibrate.budgets_ms, read against the profile: `stated` in params, `ms` meant."""
+
+    regime: str
+    stated: float | str  # ms, or "N%" of the last exit's measured cost
+    ms: float
+    key: str  # the params key, for messages
 
 
-def check_time_budgets(config: CalibrateConfig, profile: ExitProfile | None) -> None:
-    """Before any work: every time budget needs a profile, and must lie between the first and
-    the last exit's measured cost in its regime."""
-    for regime, ms in time_budgets(config):
+def time_budgets(config: CalibrateConfig, profile: ExitProfile | None) -> list[ResolvedTimeBudget]:
+    """Every time budget in params, batch-1 first, in ms per image; refused in one line naming
+    its key, before any work, without a profile or outside the exits' measured costs."""
+    found = []
+    for regime in REGIMES:
         key = f"calibrate.budgets_ms.{PARAM_KEYS[regime]}"
-        if profile is None:
-            raise ConfigError(f"{key}: time budgets need the profile stage's exit costs")
-        check_budget(ms, profile.ms[regime], key, "ms", above_last=False)
+        for stated in getattr(config.budgets_ms, PARAM_KEYS[regime]):
+            if profile is None:
+                raise ConfigError(f"{key}: time budgets need the profile stage's exit costs")
+            costs = profile.ms[regime]
+            if isinstance(stated, str):
+                ms = float(stated[:-1]) / 100 * costs[-1]
+                named = f"{key}: {stated} of the last exit's {costs[-1]:.4g} ms"
+            else:
+                ms, named = stated, key
+            check_budget(ms, costs, named, "ms", above_last=False)
+            found.append(ResolvedTimeBudget(regime, stated, ms, key))
+    return found
 
 
 def calibrate(
@@ -146,10 +162,10 @@ def calibrate(
         for b in config.budgets
     ]
     timed = []
-    for regime, ms in time_budgets(config):
-        assert profile is not None  # check_time_budgets ran first
-        key = f"calibrate.budgets_ms.{PARAM_KEYS[regime]}"
-        found = thresholds_for_budget(scores, profile.ms[regime], ms, key=key, unit="ms")
-        timed.append(_point(*found, exit_flops, profile, ms, regime))
+    for budget in time_budgets(config, profile):
+        assert profile is not None  # time_budgets refuses time budgets without one
+        costs = profile.ms[budget.regime]
+        found = thresholds_for_budget(scores, costs, budget.ms, key=budget.key, unit="ms")
+        timed.append(_point(*found, exit_flops, profile, budget.ms, budget.regime, budget.stated))
     exit_ms = profile.ms if profile else {}
     return Calibration(True, exit_flops, exit_ms, grid, flops_points, timed)

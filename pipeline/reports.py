@@ -23,9 +23,12 @@ def budget_key(flops: float) -> str:
     return f"budget_{_marked(flops / 1e6, 'M')}"
 
 
-def time_budget_key(ms: float, regime: str) -> str:
-    """`batch-N_0ms25` for 0.25 ms per image at batch N, in the style of `budget_key`."""
-    return f"{regime}_{_marked(ms, 'ms')}"
+def time_budget_key(stated: float | str, regime: str) -> str:
+    """`batch-N_0ms25` for 0.25 ms per image at batch N, in the style of `budget_key`;
+    `batch-1_62pct5` for "62.5%" of the last exit's cost (the same key on every machine)."""
+    if isinstance(stated, str):
+        return f"{regime}_{_marked(float(stated.removesuffix('%')), 'pct')}"
+    return f"{regime}_{_marked(stated, 'ms')}"
 
 
 def epoch_curves(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

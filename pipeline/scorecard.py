@@ -260,7 +260,7 @@ def evaluate(
     flops_timed, time_timed = timed[: len(calibration.budgets)], timed[len(calibration.budgets) :]
     top1, top5 = scores.top1(), scores.top5_accuracy()
     time_rows = {
-        reports.time_budget_key(point.budget or 0, point.currency): time_metrics(
+        reports.time_budget_key(point.stated or 0, point.currency): time_metrics(
             scores, point, t, profile, drift[point.currency]
         )
         for point, t in zip(calibration.time_budgets, time_timed, strict=True)

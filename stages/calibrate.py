@@ -9,7 +9,7 @@ output records that instead.
 """
 
 from pipeline import paths, tracking
-from pipeline.budgets import FLOPS, UNITS, calibrate, check_time_budgets, uncalibrated
+from pipeline.budgets import FLOPS, UNITS, calibrate, time_budgets, uncalibrated
 from pipeline.data import load_split
 from pipeline.devices import stage_device
 from pipeline.entry import stage_main
@@ -29,7 +29,7 @@ def main() -> None:
     device = stage_device(params.evaluate.device)
     profile = ExitProfile.from_json(read_json(paths.EXIT_COSTS))
     profile.check_serves(Machine.current(device), params.evaluate.batch_size, paths.EXIT_COSTS)
-    check_time_budgets(params.calibrate, profile)
+    time_budgets(params.calibrate, profile)  # out-of-range budgets stop here, before the work
     key = read_json(paths.HISTORY)["run"]  # the model's training run: this stage logs into it
     run_id = tracking.resume_run(params, key)
     net = load_model(params, paths.MODEL, device)
@@ -43,8 +43,9 @@ def main() -> None:
         result = calibrate(scores, flops, profile, params.calibrate)
         for point in (*result.budgets, *result.time_budgets):
             unit = UNITS[point.currency] + ("" if point.currency == FLOPS else f" {point.currency}")
+            share = f" ({point.stated})" if isinstance(point.stated, str) else ""
             print(
-                f"budget {point.budget:.3g} {unit}: validation "
+                f"budget {point.budget:.3g} {unit}{share}: validation "
                 f"{point.expected(point.currency):.3g}, top-1 {point.top1:.2f}%"
             )
     else:

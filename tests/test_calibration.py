@@ -5,8 +5,9 @@ import math
 
 import pytest
 import torch
+from helpers.project import ROOT
 
-from pipeline.budgets import Calibration, calibrate, check_time_budgets
+from pipeline.budgets import Calibration, calibrate, time_budgets
 from pipeline.calibration import (
     P_GRID,
     ExitScores,
@@ -18,7 +19,7 @@ from pipeline.calibration import (
     sweep,
     thresholds_for_budget,
 )
-from pipeline.config import CalibrateConfig, ConfigError, TimeBudgets
+from pipeline.config import CalibrateConfig, ConfigError, TimeBudgets, load_params
 from pipeline.profiling import BATCH_1, BATCH_N, ExitProfile, Machine
 
 INF = math.inf
@@ -164,12 +165,36 @@ def test_time_budgets_use_the_flops_arithmetic_on_the_measured_cost_vector():
     [
         ({"batch_n": [0.1]}, r"calibrate\.budgets_ms\.batch_n: 0\.1 ms is below the first exit"),
         ({"batch_1": [9.0]}, r"calibrate\.budgets_ms\.batch_1: 9 ms is above the last exit"),
+        (
+            {"batch_1": ["20%"]},
+            r"calibrate\.budgets_ms\.batch_1: 20% of the last exit's 4 ms: 0\.8 ms is below",
+        ),
     ],
 )
 def test_a_time_budget_outside_the_exits_measured_costs_is_refused(budgets_ms, message):
     profile = ExitProfile([1, 2], {BATCH_1: [1.0, 4.0], BATCH_N: [0.2, 0.5]}, 64, MACHINE)
     config = CalibrateConfig(budgets_ms=TimeBudgets(**budgets_ms))
     with pytest.raises(ConfigError, match=message):
-        check_time_budgets(config, profile)
+        time_budgets(config, profile)
     with pytest.raises(ConfigError, match="need the profile"):
-        check_time_budgets(config, None)
+        time_budgets(config, None)
+
+
+@pytest.mark.parametrize("speed", [0.1, 1.0, 10.0])
+def test_the_default_time_budgets_hold_on_a_machine_of_any_speed(speed):
+    """params.yaml states its time budgets as shares of the last exit's cost, so a profile 10x
+    faster or slower than this machine's resolves them in range (ms would fall outside)."""
+    ms = {BATCH_1: [0.56, 0.98, 1.35, 1.66, 1.88], BATCH_N: [0.058, 0.114, 0.166, 0.197, 0.223]}
+    scaled = {r: [c * speed for c in costs] for r, costs in ms.items()}
+    profile = ExitProfile([1, 2, 3, 4, 5], scaled, 512, MACHINE)
+    config = load_params(ROOT / "params.yaml").calibrate
+    budgets = time_budgets(config, profile)
+    assert budgets and all(isinstance(b.stated, str) for b in budgets)
+    for budget in budgets:
+        share = float(budget.stated.removesuffix("%")) / 100
+        assert budget.ms == pytest.approx(share * scaled[budget.regime][-1])
+    scores = _random_problem(seed=3, n_exits=5)
+    result = calibrate(scores, [1, 2, 3, 4, 5], profile, config)
+    for point, budget in zip(result.time_budgets, budgets, strict=True):
+        assert point.stated == budget.stated and point.budget == budget.ms
+        assert point.expected_ms[budget.regime] <= budget.ms

@@ -282,8 +282,8 @@ def test_evaluate_reports_the_stage_layout_with_and_without_calibration():
         [_point(p, t, 50.0) for p, t in zip((0.3, 0.7), fitted, strict=True)],
         [_point(0.7, fitted[1], 50.0, budget=3e6)],
         [
-            _point(0.7, fitted[1], 50.0, budget=0.75, currency=BATCH_1),
-            _point(0.3, fitted[0], 50.0, budget=0.15, currency=BATCH_N),
+            _point(0.7, fitted[1], 50.0, budget=0.75, currency=BATCH_1, stated=0.75),
+            _point(0.3, fitted[0], 50.0, budget=0.15, currency=BATCH_N, stated="50%"),
         ],
     )
     report = evaluate(net, source, single, DEVICE, calibration, profile, repeats=2, warmup=1)
@@ -299,7 +299,7 @@ def test_evaluate_reports_the_stage_layout_with_and_without_calibration():
         "calibrated",
     ]
     assert list(report.metrics["budgets"]) == ["budget_3M"]
-    assert list(report.metrics["time_budgets"]) == ["batch-1_0ms75", "batch-N_0ms15"]
+    assert list(report.metrics["time_budgets"]) == ["batch-1_0ms75", "batch-N_50pct"]
     for row, regime in zip(
         report.metrics["time_budgets"].values(), (BATCH_1, BATCH_N), strict=True
     ):

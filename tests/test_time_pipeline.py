@@ -22,15 +22,18 @@ def project(shared_run: SharedRun, tmp_path_factory: pytest.TempPathFactory) -> 
     return copy_project(shared_run.local, tmp_path_factory.mktemp("time") / "repo")
 
 
-def _budgets(profile: ExitProfile) -> dict[str, list[float]]:
-    """Two budgets per regime, a third and two thirds of the way between exit 1 and the last
-    (unrounded: on a busy machine the two may lie close enough that rounding leaves the range;
-    one budget where a busy machine measured no exit above the first)."""
+def _budgets(profile: ExitProfile) -> dict[str, list[float | str]]:
+    """Two budgets per regime, a third and two thirds of the way between exit 1 and the last:
+    batch-1 in ms, batch-N as shares of the last exit's cost (as params.yaml states them).
+    Unrounded: on a busy machine the two may lie close enough that rounding leaves the range;
+    one budget where a busy machine measured no exit above the first."""
     thirds = (1 / 3, 2 / 3)
-    return {
-        r: list(dict.fromkeys(ms[0] + f * (ms[-1] - ms[0]) for f in thirds))
-        for r, ms in profile.ms.items()
+    ms = {
+        r: list(dict.fromkeys(c[0] + f * (c[-1] - c[0]) for f in thirds))
+        for r, c in profile.ms.items()
     }
+    last = profile.ms[BATCH_N][-1]
+    return {BATCH_1: ms[BATCH_1], BATCH_N: [f"{100 * b / last:.6g}%" for b in ms[BATCH_N]]}
 
 
 def test_time_budgets_are_calibrated_timed_and_logged(project):
@@ -44,16 +47,21 @@ def test_time_budgets_are_calibrated_timed_and_logged(project):
 
     calibration = read_json(project / "outputs/calibrate/thresholds.json")
     rows = calibration["time_budgets"]
-    assert [(r["currency"], r["budget"]) for r in rows] == [
+    assert [(r["currency"], r["stated"]) for r in rows] == [
         (regime, b) for regime in (BATCH_1, BATCH_N) for b in budgets[regime]
     ]
-    for row in rows:  # met on the held-out split, in the profile's measured ms
+    last = profile.ms[BATCH_N][-1]
+    for row in rows:  # a share resolves against the last exit; met on the held-out split
+        stated = row["stated"]
+        ms = float(stated[:-1]) / 100 * last if isinstance(stated, str) else stated
+        assert row["budget"] == pytest.approx(ms)
         assert row["expected_ms"][row["currency"]] <= row["budget"]
     assert all(set(p["expected_ms"]) == {BATCH_1, BATCH_N} for p in calibration["grid"])
 
     metrics = read_json(project / "outputs/evaluate/metrics.json")
     keys = [time_budget_key(b, regime) for regime in (BATCH_1, BATCH_N) for b in budgets[regime]]
     assert list(metrics["time_budgets"]) == keys
+    assert all("pct" in key for key in keys if key.startswith(BATCH_N))
     for key, row in metrics["time_budgets"].items():
         assert row["regime"] == key.split("_")[0]
         assert row["measured_ms"] > 0 and row["target_ms"] > 0

@@ -15,6 +15,7 @@ from pipeline.config.base import (
     NonNegativeList,
     Positive,
     Section,
+    TimeBudget,
 )
 from pipeline.datasets import DATASETS, FOLDER_DATASETS, DatasetSpec, folder_spec
 
@@ -181,10 +182,13 @@ class TrainConfig(Section):
 
 
 class TimeBudgets(Section):
-    """Budgets in milliseconds per image, each in the regime the profile stage timed."""
+    """Budgets per image in the regime the profile stage timed: milliseconds, or "N%" of the
+    last exit's measured cost (a share holds on any machine; ms are one machine's figures)."""
 
-    batch_1: list[Positive] = []  # one image at a time: a request-serving deployment's latency
-    batch_n: list[Positive] = []  # full batches of evaluate.batch_size at every exit: throughput
+    batch_1: list[TimeBudget] = []
+    """One image at a time: a request-serving deployment's latency."""
+    batch_n: list[TimeBudget] = []
+    """Full batches of evaluate.batch_size at every exit: throughput."""
 
 
 class CalibrateConfig(Section):
