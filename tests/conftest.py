@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import tempfile
 from collections import Counter
@@ -113,10 +114,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """Where each xdist worker writes its units (the controller collects nothing itself)."""
-    folder = Path(tempfile.mkdtemp(prefix="boostpipe-units-"))
-    node.workerinput[UNITS] = str(folder / "units.json")
-    node.config._boostpipe_units = folder
+    """Where each xdist worker writes its units (the controller collects nothing itself): one
+    folder per session, removed when it ends."""
+    if not hasattr(node.config, "_boostpipe_units"):
+        node.config._boostpipe_units = Path(tempfile.mkdtemp(prefix="boostpipe-units-"))
+    node.workerinput[UNITS] = str(node.config._boostpipe_units / "units.json")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if hasattr(config, "_boostpipe_units"):
+        shutil.rmtree(config._boostpipe_units, ignore_errors=True)
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)

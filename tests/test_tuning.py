@@ -249,16 +249,41 @@ def _children(
 @needs_data
 def test_a_small_search_records_every_trial_in_mlflow_and_confirms_the_best(workdir):
     """4 trials, then the best one and the params file's values over 2 fresh seeds each;
-    `--apply` writes only a confirmed gain."""
+    `--apply` writes only a confirmed gain. A second identical `boostpipe tune` started while
+    the search runs names it in one line and exits non-zero, touching nothing of it."""
     params_before = (workdir / "params.yaml").read_bytes()
-    result = _tune(["--trials", "4", "--confirm", "1", "--apply"], workdir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "4 trials:" in result.stdout and "confirmed best" in result.stdout
-    assert "95% CI [" in result.stdout and "(2 paired seeds)" in result.stdout
-    console = (result.stdout + result.stderr).lower()  # Ray's chatter stays off the console
+    args = ["--trials", "4", "--confirm", "1", "--apply"]
+    first = subprocess.Popen(
+        ["boostpipe", "tune", *args],
+        cwd=workdir,
+        env=command_env(),
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        storage = workdir / ".boostpipe/tune"
+        while not list(storage.glob("tune-*/tuner.pkl")) or not list(storage.glob("*.mlflow-run")):
+            assert first.poll() is None and time.monotonic() < deadline, "the search never began"
+            time.sleep(0.2)
+        second = _tune(args, workdir)
+        assert second.returncode == 1, second.stdout + second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"PID {first.pid}, started " in lines[0], second.stderr
+        assert "is already running" in lines[0]
+        stdout, stderr = first.communicate(timeout=900)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)
+    assert first.returncode == 0, stdout + stderr
+    assert "4 trials:" in stdout and "confirmed best" in stdout
+    assert "95% CI [" in stdout and "(2 paired seeds)" in stdout
+    console = (stdout + stderr).lower()  # Ray's chatter stays off the console
     for chatter in ("warning", "snapshotting", "checkpoint successfully created"):
         assert chatter not in console, chatter
-    (log_line,) = [line for line in result.stderr.splitlines() if "Ray Tune's log:" in line]
+    (log_line,) = [line for line in stderr.splitlines() if "Ray Tune's log:" in line]
     assert "Trial status:" in (workdir / log_line.split()[3]).read_text()  # Tune's reporter
     parent, children = _children(workdir)
     _, confirming = _children(workdir, parent.info.run_id, phase="confirm")
@@ -271,9 +296,9 @@ def test_a_small_search_records_every_trial_in_mlflow_and_confirms_the_best(work
     assert low <= parent.data.metrics["confirmed_gain"] <= parent.data.metrics["gain_ci_high"]
     if best == "params-file" or low <= 0:  # nothing confirmed: params.yaml untouched
         assert (workdir / "params.yaml").read_bytes() == params_before
-        assert "left unchanged" in result.stdout
+        assert "left unchanged" in stdout
     else:
-        assert "wrote the confirmed best values" in result.stdout
+        assert "wrote the confirmed best values" in stdout
     assert parent.info.status == "FINISHED" and len(children) == 4
     outcomes = [c.data.tags["tune.outcome"] for c in children]
     assert set(outcomes) <= {"finished", "stopped_early"} and "finished" in outcomes
@@ -481,48 +506,6 @@ def test_ctrl_c_in_the_confirmation_then_resume_runs_only_unfinished_confirmatio
     else:  # --force: written whatever the interval
         assert "wrote the confirmed best values" in result.stdout
         assert load_params(params_file).boost.temperature != before_apply
-
-
-@pytest.mark.slow
-@needs_data
-def test_a_second_identical_search_is_refused_and_the_first_finishes_untouched(workdir):
-    """Two `boostpipe tune` with the same params: the second names the running one in one line
-    and exits non-zero without touching its folder; the first ends with all its trials."""
-    _search_params(
-        workdir, "twice", **{"tune.trials": 2, "tune.epochs": 1, "tune.scheduler": "fifo"}
-    )
-    first = subprocess.Popen(
-        ["boostpipe", "tune", "--params", "twice.yaml"],
-        cwd=workdir,
-        env=command_env(),
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        storage = workdir / ".boostpipe/tune"
-        while not list(storage.glob("tune-*/tuner.pkl")) or not list(storage.glob("*.mlflow-run")):
-            assert first.poll() is None and time.monotonic() < deadline, "the search never began"
-            time.sleep(0.2)
-        second = _tune(["--params", "twice.yaml"], workdir)
-        assert second.returncode == 1, second.stdout + second.stderr
-        lines = second.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"PID {first.pid}, started " in lines[0], second.stderr
-        assert "is already running" in lines[0]
-        out, err = first.communicate(timeout=600)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(first.pid, signal.SIGKILL)
-    assert first.returncode == 0, out + err
-    assert "2 trials: 2 finished, 0 stopped early, 0 failed" in out
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("twice").experiment_id])
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert parent.info.status == "FINISHED" and len(runs) == 3
 
 
 @pytest.mark.slow
