@@ -78,23 +78,29 @@ def test_a_bad_variant_fails_in_one_line_before_anything_is_queued(tmp_path, var
 @needs_data
 def test_a_study_interrupted_and_resumed_runs_each_seed_once_with_scipys_intervals(tmp_path):
     """`boostpipe study --seeds 2` on shrunk data (BoostNet against the baseline, 4 DVC queue
-    experiments, 2 at a time): Ctrl-C once a run has finished, then the same command again.
-    The resume queues only the missing runs; the summary's intervals are SciPy's on the runs'
-    recorded metrics; the MLflow parent holds every run as a child; nothing is left running.
-    It is also the test of DVC's parallel queue (`dvc exp run --queue -S seed=...` run by `dvc
-    queue start -j 2`): every experiment succeeds beside another, with its metrics in `dvc exp
-    show` and a FINISHED MLflow run named after it, each with a local Ray cluster of its own."""
+    experiments): one at a time, Ctrl-C once a run has finished (the run after it is killed
+    as it starts, not as it ends); then the same command, 2 at a time. The resume queues only
+    the missing runs; the summary's intervals are SciPy's on the runs' recorded metrics; the
+    MLflow parent holds every run as a child; nothing is left running. It is also the test of
+    DVC's parallel queue (`dvc exp run --queue -S seed=...` run by `dvc queue start -j 2`):
+    experiments succeed beside another, with their metrics in `dvc exp show` and a FINISHED
+    MLflow run named after each, each with a local Ray cluster of its own."""
     from mlflow import MlflowClient
 
     repo = shrunk_copy(tmp_path).resolve()
     command = [
         *(sys.executable, "-m", "pipeline", "study", "--seeds", "2", "--name", "t"),
-        *("--set", "train.epochs=1", "--set", "data.train_subset=300", "--jobs", "2"),
+        *("--set", "train.epochs=1", "--set", "data.train_subset=300"),
     ]
     names = [f"t-{v}-s{s}" for v in ("boostnet", "baseline") for s in (0, 1)]
     log = (tmp_path / "first.log").open("w")
     first = subprocess.Popen(
-        command, cwd=repo, env=command_env(), stdout=log, stderr=log, start_new_session=True
+        [*command, "--jobs", "1"],
+        cwd=repo,
+        env=command_env(),
+        stdout=log,
+        stderr=log,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 900
     while "Success" not in queue_statuses(repo).values():
@@ -107,7 +113,7 @@ def test_a_study_interrupted_and_resumed_runs_each_seed_once_with_scipys_interva
     assert "Running" not in statuses.values() and "Queued" not in statuses.values(), statuses
     done_before = sorted(n for n, status in statuses.items() if status == "Success")
 
-    second = run(command, repo)
+    second = run([*command, "--jobs", "2"], repo)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"{len(done_before)} of 4 runs finished earlier" in second.stdout, second.stdout
 

@@ -398,17 +398,22 @@ def _stop_once_ended(
 
 @pytest.mark.slow
 @needs_data
-def test_ctrl_c_and_kill_9_then_resume_run_only_unfinished_trials(workdir):
+def test_ctrl_c_and_kill_9_then_resume_run_only_unfinished_trials_and_confirmation_runs(workdir):
     """A 4-trial search stopped by Ctrl-C once a trial has ended, resumed, killed -9 (driver
-    and Ray) once another has ended, resumed again: no finished trial runs again, and the
-    parent ends with exactly 4 children. (After kill -9 a trial that ended after Tune's last
-    state snapshot is reopened from its final checkpoint and closed again, training nothing.)"""
+    and Ray) once another has ended, resumed again, and stopped by Ctrl-C once one of its 4
+    confirmation runs (one at a time) has ended; `--resume --apply --force` then runs the
+    other 3 and writes the confirmed best. No finished trial or confirmation run runs again,
+    and the parent ends with exactly 4 trials. (After kill -9 a trial that ended after Tune's
+    last state snapshot is reopened from its final checkpoint and closed again, training
+    nothing.)"""
     experiment = "interrupted"
     params_file = _search_params(
         workdir,
         experiment,
         **{"tune.trials": 4, "tune.max_concurrent": 1, "tune.scheduler": "fifo"},
+        **{"tune.confirm": {"top_k": 1, "seeds": 2}},
     )
+    before_apply = load_params(params_file).boost.temperature
     driver, client = _search_in_background(params_file, workdir)
     first = _stop_once_ended(driver, client, experiment, 1, signal.SIGINT)
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
@@ -420,6 +425,10 @@ def test_ctrl_c_and_kill_9_then_resume_run_only_unfinished_trials(workdir):
     def epochs(run_id: str) -> list[int]:
         return sorted(m.step for m in client.get_metric_history(run_id, "val_budget_auc"))
 
+    def runs(phase: str) -> list:
+        found = client.search_runs([experiment_id], max_results=100)
+        return [r for r in found if r.data.tags.get("boostpipe.phase") == phase]
+
     saved = {r.info.run_id: (r.info.end_time, epochs(r.info.run_id)) for r in first}
     # After Ctrl-C `--resume` alone finds it (the workdir's params.yaml names another search).
     driver, _ = _search_in_background(None, workdir, "--resume")
@@ -428,48 +437,7 @@ def test_ctrl_c_and_kill_9_then_resume_run_only_unfinished_trials(workdir):
     console = (workdir / "background.log").read_text()
     assert "resuming tune-" in console and "latest interrupted search" in console
 
-    result = _tune(["--params", params_file.name, "--resume"], workdir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    runs = client.search_runs([experiment_id], max_results=100)
-    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.status == "FINISHED" and len(children) == 4
-    assert len({c.data.tags["ray.trial_id"] for c in children}) == 4
-    assert all(c.data.tags.get("tune.outcome") == "finished" for c in children)
-    for run_id, trained in killed.items():  # ended trials were not run again
-        assert epochs(run_id) == trained == [1, 2]  # no epoch trained twice
-    for run_id, (end_time, trained) in saved.items():  # Tune saved their state: not reopened
-        assert client.get_run(run_id).info.end_time == end_time and epochs(run_id) == trained
-    # Resuming the finished search says so, exits 0 and changes nothing.
-    storage = workdir / ".boostpipe/tune"
-    state = {path: path.stat().st_mtime_ns for path in storage.rglob("*") if path.is_file()}
-    again = _tune(["--params", params_file.name, "--resume"], workdir)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "has finished: nothing to resume" in again.stdout
-    assert len(client.search_runs([experiment_id], max_results=100)) == len(runs)
-    assert {p: p.stat().st_mtime_ns for p in storage.rglob("*") if p.is_file()} == state
-
-
-@needs_data
-@pytest.mark.slow
-def test_ctrl_c_in_the_confirmation_then_resume_runs_only_unfinished_confirmation_runs(workdir):
-    """2 one-epoch trials, then 4 confirmation runs one at a time; Ctrl-C once one of them has
-    ended; `--resume --apply --force` runs the other 3 only, and writes the confirmed best."""
-    params_file = _search_params(
-        workdir,
-        "confirm-resume",
-        **{"tune.trials": 2, "tune.epochs": 1, "tune.scheduler": "fifo"},
-        **{"tune.max_concurrent": 1, "tune.train_subset": 200, "tune.val_subset": 200},
-        **{"tune.confirm": {"top_k": 1, "seeds": 2}},
-    )
-    before_apply = load_params(params_file).boost.temperature
-    driver, client = _search_in_background(params_file, workdir)
-
-    def runs(phase: str) -> list:
-        experiment = client.get_experiment_by_name("confirm-resume")
-        found = client.search_runs([experiment.experiment_id]) if experiment else []
-        return [r for r in found if r.data.tags.get("boostpipe.phase") == phase]
-
+    driver, _ = _search_in_background(params_file, workdir, "--resume")
     try:
         deadline = time.monotonic() + 300
         while not (
@@ -485,27 +453,42 @@ def test_ctrl_c_in_the_confirmation_then_resume_runs_only_unfinished_confirmatio
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
     before = {r.info.run_id: r.info.end_time for r in ended + runs("search")}
+
     result = _tune(["--params", params_file.name, "--resume", "--apply", "--force"], workdir)
     assert result.returncode == 0, result.stdout + result.stderr
+    (parent,) = [
+        r for r in client.search_runs([experiment_id]) if "mlflow.parentRunId" not in r.data.tags
+    ]
+    children = runs("search")
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    assert len({c.data.tags["ray.trial_id"] for c in children}) == 4
+    assert all(c.data.tags.get("tune.outcome") == "finished" for c in children)
+    for run_id, trained in killed.items():  # ended trials were not run again
+        assert epochs(run_id) == trained == [1, 2]  # no epoch trained twice
+    for run_id, (end_time, trained) in saved.items():  # Tune saved their state: not reopened
+        assert client.get_run(run_id).info.end_time == end_time and epochs(run_id) == trained
     confirming = runs("confirm")
     assert len(confirming) == 4 and len({c.data.tags["ray.trial_id"] for c in confirming}) == 4
     assert all(c.data.tags["tune.outcome"] == "finished" for c in confirming)
-    assert len(runs("search")) == 2
     for run_id, end_time in before.items():  # ended runs were not run again
         assert client.get_run(run_id).info.end_time == end_time
-    history = [client.get_metric_history(c.info.run_id, "val_budget_auc") for c in confirming]
-    assert all(len(points) == 1 for points in history)  # one epoch each, none trained twice
-    (parent,) = [
-        r
-        for r in client.search_runs([confirming[0].info.experiment_id])
-        if "mlflow.parentRunId" not in r.data.tags
-    ]
-    assert parent.info.status == "FINISHED"
+    assert all(epochs(c.info.run_id) == [1, 2] for c in confirming)  # none trained twice
     if parent.data.tags["tune.confirmed_best"] == "params-file":
         assert "the params file's values are the best" in result.stdout
     else:  # --force: written whatever the interval
         assert "wrote the confirmed best values" in result.stdout
         assert load_params(params_file).boost.temperature != before_apply
+
+    # Resuming the finished search says so, exits 0 and changes nothing.
+    storage = workdir / ".boostpipe/tune"
+    state = {path: path.stat().st_mtime_ns for path in storage.rglob("*") if path.is_file()}
+    count = len(client.search_runs([experiment_id], max_results=100))
+    again = _tune(["--params", params_file.name, "--resume"], workdir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "has finished: nothing to resume" in again.stdout
+    assert len(client.search_runs([experiment_id], max_results=100)) == count
+    assert {p: p.stat().st_mtime_ns for p in storage.rglob("*") if p.is_file()} == state
 
 
 @pytest.mark.slow
