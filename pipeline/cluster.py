@@ -9,6 +9,7 @@ import shutil
 import signal
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -130,7 +131,11 @@ def _remove_session(session: Path) -> None:
     latest = session.parent / "session_latest"
     if latest.is_symlink() and latest.resolve() == session.resolve():
         latest.unlink(missing_ok=True)
-    shutil.rmtree(session, ignore_errors=True)
+    for _ in range(3):  # a process on its way out may still write a log file into it
+        shutil.rmtree(session, ignore_errors=True)
+        if not session.exists():
+            return
+        time.sleep(1.0)
 
 
 def ray_init_kwargs() -> dict[str, Any]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, compose
+from helpers import compose
+from helpers.cluster import one_gpu_cluster
 
 from pipeline.config import ConfigError
 from pipeline.devices import describe_platform, stage_device, trial_device
@@ -27,24 +28,15 @@ def _device_probe(sampled, base, prepared) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_gpu_cluster():
-    """A local Ray cluster that advertises one GPU; its workers import the probe above."""
-    import ray
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("RAY_ADDRESS", raising=False)
-        patch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
-        try:
-            yield
-        finally:
-            ray.shutdown()
+def gpu_cluster():
+    with one_gpu_cluster():
+        yield
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("gpus", "expected"), [(1, "cuda:0"), (0.5, "cuda:0"), (0, "cpu")])
 def test_a_trial_trains_on_the_gpu_its_gpus_per_trial_reserved(
-    one_gpu_cluster, tmp_path: Path, gpus: float, expected: str
+    gpu_cluster, tmp_path: Path, gpus: float, expected: str
 ):
     params = compose(**{"tune.trials": 1, "tune.scheduler": "fifo", "tune.gpus_per_trial": gpus})
     storage = open_storage(params.ray, tmp_path)

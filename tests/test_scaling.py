@@ -6,6 +6,7 @@ import time
 import pytest
 import ray
 from helpers import compose
+from helpers.cluster import one_gpu_cluster
 
 from pipeline.cluster import Layout, worker_layout
 from pipeline.config import ConfigError
@@ -13,10 +14,8 @@ from pipeline.config import ConfigError
 
 @pytest.fixture(scope="module")
 def gpu_cluster():
-    """A real local Ray cluster declaring one logical GPU (no hardware needed)."""
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
-    yield ray.cluster_resources()
-    ray.shutdown()
+    with one_gpu_cluster() as resources:
+        yield resources
 
 
 @pytest.mark.slow

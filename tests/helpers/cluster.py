@@ -21,8 +21,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import pytest
 
-from helpers.project import set_params, shrunk_copy
+from helpers.project import ROOT, set_params, shrunk_copy
 from pipeline.cluster import free_port
 
 BIN = Path(sys.executable).parent
@@ -287,3 +288,25 @@ def loopback_cluster(
         yield cluster
     finally:
         cluster.close()
+
+
+@contextlib.contextmanager
+def one_gpu_cluster() -> Iterator[dict[str, float]]:
+    """A real local Ray cluster in this process that declares one logical GPU (no hardware
+    needed), its workers importing from tests/ too; yields its resources. Its session folder
+    under /tmp/ray goes with it, as the pipeline's own local clusters' do."""
+    import ray
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("RAY_ADDRESS", raising=False)
+        patch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+        info = ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, configure_logging=False)
+        try:
+            yield ray.cluster_resources()
+        finally:
+            ray.shutdown()
+            session = Path(info.address_info["session_dir"])
+            latest = session.parent / "session_latest"
+            if latest.is_symlink() and latest.resolve() == session.resolve():
+                latest.unlink()
+            shutil.rmtree(session, ignore_errors=True)
