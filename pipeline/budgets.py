@@ -118,6 +118,11 @@ def _point(
     )
 
 
+def in_ms(stated: float | str, costs: Sequence[float]) -> float:
+    """A time budget in ms: as stated, or its share ("60%") of the last exit's cost."""
+    return float(stated[:-1]) / 100 * costs[-1] if isinstance(stated, str) else stated
+
+
 @dataclass(frozen=True)
 class ResolvedTimeBudget:
     """One of calibrate.budgets_ms, read against the profile: `stated` in params, `ms` meant."""
@@ -138,11 +143,9 @@ def time_budgets(config: CalibrateConfig, profile: ExitProfile | None) -> list[R
             if profile is None:
                 raise ConfigError(f"{key}: time budgets need the profile stage's exit costs")
             costs = profile.ms[regime]
-            if isinstance(stated, str):
-                ms = float(stated[:-1]) / 100 * costs[-1]
-                named = f"{key}: {stated} of the last exit's {costs[-1]:.4g} ms"
-            else:
-                ms, named = stated, key
+            ms = in_ms(stated, costs)
+            share = isinstance(stated, str)
+            named = f"{key}: {stated} of the last exit's {costs[-1]:.4g} ms" if share else key
             check_budget(ms, costs, named, "ms", above_last=False)
             found.append(ResolvedTimeBudget(regime, stated, ms, key))
     return found

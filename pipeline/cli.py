@@ -310,9 +310,7 @@ def tune(
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--budget", type=float, help="Average FLOPs per image (calibrated thresholds).")
-@click.option(
-    "--budget-ms", type=float, help="Average ms per image, as the profile stage measured it."
-)
+@click.option("--budget-ms", help='Average ms per image as profiled, or "N%" of the last exit\'s.')
 @click.option(
     "--regime",
     type=click.Choice(["batch-1", "batch-N"]),
@@ -335,7 +333,7 @@ def tune(
 def predict(
     images: tuple[Path, ...],
     budget: float | None,
-    budget_ms: float | None,
+    budget_ms: str | None,
     regime: str | None,
     thresholds_path: Path | None,
     params_path: Path,

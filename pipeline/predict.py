@@ -22,8 +22,9 @@ import torch
 
 from pipeline import paths
 from pipeline.boosting import BoostNet
-from pipeline.budgets import Calibration
+from pipeline.budgets import Calibration, in_ms
 from pipeline.config import ConfigError, Params, load_params
+from pipeline.config.base import time_budget
 from pipeline.data import FileSplit
 from pipeline.evaluation import ExitQueue, exit_costs, load_model, network_input
 from pipeline.folders import IMAGE_SUFFIXES
@@ -113,10 +114,11 @@ def class_names(params: Params, dataset_info: dict[str, Any]) -> list[str] | Non
 
 
 def thresholds_for(
-    calibration: Calibration, budget: float | None, currency: str, key: str
+    calibration: Calibration, budget: float | str | None, currency: str, key: str
 ) -> list[float]:
     """The calibrated thresholds for `budget` per image in `currency` (FLOPs, or ms in a
-    regime); no budget: the middle target budget of calibrate.budgets."""
+    regime: a number as typed, or "N%" of the last exit's cost); no budget: the middle target
+    budget of calibrate.budgets."""
     if not calibration.calibrated or not (calibration.budgets or calibration.time_budgets):
         raise ConfigError(
             f"{key}: the workspace has no calibrated thresholds (data.val_size 0?); "
@@ -125,7 +127,20 @@ def thresholds_for(
     if budget is None:
         rows = calibration.budgets or calibration.time_budgets
         return list(rows[len(rows) // 2].thresholds)
+    if isinstance(budget, str):
+        budget = in_ms(_typed_time_budget(budget, key), calibration.costs(currency))
     return calibration.thresholds_for(budget, currency, key)
+
+
+def _typed_time_budget(text: str, key: str) -> float | str:
+    try:
+        value: float | str = float(text)
+    except ValueError:
+        value = text
+    try:
+        return time_budget(value)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc} (got {text!r})") from None
 
 
 def time_budget_profile(

@@ -141,18 +141,21 @@ def _cost(rows: list[dict], exit_ms: list[float]) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("regime", "args"), [(BATCH_N, ["--batch-size", "32"]), (BATCH_1, ["--regime", "batch-1"])]
+    ("regime", "args", "share"),
+    [(BATCH_N, ["--batch-size", "32"], False), (BATCH_1, ["--regime", "batch-1"], True)],
 )
-def test_budget_ms_picks_thresholds_within_the_time_budget(workspace, monkeypatch, regime, args):
+def test_budget_ms_picks_thresholds_within_the_time_budget(
+    workspace, monkeypatch, regime, args, share
+):
+    """In ms, or as a share of the last exit's cost ("N%", as params.yaml may state it)."""
     root, _, _ = workspace
     profile = ExitProfile.from_json(
         json.loads((root / "outputs/profile/exit_costs.json").read_text())
     )
     exit_ms = profile.ms[regime]
     budget = exit_ms[0] + 0.6 * (exit_ms[-1] - exit_ms[0])
-    result = _predict(
-        root, monkeypatch, "images/shirts", "--budget-ms", str(budget), "--json", *args
-    )
+    typed = f"{100 * budget / exit_ms[-1]:.6g}%" if share else str(budget)
+    result = _predict(root, monkeypatch, "images/shirts", "--budget-ms", typed, "--json", *args)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)["predictions"]
     # The images are the ones calibrated on, so their profiled cost meets the budget (to one
@@ -163,7 +166,10 @@ def test_budget_ms_picks_thresholds_within_the_time_budget(workspace, monkeypatc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("budget", "says"), [("1e-9", "first exit"), ("1e9", "last exit")])
+@pytest.mark.parametrize(
+    ("budget", "says"),
+    [("1e-9", "first exit"), ("1e9", "last exit"), ("0.1%", "first exit"), ("fast", "such as")],
+)
 def test_time_budget_outside_the_exits_costs_is_one_line(workspace, monkeypatch, budget, says):
     root, _, _ = workspace
     args = ["images/shirts/00000.png", "--budget-ms", budget, "--batch-size", "32"]
