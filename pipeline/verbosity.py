@@ -28,11 +28,21 @@ def library_log_level() -> str:
 
 
 def quiet_worker() -> None:
-    """In a Ray Train worker: no library INFO records (Ray Train logs each report through a
-    logger named after its source file, outside the level Ray's config sets). Our progress lines
-    are console prints, not log records, so they still show."""
+    """In a Ray Train worker or Tune trial: no library INFO records (Ray Train logs each report
+    through a logger named after its source file, outside the level Ray's config sets), and no
+    traceback when Ray's stop lands in a finalizer. Our progress lines are console prints, not
+    log records, so they still show."""
     if not verbose():
         logging.disable(logging.INFO)
+        sys.unraisablehook = _quiet_stop
+
+
+def _quiet_stop(unraisable: sys.UnraisableHookArgs) -> None:
+    """Ray stops an actor by raising SystemExit in it; raised inside a weakref callback or a
+    `__del__`, the interpreter would print it as an "Exception ignored" traceback, which Ray
+    forwards to the console. Every other such exception is printed as before."""
+    if not isinstance(unraisable.exc_value, SystemExit | KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
 
 
 def quiet_driver() -> None:
