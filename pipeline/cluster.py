@@ -110,7 +110,7 @@ def ray_session() -> Iterator[None]:
             if api_server is not None:
                 os.environ[API_SERVER] = api_server
         if session and "address" not in kwargs:  # never another cluster's folder
-            _remove_session(Path(session))
+            remove_session(Path(session))
 
 
 def _stop_leftovers(processes: list[psutil.Process], grace_s: float = 2.0) -> None:
@@ -127,7 +127,8 @@ def _stop_leftovers(processes: list[psutil.Process], grace_s: float = 2.0) -> No
             process.kill()
 
 
-def _remove_session(session: Path) -> None:
+def remove_session(session: Path) -> None:
+    """A stopped local cluster's session folder, and `session_latest` if it points there."""
     latest = session.parent / "session_latest"
     if latest.is_symlink() and latest.resolve() == session.resolve():
         latest.unlink(missing_ok=True)

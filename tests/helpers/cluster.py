@@ -24,7 +24,7 @@ import psutil
 import pytest
 
 from helpers.project import ROOT, set_params, shrunk_copy
-from pipeline.cluster import free_port
+from pipeline.cluster import free_port, remove_session
 
 BIN = Path(sys.executable).parent
 
@@ -305,8 +305,4 @@ def one_gpu_cluster() -> Iterator[dict[str, float]]:
             yield ray.cluster_resources()
         finally:
             ray.shutdown()
-            session = Path(info.address_info["session_dir"])
-            latest = session.parent / "session_latest"
-            if latest.is_symlink() and latest.resolve() == session.resolve():
-                latest.unlink()
-            shutil.rmtree(session, ignore_errors=True)
+            remove_session(Path(info.address_info["session_dir"]))
