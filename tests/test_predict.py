@@ -60,6 +60,10 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Split, li
         Source(images.subset(torch.arange(8)), params.data, 1),
     )
     profile = measure(model, batched, single, CPU, flops, repeats=1, warmup=1)
+    # One quick round on a busy machine can time every exit alike; these tests are about how
+    # predict reads a profile, so the exits' ms follow their FLOPs at the measured scale.
+    for regime, ms in profile.ms.items():
+        profile.ms[regime] = [ms[-1] * f / flops[-1] for f in flops]
     write_json(root / "outputs/profile/exit_costs.json", profile.to_json())
     middle = {r: (ms[0] + ms[-1]) / 2 for r, ms in profile.ms.items()}
     config = params.calibrate.model_validate(
