@@ -70,7 +70,8 @@ def count_exit_costs(backbone: MultiExitBackbone, input_shape: tuple[int, int, i
     try:
         backbone.eval()
         with torch.no_grad():
-            state = torch.zeros(1, *input_shape)
+            # On the net's own device: profile and calibrate count a net placed on evaluate.device.
+            state = torch.zeros(1, *input_shape, device=next(backbone.parameters()).device)
             for index in range(backbone.n_exits):
                 state = backbone.run_block(index, state)
                 backbone.run_head(index, state)

@@ -75,6 +75,13 @@ def test_counting_leaves_the_model_as_it_was():
     assert not any(m._forward_hooks for m in net.modules())
 
 
+def test_a_net_on_another_device_is_counted_there():
+    """Profile and calibrate count the net on evaluate.device (a GPU failed here: the counting
+    image was made on the CPU). The meta device stands in for a GPU: shapes only, no data."""
+    on_cpu = count_exit_costs(tiny_msdnet(2), (1, 8, 8))
+    assert count_exit_costs(tiny_msdnet(2).to("meta"), (1, 8, 8)) == on_cpu
+
+
 def test_cli_json_is_one_object_of_raw_counts():
     result = subprocess.run(
         [sys.executable, "-m", "pipeline", "flops", "--params", "params.yaml", "--json"],
