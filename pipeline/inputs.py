@@ -77,6 +77,8 @@ class ImageFiles(Dataset):
         name = str(self.files[index])
         try:
             image = self.crop(decode(self.root / name, self.grey))
+        except ImportError:  # a decoder missing from the install: no file is to blame
+            raise
         except Exception as exc:  # any decoder's failure: the consumer decides (stop or skip)
             reason = " ".join(str(exc).split())[:120] or exc.__class__.__name__
             return None, int(self.targets[index]), f"{name} ({reason})"

@@ -151,3 +151,22 @@ def test_a_file_neither_decoder_reads_raises_for_the_loader_to_name(tmp_path):
     for name in ("truncated.JPEG", "text.png"):
         with pytest.raises(OSError):
             decode(tmp_path / name)
+
+
+def test_a_decoder_missing_from_the_install_is_not_an_unreadable_image(tmp_path, monkeypatch):
+    """Without TorchCodec every file would fail to decode: that is the install's fault, and it
+    must stop the run, not mark (or, with data.skip_bad, skip) every image as unreadable."""
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.inputs import ImageFiles
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    split = FileSplit(np.array(["a.png"]), torch.tensor([0]))
+    files = ImageFiles(split, tmp_path, lambda x: x, False)
+    assert files[0][2] is None  # read as it is
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)  # as if not installed
+    with pytest.raises(ImportError, match="torchcodec"):
+        files[0]
