@@ -93,11 +93,12 @@ def ray_session() -> Iterator[None]:
     api_server = os.environ.get(API_SERVER)
     if "dashboard_port" in kwargs:  # inherited by the cluster's processes, ours until the end
         os.environ[API_SERVER] = f"http://127.0.0.1:{kwargs['dashboard_port']}"
-    session = ray.init(**kwargs).address_info.get("session_dir")
     main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:
-        signal.signal(signal.SIGTERM, as_ctrl_c)
-    try:
+    session = None
+    try:  # a stop while the cluster starts is cleaned up too (its processes, its folder)
+        session = ray.init(**kwargs).address_info.get("session_dir")
+        if main_thread:
+            signal.signal(signal.SIGTERM, as_ctrl_c)
         yield
     finally:
         started = psutil.Process().children(recursive=True) if "address" not in kwargs else []
@@ -109,8 +110,17 @@ def ray_session() -> Iterator[None]:
             os.environ.pop(API_SERVER, None)
             if api_server is not None:
                 os.environ[API_SERVER] = api_server
-        if session and "address" not in kwargs:  # never another cluster's folder
-            remove_session(Path(session))
+        if "address" not in kwargs:  # never another cluster's folder
+            for folder in [Path(session)] if session else _sessions_started_here():
+                remove_session(folder)
+
+
+def _sessions_started_here() -> list[Path]:
+    """The folder of a local cluster whose start was stopped before `ray.init` returned it:
+    Ray names a session after the process that starts the cluster."""
+    from ray._common.utils import get_default_ray_temp_dir
+
+    return sorted(Path(get_default_ray_temp_dir()).glob(f"session_*_{os.getpid()}"))
 
 
 def _stop_leftovers(processes: list[psutil.Process], grace_s: float = 2.0) -> None:

@@ -78,6 +78,41 @@ def test_a_local_train_stage_keeps_ray_on_loopback(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_stop_while_the_local_cluster_starts_leaves_nothing_behind(tmp_path):
+    """SIGTERM (Ctrl-C alike) while `ray.init` is still starting the local cluster, as when
+    `boostpipe study` stops a queued run the moment it starts: no Ray process and no session
+    folder of the cluster remain. (Ray names the folder after the process that starts it.)"""
+    import psutil
+
+    driver = (
+        "import time\n"
+        "from pipeline.rayenv import prepare_ray\n"
+        "prepare_ray()\n"
+        "from pipeline.cluster import ray_session\n"
+        "with ray_session():\n"
+        "    time.sleep(300)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    process = subprocess.Popen(
+        [sys.executable, "-c", driver], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}
+    )
+    folders = Path("/tmp/ray")  # Ray's default temp folder
+    try:
+        deadline = time.monotonic() + 120
+        while not list(folders.glob(f"session_*_{process.pid}")):
+            assert process.poll() is None and time.monotonic() < deadline, "no session began"
+            time.sleep(0.05)
+        started = psutil.Process(process.pid).children(recursive=True)
+        process.terminate()
+        process.wait(timeout=60)
+        _, alive = psutil.wait_procs(started, timeout=10)
+        assert not alive, alive
+        assert not list(folders.glob(f"session_*_{process.pid}"))
+    finally:
+        process.kill()
+
+
+@pytest.mark.slow
 @needs_data
 def test_ddp_on_two_nodes_survives_losing_one(stack, tmp_path):
     """DDP workers train on both nodes, on loopback. The worker node dies (SIGKILL to all its
