@@ -83,6 +83,7 @@ def test_a_stop_while_the_local_cluster_starts_leaves_nothing_behind(tmp_path):
     `boostpipe study` stops a queued run the moment it starts: no Ray process and no session
     folder of the cluster remain. (Ray names the folder after the process that starts it.)"""
     import psutil
+    from ray._common.utils import get_default_ray_temp_dir  # where the pipeline looks too
 
     driver = (
         "import time\n"
@@ -96,7 +97,7 @@ def test_a_stop_while_the_local_cluster_starts_leaves_nothing_behind(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-c", driver], cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)}
     )
-    folders = Path("/tmp/ray")  # Ray's default temp folder
+    folders = Path(get_default_ray_temp_dir())
     try:
         deadline = time.monotonic() + 120
         while not list(folders.glob(f"session_*_{process.pid}")):
